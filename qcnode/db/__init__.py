@@ -1,0 +1,1 @@
+"""Database layer: ORM models (schema owned by Alembic), engine/session helpers, queue."""

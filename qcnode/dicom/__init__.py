@@ -1,0 +1,1 @@
+"""DICOM stages: pixels (decode/HU/classify), scp, spool, series tracking, sr, scu."""

@@ -1,0 +1,208 @@
+"""Decode CT pixel data to Hounsfield units and decide whether a slice can be scored.
+
+Used by ``qcnode score``, the SCP (classification at receipt), the worker and the
+simulator. Any transfer syntax pydicom decodes with the pylibjpeg plugins works
+(JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE, deflate, big endian).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+CT_IMAGE_CLASSES = {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE}
+# Retired JPEG processes that no decoder here handles.
+UNSUPPORTED_TRANSFER_SYNTAXES = {
+    "1.2.840.10008.1.2.4.53": "retired JPEG Extended (Process 3 & 5)",
+    "1.2.840.10008.1.2.4.55": "retired JPEG Full Progression (Process 10 & 12)",
+}
+# A slice is axial when its normal is within about 37 degrees of the patient z axis: tilted-gantry
+# head scans (commonly up to 30 degrees) count as axial; coronal/sagittal (90 degrees) do not.
+AXIAL_MIN_COS = 0.8
+
+
+class SkipSlice(Exception):
+    """The object is readable but is not a scorable axial CT slice; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UnreadableFile(Exception):
+    """The file is not DICOM, is truncated, or its pixel data cannot be decoded."""
+
+
+@dataclass
+class CTSlice:
+    """One axial CT slice in HU with the identifiers a report needs."""
+    hu: np.ndarray  # float32 (rows, cols), Hounsfield units
+    sop_instance_uid: str
+    series_instance_uid: str
+    instance_number: int | None
+    pixel_spacing_mm: tuple[float, float] | None
+    path: str | None = None
+    frame: int | None = None  # frame index for multi-frame (Enhanced CT) objects
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def read_dataset(path: str | Path, stop_before_pixels: bool = False) -> Dataset:
+    """Read a DICOM file; raises UnreadableFile with a clear reason on any failure."""
+    try:
+        return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels, force=False)
+    except pydicom.errors.InvalidDicomError:
+        try:  # files without the 128-byte preamble/"DICM" but with a valid dataset
+            ds = pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels, force=True)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is "unreadable"
+            raise UnreadableFile(f"not a DICOM file: {exc}") from exc
+        if "SOPClassUID" not in ds:
+            raise UnreadableFile("not a DICOM file (no DICM marker and no SOP Class UID)")
+        return ds
+    except Exception as exc:  # noqa: BLE001
+        raise UnreadableFile(f"cannot parse DICOM: {type(exc).__name__}: {exc}") from exc
+
+
+def skip_reason(ds: Dataset) -> str | None:
+    """Why this dataset cannot be scored (None if it is a scorable axial CT image).
+
+    Looks at headers only (no pixel decoding), so the SCP can call it at receipt.
+    """
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class not in CT_IMAGE_CLASSES:
+        return f"not a CT image (SOP Class {sop_class or 'missing'})"
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return "no pixel data"
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "LOCALIZER" in image_type or "SCOUT" in image_type:
+        return "localizer (ImageType LOCALIZER)"
+    ts = _transfer_syntax(ds)
+    if ts in UNSUPPORTED_TRANSFER_SYNTAXES:
+        return f"unsupported transfer syntax {ts} ({UNSUPPORTED_TRANSFER_SYNTAXES[ts]})"
+    if sop_class == CT_IMAGE_STORAGE:
+        orientation = ds.get("ImageOrientationPatient")
+        if orientation is not None and not is_axial(orientation):
+            return "not an axial image (ImageOrientationPatient)"
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return "not a grayscale image (SamplesPerPixel != 1)"
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows < 32 or cols < 32:
+        return f"image too small ({rows}x{cols})"
+    return None
+
+
+def is_axial(orientation: Any) -> bool:
+    """True when the slice normal of ImageOrientationPatient is within AXIAL_MIN_COS of z."""
+    try:
+        v = np.asarray([float(x) for x in orientation], dtype=float)
+    except (TypeError, ValueError):
+        return False
+    if v.shape != (6,):
+        return False
+    normal = np.cross(v[:3], v[3:])
+    n = np.linalg.norm(normal)
+    return bool(n > 0 and abs(normal[2]) / n >= AXIAL_MIN_COS)
+
+
+def _transfer_syntax(ds: Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+
+
+def to_hu(ds: Dataset) -> np.ndarray:
+    """Pixel data of a single-frame CT image in HU (float32), using the rescale tags."""
+    arr = _pixel_array(ds)
+    if arr.ndim != 2:
+        raise SkipSlice(f"unexpected pixel array shape {arr.shape}")
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    return (arr.astype(np.float32) * np.float32(slope) + np.float32(intercept))
+
+
+def _pixel_array(ds: Dataset) -> np.ndarray:
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoder errors vary by plugin
+        raise UnreadableFile(f"cannot decode pixel data ({_transfer_syntax(ds) or 'unknown syntax'}): "
+                             f"{type(exc).__name__}: {exc}") from exc
+
+
+def _spacing(ds: Dataset) -> tuple[float, float] | None:
+    ps = ds.get("PixelSpacing")
+    try:
+        return (float(ps[0]), float(ps[1])) if ps is not None and len(ps) == 2 else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def iter_slices(ds: Dataset, path: str | None = None) -> Iterator[CTSlice]:
+    """Yield the scorable slices of a dataset (one, or one per frame of Enhanced CT).
+
+    Raises SkipSlice if the object is not scorable, UnreadableFile if pixels fail to decode.
+    """
+    reason = skip_reason(ds)
+    if reason:
+        raise SkipSlice(reason)
+    sop_uid = str(ds.get("SOPInstanceUID", ""))
+    series_uid = str(ds.get("SeriesInstanceUID", ""))
+    if not sop_uid or not series_uid:
+        raise SkipSlice("missing SOP Instance UID or Series Instance UID")
+    number = _int_or_none(ds.get("InstanceNumber"))
+    if str(ds.SOPClassUID) == CT_IMAGE_STORAGE:
+        yield CTSlice(to_hu(ds), sop_uid, series_uid, number, _spacing(ds), path)
+        return
+    yield from _enhanced_frames(ds, sop_uid, series_uid, number, path)
+
+
+def _enhanced_frames(ds: Dataset, sop_uid: str, series_uid: str, number: int | None,
+                     path: str | None) -> Iterator[CTSlice]:
+    arr = _pixel_array(ds)
+    if arr.ndim == 2:
+        arr = arr[None]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared_item = shared[0] if shared else Dataset()
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    for i in range(arr.shape[0]):
+        item = per_frame[i] if i < len(per_frame) else Dataset()
+        orient = _functional(item, shared_item, "PlaneOrientationSequence", "ImageOrientationPatient")
+        if orient is not None and not is_axial(orient):
+            continue
+        pix = _functional(item, shared_item, "PixelMeasuresSequence", "PixelSpacing")
+        slope = _functional(item, shared_item, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _functional(item, shared_item, "PixelValueTransformationSequence", "RescaleIntercept")
+        hu = arr[i].astype(np.float32) * np.float32(float(slope if slope is not None else 1)) \
+            + np.float32(float(intercept if intercept is not None else 0))
+        spacing = (float(pix[0]), float(pix[1])) if pix is not None and len(pix) == 2 else None
+        yield CTSlice(hu, sop_uid, series_uid, number, spacing, path, frame=i)
+
+
+def _functional(item: Dataset, shared: Dataset, seq: str, keyword: str) -> Any:
+    for group in (item, shared):
+        s = group.get(seq)
+        if s and keyword in s[0]:
+            return s[0].get(keyword)
+    return None
+
+
+def load_slices(path: str | Path) -> list[CTSlice]:
+    """Read a file and return its scorable slices (raises SkipSlice / UnreadableFile)."""
+    ds = read_dataset(path)
+    return list(iter_slices(ds, str(path)))
+
+
+def uid_is_valid(value: str) -> bool:
+    """True for a syntactically valid DICOM UID (digits and dots, <= 64 chars, no empty parts)."""
+    return bool(value) and len(value) <= 64 and UID(value).is_valid
