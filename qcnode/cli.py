@@ -7,7 +7,8 @@ import sys
 
 # Each module has ``register(subparsers)``; it must not import torch at module level.
 COMMAND_MODULES = (
-    "qcnode.iqa.commands",      # simulate, train, evaluate, score
+    "qcnode.iqa.sim_commands",  # simulate
+    "qcnode.iqa.commands",      # train, evaluate, score
     "qcnode.service.commands",  # serve, status, db
     "qcnode.audit.commands",    # audit
 )

@@ -1,0 +1,1 @@
+"""Dose-protocol audit: statistics, flags, reports."""

@@ -1,0 +1,1 @@
+"""MD-IQA scorer: network, training, simulation, metrics, physics."""

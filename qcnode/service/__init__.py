@@ -1,0 +1,1 @@
+"""The daemon: serve, status, db commands and the process that runs the stages."""
