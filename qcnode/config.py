@@ -85,6 +85,8 @@ class OutboxConfig:
     backoff_max_seconds: float = 300.0
     poll_interval_seconds: float = 1.0
     lease_seconds: float = 120.0
+    send_timeout_seconds: float = 30.0
+    batch_size: int = 16
 
 
 @dataclass
@@ -122,6 +124,7 @@ class AuditConfig:
     time_of_day: str = "02:00"
     out_dir: str = "var/audit"
     baseline_days: int = 30
+    baseline_min_series: int = 3
     noise_drift_fraction: float = 0.25
     score_drift: float = 0.4
     default_reference_ctdivol_mgy: float = 0.0
@@ -250,6 +253,11 @@ def _validate(cfg: Config) -> None:
         for rule in d.send:
             if rule not in SEND_RULES:
                 raise ConfigError(f"destination {d.name}: unknown send rule {rule!r}; use one of {sorted(SEND_RULES)}")
+    hh, _, mm = cfg.audit.time_of_day.partition(":")
+    if not (hh.isdigit() and mm.isdigit() and 0 <= int(hh) < 24 and 0 <= int(mm) < 60):
+        raise ConfigError(f"audit.time_of_day must be HH:MM (24 h), got {cfg.audit.time_of_day!r}")
+    if cfg.audit.baseline_days < 1:
+        raise ConfigError("audit.baseline_days must be at least 1")
 
 
 SEND_RULES = {"sr", "series", "series:PASS", "series:WARN", "series:FAIL"}

@@ -30,3 +30,50 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+PG_URL_ENV = "QCNODE_TEST_PG_URL"
+
+
+def _fresh_pg_database(base_url: str) -> tuple[str, callable]:
+    """Create an empty database on the test PostgreSQL server; returns (url, drop)."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = "qc_" + uuid.uuid4().hex[:12]
+    admin = sa.create_engine(base_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(base_url).set(database=name).render_as_string(hide_password=False)
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+    return url, drop
+
+
+@pytest.fixture
+def pg_url():
+    """URL of a fresh, empty PostgreSQL database (skips when QCNODE_TEST_PG_URL is unset;
+    scripts/test.sh and .ci/run always set it)."""
+    import os
+
+    base = os.environ.get(PG_URL_ENV)
+    if not base:
+        pytest.skip(f"{PG_URL_ENV} not set (run the suite via scripts/test.sh)")
+    url, drop = _fresh_pg_database(base)
+    yield url
+    drop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """An empty database URL, once for SQLite and once for PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'qcnode.db'}"
+    else:
+        yield request.getfixturevalue("pg_url")

@@ -201,3 +201,6 @@ class DoseReport(Base):
     events: Mapped[list[Any]] = mapped_column(default=list)
     spool_path: Mapped[str] = mapped_column(String(512))
     received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+from qcnode.db import audit_models as _audit_models  # noqa: E402,F401  (audit tables, migration 0002)

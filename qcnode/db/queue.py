@@ -1,0 +1,169 @@
+"""Durable work queue in the database: jobs claimed with a lease.
+
+``claim_rows`` is generic: any model with ``status``, ``attempts``, ``lease_owner`` and
+``lease_expires_at`` columns can be claimed with it (jobs here, outbox deliveries in
+``qcnode.outbox``). A row is claimable when the caller's ``due`` condition holds, or when it
+is in the running state with an expired lease (its worker died). On PostgreSQL the rows are
+locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` so several workers never claim the same row;
+on SQLite the engine starts every transaction with ``BEGIN IMMEDIATE`` (one writer at a time).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import uuid
+from typing import Any, Sequence, TypeVar
+
+import psutil
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from qcnode.db.models import Job, utcnow
+
+T = TypeVar("T")
+
+JOB_SCORE_SERIES = "score_series"
+
+
+def make_owner(role: str) -> str:
+    """A lease owner id ``host:pid:role:random`` (the pid lets a restart release dead leases)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{role}:{uuid.uuid4().hex[:8]}"
+
+
+def as_utc(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite returns naive datetimes (stored as UTC): make them aware."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=dt.timezone.utc)
+
+
+def claim_rows(session: Session, model: type[T], owner: str, lease_seconds: float, *, due: Any,
+               where: Any = None, running_status: str = "running", order_by: Sequence[Any] = (),
+               limit: int = 1, now: dt.datetime | None = None) -> list[T]:
+    """Claim up to ``limit`` rows of ``model`` for ``owner`` and return them (caller commits).
+
+    A row qualifies when ``due`` (a SQL condition, e.g. ``status == 'pending'``) holds or it is in
+    ``running_status`` with an expired lease. Claimed rows get ``status = running_status``, the
+    lease, and ``attempts + 1``. ``where`` (optional) restricts both cases (e.g. a kind).
+    """
+    now = now or utcnow()
+    m: Any = model
+    cond = or_(due, and_(m.status == running_status, m.lease_expires_at < now))
+    if where is not None:
+        cond = and_(where, cond)
+    stmt = select(model).where(cond).order_by(*(order_by or (m.id,))).limit(limit)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    rows = list(session.scalars(stmt).all())
+    for row in rows:
+        r: Any = row
+        r.status = running_status
+        r.lease_owner = owner
+        r.lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
+        r.attempts = (r.attempts or 0) + 1
+    session.flush()
+    return rows
+
+
+def renew_lease(session: Session, model: type, row_id: int, owner: str, lease_seconds: float) -> bool:
+    """Extend the lease of a row still held by ``owner``; False if it was lost (caller commits)."""
+    m: Any = model
+    res = session.execute(update(model).where(m.id == row_id, m.lease_owner == owner)
+                          .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds)))
+    return res.rowcount == 1
+
+
+def release_dead_local_leases(session: Session, model: type, running_status: str = "running") -> int:
+    """Expire leases held by processes of this host that no longer exist (after kill -9 and restart),
+    so their rows are picked up at once instead of after the lease time. Returns the count."""
+    m: Any = model
+    host = socket.gethostname() + ":"
+    rows = session.execute(select(m.id, m.lease_owner).where(
+        m.status == running_status, m.lease_owner.like(host + "%"))).all()
+    dead = []
+    for row_id, lease_owner in rows:
+        try:
+            pid = int(str(lease_owner).split(":")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not psutil.pid_exists(pid):
+            dead.append(row_id)
+    if dead:
+        session.execute(update(model).where(m.id.in_(dead)).values(lease_expires_at=utcnow()
+                                                                    - dt.timedelta(seconds=1)))
+    return len(dead)
+
+
+# ---- jobs ----------------------------------------------------------------------------------------
+def enqueue_job(session: Session, kind: str, series_id: int, series_version: int) -> bool:
+    """Insert a pending job unless one exists for (kind, series, version). True if inserted."""
+    exists = session.scalar(select(Job.id).where(Job.kind == kind, Job.series_id == series_id,
+                                                 Job.series_version == series_version))
+    if exists is not None:
+        return False
+    try:
+        with session.begin_nested():
+            session.add(Job(kind=kind, series_id=series_id, series_version=series_version))
+    except IntegrityError:  # inserted concurrently by another process
+        return False
+    return True
+
+
+def claim_job(session: Session, owner: str, lease_seconds: float, max_attempts: int,
+              kinds: Sequence[str] = (JOB_SCORE_SERIES,)) -> Job | None:
+    """Claim the oldest due job (pending, or running with an expired lease) and commit the claim.
+
+    A job whose lease expired ``max_attempts`` times (its worker kept dying) is marked failed.
+    """
+    while True:
+        now = utcnow()
+        rows = claim_rows(session, Job, owner, lease_seconds, now=now,
+                          due=and_(Job.status == "pending", Job.not_before <= now),
+                          where=Job.kind.in_(kinds), order_by=(Job.not_before, Job.id))
+        if not rows:
+            session.commit()
+            return None
+        job = rows[0]
+        if job.attempts > max_attempts:
+            job.status = "failed"
+            job.lease_owner = None
+            job.finished_at = now
+            job.last_error = (job.last_error or "") + " | gave up: lease expired too many times"
+            session.commit()
+            continue
+        session.commit()
+        return job
+
+
+def complete_job(session: Session, job: Job, note: str | None = None) -> None:
+    """Mark ``job`` done (caller commits, typically together with the job's results)."""
+    job.status = "done"
+    job.finished_at = utcnow()
+    job.lease_owner = None
+    job.lease_expires_at = None
+    if note:
+        job.last_error = note
+
+
+def fail_job(session: Session, job_id: int, error: str, max_attempts: int,
+             retry_delay_seconds: float) -> str:
+    """Record a failed attempt: back to pending after a delay, or ``failed`` after max_attempts.
+
+    Commits. Returns the new status.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        return "missing"
+    job.last_error = error[:4000]
+    job.lease_owner = None
+    job.lease_expires_at = None
+    if job.attempts >= max_attempts:
+        job.status = "failed"
+        job.finished_at = utcnow()
+    else:
+        job.status = "pending"
+        job.not_before = utcnow() + dt.timedelta(seconds=retry_delay_seconds)
+    session.commit()
+    return job.status

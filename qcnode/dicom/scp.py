@@ -1,0 +1,456 @@
+"""The Storage SCP: C-ECHO, C-STORE of CT / Enhanced CT images and CT radiation dose SRs.
+
+Receipt is durable: the dataset, as encoded by the sender, is written to the spool (temp file,
+fsync, rename) and recorded in the database (study, series, instance; dose SRs also as a
+DoseReport) and only then answered with Success. Pixel data is *not* decoded here (the worker
+does that); headers are validated. Bad input gets a failure status, a log line and a
+quarantine copy with the reason; the server keeps running.
+
+Failure statuses: 0xA700 out of resources (free disk below the watermark, or shutting down),
+0xA900 dataset does not match the SOP class (or the request's UIDs), 0xC210 cannot understand
+(undecodable dataset), 0xC001 invalid UIDs, 0xC002 no pixel data, 0xC003 inconsistent pixel
+data, 0xC004 cannot store/record, 0x0122 SOP class not supported (non-CT storage objects and SRs
+that are not dose reports; other storage classes are accepted at negotiation only so that they
+can be refused with a clear status and a quarantine copy).
+
+Associations are refused with an A-ASSOCIATE-RJ: calling AE title not in the allow-list
+(permanent, service user, calling-AE-title-not-recognised); source IP not allowed (permanent,
+service user, no-reason-given); free disk below ``storage.min_free_disk_mb`` or more than
+``node.max_associations`` (transient, service provider, local-limit-exceeded).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.sop_class import (Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage,
+                                  Verification, XRayRadiationDoseSRStorage)
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from qcnode.config import Config
+from qcnode.db.models import DoseReport, Instance, QuarantineRecord, Series, Study, utcnow
+from qcnode.dicom.dose import dose_fields, is_dose_sr, parse_dose_sr
+from qcnode.dicom.pixels import CT_IMAGE_CLASSES, skip_reason
+from qcnode.dicom.spool import InvalidUID, Spool, check_uid
+from qcnode.log import get_logger
+from qcnode.privacy import load_or_create_key, pseudonymise
+
+log = get_logger("qcnode.scp")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+INVALID_UID = 0xC001
+NO_PIXEL_DATA = 0xC002
+INCONSISTENT = 0xC003
+CANNOT_STORE = 0xC004
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+DOSE_SR_CLASSES = {str(XRayRadiationDoseSRStorage), str(EnhancedSRStorage), str(ComprehensiveSRStorage),
+                   str(Comprehensive3DSRStorage)}
+ACCEPTED_CLASSES = CT_IMAGE_CLASSES | DOSE_SR_CLASSES
+
+# A-ASSOCIATE-RJ (result, source, reason)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_IP = (0x01, 0x01, 0x01)
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+
+AssociationPolicy = Callable[[str, str], "tuple[int, int, int] | None"]
+
+
+class Refused(Exception):
+    """A C-STORE that is answered with a failure status (and quarantined)."""
+
+    def __init__(self, status: int, reason: str, keep_copy: bool = True):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.keep_copy = keep_copy
+
+
+class _PolicyACSE(ACSE):
+    """ACSE that asks ``policy(calling_ae, ip)`` before negotiating; a tuple means reject."""
+
+    def __init__(self, assoc: Any, policy: AssociationPolicy):
+        super().__init__(assoc)
+        self._policy = policy
+
+    def _negotiate_as_acceptor(self) -> None:
+        rq = self.requestor.primitive
+        try:
+            address = self.assoc.requestor.address
+        except ValueError:
+            address = ""
+        rsd = self._policy(str(rq.calling_ae_title).strip(), address)
+        if rsd:
+            self.send_reject(*rsd)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        super()._negotiate_as_acceptor()
+
+
+def _dialect_insert(session: Session, model: type) -> Any:
+    return pg_insert(model) if session.get_bind().dialect.name == "postgresql" else sqlite_insert(model)
+
+
+def _clip(model: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Drop keys that are not columns of ``model``; cut strings to the column length."""
+    out: dict[str, Any] = {}
+    cols = model.__table__.columns  # type: ignore[attr-defined]
+    for key, value in values.items():
+        if key not in cols:
+            continue
+        length = getattr(cols[key].type, "length", None)
+        if isinstance(value, str) and length:
+            value = value[:length]
+        out[key] = value
+    return out
+
+
+def _parse_da(value: Any) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(str(value).strip()[:8], "%Y%m%d").date() if value else None
+    except ValueError:
+        return None
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_native_pixel_length(ds: Dataset) -> None:
+    """For uncompressed syntaxes: PixelData must hold Rows x Columns x frames x samples x bits."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is None or ts.is_compressed or "PixelData" not in ds:
+        return
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise Refused(INCONSISTENT, f"image pixel module incomplete: {exc}") from exc
+    expected = rows * cols * spp * frames * bits // 8
+    actual = len(ds.PixelData)
+    if actual < expected:
+        raise Refused(INCONSISTENT, f"pixel data has {actual} bytes, Rows x Columns x frames needs {expected}")
+
+
+class StorageSCP:
+    """The DICOM listener. ``start()`` returns at once (threaded); ``stop()`` is graceful."""
+
+    def __init__(self, cfg: Config, session_factory: Callable[[], Session], spool: Spool):
+        self.cfg = cfg
+        self.session_factory = session_factory
+        self.spool = spool
+        self.key = load_or_create_key(cfg.path(cfg.privacy.pseudonym_key_file)) \
+            if cfg.privacy.pseudonymise_patient_id else b""
+        self.allowed_aets = {a.strip() for a in cfg.node.allowed_ae_titles if a.strip()}
+        self.allowed_nets = [ipaddress.ip_network(n, strict=False) for n in cfg.node.allowed_ips]
+        self._closing = threading.Event()
+        self._inflight = 0
+        self._lock = threading.Lock()
+        self.server: Any = None
+        self.ae = self._make_ae()
+        self.stored = 0
+        self.refused = 0
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def _make_ae(self) -> AE:
+        node = self.cfg.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.acse_timeout = node.acse_timeout
+        ae.dimse_timeout = node.dimse_timeout
+        ae.network_timeout = node.network_timeout
+        ae.add_supported_context(Verification)
+        seen = set()
+        for uid in sorted(ACCEPTED_CLASSES):
+            ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+            seen.add(uid)
+        for cx in AllStoragePresentationContexts:  # accepted only to refuse them clearly
+            if cx.abstract_syntax not in seen:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server TLS context from ``node.tls_*`` (None when TLS is off)."""
+        node = self.cfg.node
+        if not node.tls_enabled:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(self.cfg.path(node.tls_cert)), str(self.cfg.path(node.tls_key)))
+        if node.tls_ca:
+            ctx.load_verify_locations(str(self.cfg.path(node.tls_ca)))
+        ctx.verify_mode = ssl.CERT_REQUIRED if node.tls_require_client_cert else \
+            (ssl.CERT_OPTIONAL if node.tls_ca else ssl.CERT_NONE)
+        return ctx
+
+    def start(self) -> None:
+        """Listen on ``node.host:node.port`` in background threads."""
+        handlers = [(evt.EVT_CONN_OPEN, self._on_conn_open), (evt.EVT_C_ECHO, self._on_echo),
+                    (evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
+        self.server = self.ae.start_server((self.cfg.node.host, self.cfg.node.port), block=False,
+                                           evt_handlers=handlers, ssl_context=self.ssl_context())
+        log.info("scp_listening", ae_title=self.cfg.node.ae_title, host=self.cfg.node.host,
+                 port=self.server.server_address[1], tls=self.cfg.node.tls_enabled)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1]) if self.server else self.cfg.node.port
+
+    def stop(self, grace_seconds: float = 30.0) -> None:
+        """Stop accepting associations, let in-flight C-STOREs finish, then abort the associations."""
+        self._closing.set()
+        if self.server is not None:
+            self.server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._inflight == 0:
+                    break
+            time.sleep(0.02)
+        for assoc in list(self.ae.active_associations):
+            assoc.abort()
+        log.info("scp_stopped", stored=self.stored, refused=self.refused)
+
+    # ---- association policy --------------------------------------------------------------------
+    def association_policy(self, calling_ae: str, address: str) -> tuple[int, int, int] | None:
+        """None to accept, else the A-ASSOCIATE-RJ (result, source, reason)."""
+        if self.allowed_aets and calling_ae not in self.allowed_aets:
+            log.warning("association_rejected", reason="calling AE title not allowed", calling_ae=calling_ae,
+                        source_ip=address)
+            return REJECT_CALLING_AE
+        if self.allowed_nets:
+            try:
+                ip = ipaddress.ip_address(address)
+                ok = any(ip in net for net in self.allowed_nets)
+            except ValueError:
+                ok = False
+            if not ok:
+                log.warning("association_rejected", reason="source IP not allowed", calling_ae=calling_ae,
+                            source_ip=address)
+                return REJECT_IP
+        if self._closing.is_set():
+            return REJECT_LOCAL_LIMIT
+        free = self.spool.free_disk_mb()
+        if free < self.cfg.storage.min_free_disk_mb:
+            log.error("association_rejected", reason="free disk below watermark", free_mb=round(free, 1),
+                      min_free_disk_mb=self.cfg.storage.min_free_disk_mb, calling_ae=calling_ae, source_ip=address)
+            return REJECT_LOCAL_LIMIT
+        return None
+
+    def _on_conn_open(self, event: Any) -> None:
+        event.assoc.acse = _PolicyACSE(event.assoc, self.association_policy)
+
+    def _on_rejected(self, event: Any) -> None:
+        pass  # logged by the policy
+
+    def _on_echo(self, event: Any) -> int:
+        return SUCCESS
+
+    # ---- C-STORE -------------------------------------------------------------------------------
+    def _on_store(self, event: Any) -> int:
+        with self._lock:
+            if self._closing.is_set():
+                return OUT_OF_RESOURCES
+            self._inflight += 1
+        try:
+            return self.handle_store(event)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+    def handle_store(self, event: Any) -> int:
+        """Validate, spool durably, record, and return the DIMSE status for one C-STORE."""
+        req = event.request
+        assoc = event.assoc
+        info: dict[str, Any] = {"calling_ae": str(assoc.requestor.ae_title).strip()[:16],
+                                "source_ip": _safe_address(assoc),
+                                "sop_class_uid": _uid_or_none(req.AffectedSOPClassUID),
+                                "sop_instance_uid": _uid_or_none(req.AffectedSOPInstanceUID)}
+        raw: bytes | None = None
+        try:
+            free = self.spool.free_disk_mb()
+            if free < self.cfg.storage.min_free_disk_mb:
+                raise Refused(OUT_OF_RESOURCES, f"free disk {free:.0f} MiB below storage.min_free_disk_mb",
+                              keep_copy=False)
+            raw = event.encoded_dataset()
+            try:
+                ds = event.dataset
+                if getattr(ds, "file_meta", None) is None:
+                    ds.file_meta = FileMetaDataset()
+                ds.file_meta.TransferSyntaxUID = event.context.transfer_syntax
+                ds.SOPClassUID  # noqa: B018 - force parsing of the key elements
+            except Exception as exc:  # noqa: BLE001
+                raise Refused(CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}: {exc}") from exc
+            self._store_dataset(ds, raw, info)
+        except Refused as exc:
+            self.refused += 1
+            return self._refuse(exc, raw, info)
+        except Exception as exc:  # noqa: BLE001 - never crash the association thread
+            self.refused += 1
+            log.exception("store_error", **info)
+            return self._refuse(Refused(CANNOT_STORE, f"cannot store: {type(exc).__name__}: {exc}"), raw, info)
+        self.stored += 1
+        return SUCCESS
+
+    def _store_dataset(self, ds: Dataset, raw: bytes, info: dict[str, Any]) -> None:
+        try:
+            sop_class = str(ds.get("SOPClassUID", ""))
+            sop_uid = str(ds.get("SOPInstanceUID", ""))
+            study_uid = str(ds.get("StudyInstanceUID", ""))
+            series_uid = str(ds.get("SeriesInstanceUID", ""))
+        except Exception as exc:  # noqa: BLE001
+            raise Refused(CANNOT_UNDERSTAND, f"cannot decode identifiers: {exc}") from exc
+        if sop_class != info["sop_class_uid"]:
+            raise Refused(DATASET_MISMATCH, "SOP Class UID of the dataset differs from the C-STORE request")
+        if sop_uid != info["sop_instance_uid"]:
+            raise Refused(DATASET_MISMATCH, "SOP Instance UID of the dataset differs from the C-STORE request")
+        try:
+            rel = Spool.instance_relpath(study_uid, series_uid, sop_uid)
+        except InvalidUID as exc:
+            raise Refused(INVALID_UID, str(exc)) from exc
+        dose_report: dict[str, Any] | None = None
+        if sop_class in CT_IMAGE_CLASSES:
+            modality = str(ds.get("Modality", "CT") or "CT").upper()
+            if modality != "CT":
+                raise Refused(DATASET_MISMATCH, f"CT image storage with Modality {modality[:16]}")
+            reason = skip_reason(ds)
+            if reason == "no pixel data":
+                raise Refused(NO_PIXEL_DATA, "CT image without pixel data")
+            _check_native_pixel_length(ds)
+            scorable, skip = reason is None, reason
+        elif sop_class in DOSE_SR_CLASSES:
+            if not is_dose_sr(ds):
+                raise Refused(SOP_CLASS_NOT_SUPPORTED, "structured report is not a CT radiation dose report")
+            try:
+                dose_report = parse_dose_sr(ds)
+            except Exception as exc:  # noqa: BLE001
+                raise Refused(CANNOT_UNDERSTAND, f"cannot parse dose report: {type(exc).__name__}: {exc}") from exc
+            scorable, skip = False, "radiation dose SR (stored for the audit)"
+        else:
+            raise Refused(SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not CT or a CT dose report")
+        try:
+            fields = dose_fields(ds) if sop_class in CT_IMAGE_CLASSES else {}
+        except Exception as exc:  # noqa: BLE001 - odd header values must not lose the image
+            log.warning("dose_fields_error", sop_instance_uid=sop_uid, error=f"{type(exc).__name__}: {exc}")
+            fields = {}
+        identical = self.spool.same_content(rel, raw)
+        if not identical:
+            self.spool.write(rel, raw)
+        self._record(ds, rel, len(raw), identical, scorable, skip, fields, dose_report, info,
+                     study_uid, series_uid, sop_uid, sop_class)
+
+    def _record(self, ds: Dataset, rel: str, size: int, identical: bool, scorable: bool, skip: str | None,
+                fields: dict[str, Any], dose_report: dict[str, Any] | None, info: dict[str, Any],
+                study_uid: str, series_uid: str, sop_uid: str, sop_class: str) -> None:
+        now = utcnow()
+        with self.session_factory() as s:
+            if identical:
+                existing = s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid))
+                if existing is not None:  # an exact resend of a recorded instance: nothing changes
+                    s.commit()
+                    return
+            study_id = self._upsert_id(s, Study, "study_instance_uid", study_uid, _clip(Study, {
+                "study_instance_uid": study_uid,
+                "patient_key": self._key_of(ds.get("PatientID")),
+                "accession_key": self._key_of(ds.get("AccessionNumber")),
+                "study_date": _parse_da(ds.get("StudyDate")),
+                "study_time": str(ds.get("StudyTime", "") or "") or None}))
+            series_values = _clip(Series, {
+                **fields, "series_instance_uid": series_uid, "study_id": study_id,
+                "modality": str(ds.get("Modality", "") or "") or None,
+                "series_number": _int_or_none(ds.get("SeriesNumber")),
+                "first_received_at": now, "last_received_at": now, "status": "receiving", "version": 0,
+                "instance_count": 0})
+            series_id = self._upsert_id(s, Series, "series_instance_uid", series_uid, series_values)
+            inst = _clip(Instance, {
+                **fields, "sop_instance_uid": sop_uid, "series_id": series_id, "sop_class_uid": sop_class,
+                "transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
+                "instance_number": _int_or_none(ds.get("InstanceNumber")), "spool_path": rel,
+                "size_bytes": size, "calling_ae": info["calling_ae"], "source_ip": info["source_ip"],
+                "received_at": now, "scorable": scorable, "skip_reason": skip})
+            stmt = _dialect_insert(s, Instance).values(**inst)
+            stmt = stmt.on_conflict_do_update(index_elements=["sop_instance_uid"],
+                                              set_={k: v for k, v in inst.items() if k != "sop_instance_uid"})
+            s.execute(stmt)
+            count = select(func.count(Instance.id)).where(Instance.series_id == series_id).scalar_subquery()
+            s.execute(update(Series).where(Series.id == series_id).values(
+                status="receiving", last_received_at=now, instance_count=count))
+            if dose_report is not None:
+                dr = {"sop_instance_uid": sop_uid, "study_id": study_id,
+                      "total_dlp_mgycm": dose_report.get("total_dlp_mgycm"),
+                      "events": dose_report.get("events") or [], "spool_path": rel, "received_at": now}
+                stmt = _dialect_insert(s, DoseReport).values(**dr)
+                s.execute(stmt.on_conflict_do_update(index_elements=["sop_instance_uid"],
+                                                     set_={k: v for k, v in dr.items() if k != "sop_instance_uid"}))
+            s.commit()
+        log.debug("instance_stored", sop_instance_uid=sop_uid, series_id=series_id, scorable=scorable,
+                  skip_reason=skip)
+
+    @staticmethod
+    def _upsert_id(s: Session, model: Any, key: str, uid: str, values: dict[str, Any]) -> int:
+        col = getattr(model, key)
+        row_id = s.scalar(select(model.id).where(col == uid))
+        if row_id is not None:
+            return int(row_id)
+        s.execute(_dialect_insert(s, model).values(**values).on_conflict_do_nothing(index_elements=[key]))
+        return int(s.scalar(select(model.id).where(col == uid)))
+
+    def _key_of(self, value: Any) -> str | None:
+        if value in (None, ""):
+            return None
+        text = str(value)
+        return pseudonymise(text, self.key) if self.cfg.privacy.pseudonymise_patient_id else text[:128]
+
+    def _refuse(self, exc: Refused, raw: bytes | None, info: dict[str, Any]) -> int:
+        """Log, quarantine (copy + reason) and record a refused C-STORE; return its status."""
+        rel = None
+        try:
+            if exc.status != OUT_OF_RESOURCES:
+                rel = self.spool.quarantine(raw if exc.keep_copy else None, exc.reason,
+                                            {**info, "status": f"0x{exc.status:04X}"})
+        except OSError as err:
+            log.error("quarantine_failed", error=str(err))
+        log.warning("store_refused", status=f"0x{exc.status:04X}", reason=exc.reason, quarantine=rel, **info)
+        if exc.status == OUT_OF_RESOURCES:
+            return exc.status
+        try:
+            with self.session_factory() as s:
+                s.add(QuarantineRecord(reason=exc.reason[:4000], status_code=exc.status, path=rel, **info))
+                s.commit()
+        except Exception as err:  # noqa: BLE001
+            log.error("quarantine_record_failed", error=f"{type(err).__name__}: {err}")
+        return exc.status
+
+
+def _uid_or_none(value: Any) -> str | None:
+    try:
+        return check_uid(value)
+    except InvalidUID:
+        return None
+
+
+def _safe_address(assoc: Any) -> str | None:
+    try:
+        return str(assoc.requestor.address)[:64]
+    except (ValueError, AttributeError):
+        return None

@@ -1,0 +1,371 @@
+"""The qcnode result of one series as a DICOM Structured Report (highdicom, TID 1500).
+
+One Comprehensive 3D SR per scoring round of a series, in the same study as a new series.
+
+Content tree (TID 1500 Measurement Report, title DCM 126000 "Imaging Measurement Report",
+procedure reported SCT 77477000 "Computed tomography", observer = the qcnode device):
+
+* one TID 1501 Measurement Group per scored slice, with
+  - a tracking identifier ("slice <n>") whose UID is derived from the slice's SOP Instance UID
+    (so the same slice keeps its tracking UID across SR versions),
+  - the referenced source image (group ``source_images``, DCM "Source of Measurement";
+    multi-frame objects reference their frame),
+  - the algorithm name and version (TID 4019 Algorithm Identification),
+  - the measurement 99QCNODE QC001 "CT image quality score", unit UCUM ``{score}`` (0-4 scale),
+  - its uncertainty interval as TID 310 Measurement Properties: SCT 371886008
+    "+, range of upper measurement uncertainty" = ``score_high - score`` and SCT 371885007
+    "-, range of lower measurement uncertainty" = ``score - score_low`` (both >= 0).
+    The interval is the model's 5th-95th percentile of the predicted score distribution, so
+    ``[score - lower, score + upper]`` is ``[score_low, score_high]``. highdicom writes those
+    two items, in the unit of the score (``{score}``).
+* one series-level TID 1501 group (tracking identifier "series summary") with
+  - the score with derivation SCT "Mean", SCT "Minimum" and 99QCNODE QC010 "10th percentile",
+  - QC003 "Fraction of slices below quality threshold" (UCUM ``1``),
+  - QC004 "Number of scored slices" (``{slices}``), QC005 "Number of skipped images" (``{images}``),
+  - the verdict as a qualitative evaluation: QC002 "CT image quality verdict" =
+    QCPASS "Pass" / QCWARN "Warning" / QCFAIL "Fail", all 99QCNODE,
+  - the algorithm identification.
+
+UIDs are derived (pydicom ``generate_uid(entropy_srcs=...)``) so that a retry builds the same
+object: SeriesInstanceUID from (source series UID, model version); SOPInstanceUID from (source
+series UID, model version, result version). InstanceNumber = result version; SeriesNumber =
+9000 + the source SeriesNumber (9000 without one). Content, series and instance-creation dates
+come from ``content_datetime`` so the same inputs give byte-identical files.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import warnings
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Sequence
+
+import highdicom as hd
+from highdicom._standard_utils import is_multiframe_image
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+QC_SCHEME = "99QCNODE"
+UID_NAMESPACE = "qcnode-sr"
+
+SCORE = Code("QC001", QC_SCHEME, "CT image quality score")
+VERDICT = Code("QC002", QC_SCHEME, "CT image quality verdict")
+FRACTION_BELOW = Code("QC003", QC_SCHEME, "Fraction of slices below quality threshold")
+N_SLICES = Code("QC004", QC_SCHEME, "Number of scored slices")
+N_SKIPPED = Code("QC005", QC_SCHEME, "Number of skipped images")
+P10 = Code("QC010", QC_SCHEME, "10th percentile")
+VERDICT_CODES = {
+    "PASS": Code("QCPASS", QC_SCHEME, "Pass"),
+    "WARN": Code("QCWARN", QC_SCHEME, "Warning"),
+    "FAIL": Code("QCFAIL", QC_SCHEME, "Fail"),
+}
+SCORE_UNIT = Code("{score}", "UCUM", "score")
+NO_UNIT = Code("1", "UCUM", "no units")
+SLICES_UNIT = Code("{slices}", "UCUM", "slices")
+IMAGES_UNIT = Code("{images}", "UCUM", "images")
+UPPER_UNCERTAINTY = Code("371886008", "SCT", "+, range of upper measurement uncertainty")
+LOWER_UNCERTAINTY = Code("371885007", "SCT", "-, range of lower measurement uncertainty")
+ALGORITHM_NAME = Code("111001", "DCM", "Algorithm Name")
+ALGORITHM_VERSION = Code("111003", "DCM", "Algorithm Version")
+SERIES_NUMBER_BASE = 9000
+MANUFACTURER = "qcnode"
+SERIES_SUMMARY_ID = "series summary"
+
+# Type 2 patient/study attributes highdicom copies from the first source header.
+_REQUIRED_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
+                   "AccessionNumber", "StudyID", "StudyDate", "StudyTime")
+
+
+class SRBuildError(ValueError):
+    """The inputs cannot make a valid SR (missing headers, bad verdict, unknown slice)."""
+
+
+def sr_series_uid(source_series_uid: str, model_version: str) -> str:
+    """SeriesInstanceUID of the SR series for one source series and model version."""
+    return generate_uid(entropy_srcs=[UID_NAMESPACE, "series", source_series_uid, str(model_version)])
+
+
+def sr_sop_uid(source_series_uid: str, model_version: str, result_version: int) -> str:
+    """SOPInstanceUID of the SR for one scoring round (result version) of a series."""
+    return generate_uid(entropy_srcs=[UID_NAMESPACE, "sop", source_series_uid, str(model_version),
+                                      str(int(result_version))])
+
+
+def _uid(*parts: str) -> str:
+    return generate_uid(entropy_srcs=[UID_NAMESPACE, *parts])
+
+
+def _evidence_header(ds: Dataset) -> Dataset:
+    """A pixel-free copy of a source header with the attributes highdicom needs present."""
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        if not ds.get(key):
+            raise SRBuildError(f"source header lacks {key}")
+    out = Dataset()
+    for elem in ds:
+        if elem.tag.group >= 0x7FE0 or elem.keyword in ("PixelData", "FloatPixelData",
+                                                         "DoubleFloatPixelData"):
+            continue
+        out.add(elem)
+    for key in _REQUIRED_TYPE2:
+        if key not in out:
+            setattr(out, key, "")
+    return out
+
+
+def _measurement_properties(score: float, low: float, high: float) -> hd.sr.MeasurementProperties:
+    if not (low <= score <= high):
+        raise SRBuildError(f"score {score} is not inside its interval [{low}, {high}]")
+    props = hd.sr.MeasurementProperties(upper_measurement_uncertainty=_ds_value(high - score),
+                                        lower_measurement_uncertainty=_ds_value(score - low))
+    for item in props:  # highdicom writes unit "1"; the ranges are in score units (TID 310)
+        item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence = [CodedConcept.from_code(SCORE_UNIT)]
+    return props
+
+
+def _ds_value(x: float) -> float:
+    """A float rounded so that it survives the DS (16 character) encoding unchanged."""
+    return float(f"{float(x):.6g}")
+
+
+def build_series_sr(source_headers: Sequence[Dataset], slices: Sequence[dict[str, Any]],
+                    summary: dict[str, Any], model_info: dict[str, Any], result_version: int,
+                    content_datetime: dt.datetime | None = None) -> Dataset:
+    """Build the TID 1500 Comprehensive 3D SR for one scoring round of a series.
+
+    ``source_headers``: headers of the scored instances (pixels not needed); ``slices``: dicts
+    with sop_instance_uid, score, score_low, score_high (optional ``frame``: 1-based frame
+    number, used for multi-frame objects only);
+    ``summary``: mean_score, min_score, p10_score, fraction_below, verdict, n_slices, n_skipped;
+    ``model_info``: name, version. ``content_datetime`` fixes the content/creation date-time
+    (pass the result's creation time so a retry is byte-identical; default: now, UTC).
+    """
+    if not source_headers:
+        raise SRBuildError("no source headers: an SR needs at least one referenced image")
+    if not slices:
+        raise SRBuildError("no scored slices")
+    verdict = str(summary.get("verdict", ""))
+    if verdict not in VERDICT_CODES:
+        raise SRBuildError(f"verdict must be one of {sorted(VERDICT_CODES)}, got {verdict!r}")
+    name, version = str(model_info.get("name", "")), str(model_info.get("version", ""))
+    if not name or not version:
+        raise SRBuildError("model_info needs a name and a version")
+    when = content_datetime or dt.datetime.now(dt.timezone.utc)
+
+    headers = {str(h.SOPInstanceUID): _evidence_header(h) for h in source_headers}
+    first = headers[str(source_headers[0].SOPInstanceUID)]
+    source_series = str(first.SeriesInstanceUID)
+    study_uid = str(first.StudyInstanceUID)
+    for h in headers.values():
+        if str(h.SeriesInstanceUID) != source_series or str(h.StudyInstanceUID) != study_uid:
+            raise SRBuildError("source headers belong to more than one series")
+
+    algorithm = hd.sr.AlgorithmIdentification(name=name, version=version)
+    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    referenced: list[str] = []
+    for i, s in enumerate(slices):
+        uid = str(s["sop_instance_uid"])
+        header = headers.get(uid)
+        if header is None:
+            raise SRBuildError(f"slice {uid} has no source header")
+        frame = s.get("frame")  # 1-based; only meaningful for multi-frame objects
+        multiframe = is_multiframe_image(header)  # by IOD (e.g. Enhanced CT), as highdicom checks
+        frames = [int(frame)] if frame is not None and multiframe else None
+        score = _ds_value(s["score"])
+        measurement = hd.sr.Measurement(
+            name=SCORE, value=score, unit=SCORE_UNIT,
+            properties=_measurement_properties(score, _ds_value(s["score_low"]), _ds_value(s["score_high"])),
+        )
+        number = header.get("InstanceNumber")
+        label = f"slice {number}" if number not in (None, "") else f"slice #{i + 1}"
+        if frames:
+            label += f" frame {frames[0]}"
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=_uid("track", uid, str(frames[0] if frames else 0)), identifier=label),
+            algorithm_id=algorithm,
+            measurements=[measurement],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(
+                header, referenced_frame_numbers=frames)],
+        ))
+        referenced.append(uid)
+
+    groups.append(_summary_group(summary, algorithm, source_series))
+
+    observer = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=_uid("device", name), name=name, manufacturer_name=MANUFACTURER,
+                model_name=name)))
+    report = hd.sr.MeasurementReport(
+        observation_context=observer,
+        procedure_reported=codes.SCT.ComputedTomography,
+        imaging_measurements=groups,
+        title=codes.DCM.ImagingMeasurementReport,
+    )
+    # every source header is evidence, scored or not; referenced ones first, in slice order
+    evidence = [headers[u] for u in dict.fromkeys(referenced)]
+    evidence += [h for u, h in headers.items() if u not in set(referenced)]
+    source_number = first.get("SeriesNumber")
+    try:
+        series_number = SERIES_NUMBER_BASE + int(source_number)
+    except (TypeError, ValueError):
+        series_number = SERIES_NUMBER_BASE
+    with warnings.catch_warnings():  # de-identified data often has single-component names
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=report,
+            series_instance_uid=sr_series_uid(source_series, version),
+            series_number=series_number,
+            sop_instance_uid=sr_sop_uid(source_series, version, result_version),
+            instance_number=int(result_version),
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            is_final=False,
+            series_description=f"QC image quality ({name})"[:64],
+            software_versions=f"{name} {version}"[:64],
+            content_date=when.date(),
+            content_time=when.time().replace(tzinfo=None),
+            series_date=when.date(),
+            series_time=when.time().replace(tzinfo=None),
+            coding_schemes=[CodingSchemeIdentificationItem(
+                designator=QC_SCHEME, name="qcnode image quality codes",
+                responsible_organization="qcnode")],
+        )
+    # highdicom stamps its own creation times with now(): pin them for byte-identical retries
+    sr.InstanceCreationDate = sr.ContentDate
+    sr.InstanceCreationTime = sr.ContentTime
+    for item in sr.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = str(sr.ContentDate) + str(sr.ContentTime)
+    return sr
+
+
+def _summary_group(summary: dict[str, Any], algorithm: hd.sr.AlgorithmIdentification,
+                   source_series: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    measurements: list[hd.sr.Measurement] = []
+    for key, derivation in (("mean_score", codes.SCT.Mean), ("min_score", codes.SCT.Minimum),
+                            ("p10_score", P10)):
+        if summary.get(key) is not None:
+            measurements.append(hd.sr.Measurement(name=SCORE, value=_ds_value(summary[key]),
+                                                  unit=SCORE_UNIT, derivation=derivation))
+    if summary.get("fraction_below") is not None:
+        measurements.append(hd.sr.Measurement(name=FRACTION_BELOW, value=_ds_value(summary["fraction_below"]),
+                                              unit=NO_UNIT))
+    measurements.append(hd.sr.Measurement(name=N_SLICES, value=int(summary.get("n_slices", 0)),
+                                          unit=SLICES_UNIT))
+    measurements.append(hd.sr.Measurement(name=N_SKIPPED, value=int(summary.get("n_skipped", 0) or 0),
+                                          unit=IMAGES_UNIT))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid("track-series", source_series),
+                                                     identifier=SERIES_SUMMARY_ID),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            name=VERDICT, value=VERDICT_CODES[str(summary["verdict"])])],
+    )
+
+
+def sr_bytes(sr: Dataset) -> bytes:
+    """The SR encoded as a DICOM Part 10 file (what ``write_sr`` stores)."""
+    buf = BytesIO()
+    dcmwrite(buf, sr, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def write_sr(sr: Dataset, path: str | Path) -> Path:
+    """Write the SR atomically (temp file, fsync, rename): a retry overwrites it identically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(sr_bytes(sr))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _code_eq(a: CodedConcept | Code | None, b: Code) -> bool:
+    return a is not None and a.value == b.value and a.scheme_designator == b.scheme_designator
+
+
+def _text_item(group_item: Dataset, code: Code) -> str | None:
+    for item in group_item.get("ContentSequence", []):
+        name = item.ConceptNameCodeSequence[0]
+        if name.CodeValue == code.value and name.CodingSchemeDesignator == code.scheme_designator:
+            return str(item.TextValue)
+    return None
+
+
+def read_series_sr(ds: Dataset) -> dict[str, Any]:
+    """Parse a qcnode SR (as built by ``build_series_sr``) back with highdicom.
+
+    Returns {sop_instance_uid, series_instance_uid, source_series_instance_uid, instance_number,
+    algorithm: {name, version}, slices: [{sop_instance_uid, score, score_low, score_high, frame}],
+    summary: {mean_score, min_score, p10_score, fraction_below, n_slices, n_skipped, verdict}}.
+    """
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
+    report = hd.sr.MeasurementReport.from_sequence(sr.content)
+    slices: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    algorithm: dict[str, str | None] = {"name": None, "version": None}
+    sources: set[str] = set()
+    for group in report.get_image_measurement_groups():
+        algorithm = {"name": _text_item(group[0], ALGORITHM_NAME) or algorithm["name"],
+                     "version": _text_item(group[0], ALGORITHM_VERSION) or algorithm["version"]}
+        if group.tracking_identifier == SERIES_SUMMARY_ID:
+            for m in group.get_measurements():
+                if _code_eq(m.name, SCORE):
+                    key = {codes.SCT.Mean.value: "mean_score", codes.SCT.Minimum.value: "min_score",
+                           P10.value: "p10_score"}.get(m.derivation.value if m.derivation else "")
+                    if key:
+                        summary[key] = float(m.value)
+                elif _code_eq(m.name, FRACTION_BELOW):
+                    summary["fraction_below"] = float(m.value)
+                elif _code_eq(m.name, N_SLICES):
+                    summary["n_slices"] = int(m.value)
+                elif _code_eq(m.name, N_SKIPPED):
+                    summary["n_skipped"] = int(m.value)
+            for ev in group.get_qualitative_evaluations(name=VERDICT):
+                summary["verdict"] = next((k for k, c in VERDICT_CODES.items() if _code_eq(ev.value, c)), None)
+            continue
+        for m in group.get_measurements(name=SCORE):
+            upper = lower = 0.0
+            for item in m[0].get("ContentSequence", []):
+                if item.ValueType != "NUM":
+                    continue
+                name = item.ConceptNameCodeSequence[0].CodeValue
+                value = float(item.MeasuredValueSequence[0].NumericValue)
+                if name == UPPER_UNCERTAINTY.value:
+                    upper = value
+                elif name == LOWER_UNCERTAINTY.value:
+                    lower = value
+            images = m.referenced_images or group.source_images
+            if not images:
+                raise ValueError(f"measurement group {group.tracking_identifier!r} references no image")
+            ref = images[0]
+            uid = str(ref.referenced_sop_instance_uid)
+            frames = ref.referenced_frame_numbers
+            score = float(m.value)
+            slices.append({"sop_instance_uid": uid, "score": score, "score_low": _ds_value(score - lower),
+                           "score_high": _ds_value(score + upper), "frame": frames[0] if frames else None})
+            sources.add(uid)
+    source_series = sr.get_evidence_series()
+    return {
+        "sop_instance_uid": str(ds.SOPInstanceUID),
+        "series_instance_uid": str(ds.SeriesInstanceUID),
+        "study_instance_uid": str(ds.StudyInstanceUID),
+        "source_series_instance_uid": str(source_series[0][1]) if source_series else None,
+        "instance_number": int(ds.InstanceNumber),
+        "algorithm": algorithm,
+        "slices": slices,
+        "summary": summary,
+    }

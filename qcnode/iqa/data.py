@@ -1,0 +1,247 @@
+"""Data for the MD-IQA scorer: the one preprocessing, the LDCTIQAC2023 layout, unlabeled folders,
+augmentation.
+
+Preprocessing (identical for training tifs and DICOM at scoring time, see ``preprocess``):
+pad to square with air, resize to the model input (area averaging when shrinking, bilinear when
+enlarging), then map the HU window [lo, hi] linearly to [0, 1] and clip.
+
+Normalised-tif rule: the LDCTIQAC2023 challenge distributes images that are already intensity
+normalised. A tif whose finite values all lie in [-0.05, 1.05] is taken as already normalised
+([0, 1] = the display window) and is only resized and clipped, not windowed. Anything else is
+taken as HU (the simulator writes float32 HU).
+
+LDCTIQAC2023 layout: ``ROOT/image/*.tif`` and a JSON ``{file name: mean score}`` in ROOT
+(``ROOT/<split>.json`` such as train.json/test.json, or the only ``*.json`` there). An optional
+``ROOT/meta.csv`` (written by ``qcnode simulate``) adds per-image metadata (source_id, dose, views).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULT_WINDOW_HU = (-160.0, 240.0)  # soft-tissue window (W400 / L40)
+DEFAULT_INPUT_SIZE = 128
+NORMALISED_RANGE = (-0.05, 1.05)     # a tif inside this range is already normalised
+AIR_HU = -1000.0
+TIF_SUFFIXES = (".tif", ".tiff")
+
+
+def looks_normalised(img: np.ndarray) -> bool:
+    """True when all finite values lie in [-0.05, 1.05] (an already normalised image)."""
+    finite = img[np.isfinite(img)]
+    return finite.size > 0 and float(finite.min()) >= NORMALISED_RANGE[0] and float(finite.max()) <= NORMALISED_RANGE[1]
+
+
+def preprocess(hu: np.ndarray, size: int = DEFAULT_INPUT_SIZE,
+               window: tuple[float, float] = DEFAULT_WINDOW_HU, normalised: bool = False) -> torch.Tensor:
+    """The one preprocessing shared by training and scoring: 2-D HU array -> (1, size, size) in [0, 1].
+
+    Pads to square (air), resizes (area when shrinking, bilinear when enlarging), windows HU
+    [lo, hi] -> [0, 1] and clips. ``normalised=True`` skips the windowing (values already in [0, 1]).
+    """
+    img = np.asarray(hu, dtype=np.float32)
+    if img.ndim != 2:
+        raise ValueError(f"expected a 2-D slice, got shape {img.shape}")
+    fill = 0.0 if normalised else AIR_HU
+    img = np.nan_to_num(img, nan=fill, posinf=fill, neginf=fill)
+    h, w = img.shape
+    if h != w:
+        n = max(h, w)
+        padded = np.full((n, n), fill, dtype=np.float32)
+        top, left = (n - h) // 2, (n - w) // 2
+        padded[top:top + h, left:left + w] = img
+        img = padded
+    t = torch.from_numpy(np.ascontiguousarray(img))[None, None]
+    if t.shape[-1] > size:
+        t = F.adaptive_avg_pool2d(t, (size, size))
+    elif t.shape[-1] < size:
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    if not normalised:
+        lo, hi = window
+        t = (t - lo) / (hi - lo)
+    return t[0].clamp_(0.0, 1.0)
+
+
+def read_tif(path: str | Path) -> np.ndarray:
+    """A single-image tif as a float32 2-D array (first page; a trailing channel axis of 1 is dropped)."""
+    import tifffile
+
+    arr = np.asarray(tifffile.imread(str(path)))
+    arr = np.squeeze(arr)
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: expected a 2-D image, got shape {arr.shape}")
+    return arr.astype(np.float32, copy=False)
+
+
+def preprocess_tif(path: str | Path, size: int = DEFAULT_INPUT_SIZE,
+                   window: tuple[float, float] = DEFAULT_WINDOW_HU) -> torch.Tensor:
+    """Read a tif (HU, or already normalised per the module rule) and preprocess it."""
+    img = read_tif(path)
+    return preprocess(img, size, window, normalised=looks_normalised(img))
+
+
+@dataclass
+class LabeledSet:
+    """A labeled folder in the LDCTIQAC2023 layout."""
+    root: Path
+    files: list[str]
+    labels: np.ndarray                                  # (N,) float32
+    meta: list[dict[str, str]] = field(default_factory=list)  # one row per file ({} without meta.csv)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def paths(self) -> list[Path]:
+        return [self.root / "image" / f for f in self.files]
+
+    def groups(self) -> list[str]:
+        """Anatomy group per image (meta source_id; the file name when there is no meta)."""
+        return [m.get("source_id") or f for m, f in zip(self.meta, self.files)]
+
+
+def find_label_json(root: Path) -> Path:
+    """The label JSON of an LDCTIQAC-layout folder (``<name>.json``, else the only ``*.json``)."""
+    own = root / f"{root.name}.json"
+    if own.is_file():
+        return own
+    found = sorted(p for p in root.glob("*.json") if p.is_file())
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise FileNotFoundError(f"{root}: no label JSON ({{file name: score}}) found")
+    raise ValueError(f"{root}: several JSON files {[p.name for p in found]}; expected {root.name}.json")
+
+
+def read_meta(root: Path) -> dict[str, dict[str, str]]:
+    """ROOT/meta.csv as {file: row}; {} when absent."""
+    p = root / "meta.csv"
+    if not p.is_file():
+        return {}
+    with p.open(newline="") as fh:
+        return {row["file"]: row for row in csv.DictReader(fh) if row.get("file")}
+
+
+def load_labeled(root: str | Path) -> LabeledSet:
+    """Load an LDCTIQAC2023-layout folder: image/*.tif + {file: mean score} JSON (+ optional meta.csv)."""
+    root = Path(root)
+    if not (root / "image").is_dir():
+        raise FileNotFoundError(f"{root}: missing image/ folder (expected the LDCTIQAC2023 layout)")
+    label_path = find_label_json(root)
+    try:
+        labels = json.loads(label_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{label_path}: invalid JSON: {exc}") from exc
+    if not isinstance(labels, dict) or not labels:
+        raise ValueError(f"{label_path}: expected a non-empty object {{file name: score}}")
+    files = sorted(labels)
+    missing = [f for f in files if not (root / "image" / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{root}/image: {len(missing)} labeled files missing, e.g. {missing[:3]}")
+    try:
+        values = np.asarray([float(labels[f]) for f in files], dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{label_path}: non-numeric score: {exc}") from exc
+    meta = read_meta(root)
+    return LabeledSet(root, files, values, [meta.get(f, {}) for f in files])
+
+
+def iter_unlabeled(root: str | Path) -> Iterator[tuple[str, np.ndarray, bool]]:
+    """Slices of an unlabeled folder, recursively: tifs and DICOM files (anything else that is not
+    DICOM is ignored). Yields (id, image, normalised); localizers and unreadable files are skipped."""
+    from qcnode.dicom.pixels import SkipSlice, UnreadableFile, load_slices
+
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"unlabeled data not found: {root}")
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for p in paths:
+        if p.suffix.lower() in TIF_SUFFIXES:
+            img = read_tif(p)
+            yield str(p), img, looks_normalised(img)
+            continue
+        if p.suffix.lower() in (".csv", ".json", ".txt", ".md"):
+            continue
+        try:
+            slices = load_slices(p)
+        except (SkipSlice, UnreadableFile):
+            continue
+        for s in slices:
+            yield f"{p}#{s.frame}" if s.frame is not None else str(p), s.hu, False
+
+
+def preprocess_many(images: Iterable[tuple[np.ndarray, bool]], size: int, window: tuple[float, float],
+                    progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Stack preprocessed images into an (N, 1, size, size) float32 tensor (an in-memory cache)."""
+    out = []
+    for i, (img, normalised) in enumerate(images):
+        out.append(preprocess(img, size, window, normalised=normalised))
+        if progress:
+            progress(i + 1)
+    if not out:
+        return torch.empty(0, 1, size, size)
+    return torch.stack(out)
+
+
+def cache_labeled(ds: LabeledSet, size: int, window: tuple[float, float],
+                  progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Preprocess every image of a labeled set once: (N, 1, size, size)."""
+    def gen() -> Iterator[tuple[np.ndarray, bool]]:
+        for p in ds.paths():
+            img = read_tif(p)
+            yield img, looks_normalised(img)
+    return preprocess_many(gen(), size, window, progress)
+
+
+def augment(x: torch.Tensor, max_shift: int = 6, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random flips, rot90 and small shifted crops (replicate-padded) for a batch (B, 1, S, S).
+
+    Nothing here resamples or filters, so the noise level and texture are unchanged.
+    """
+    g = generator
+    b = x.shape[0]
+    out = torch.empty_like(x)
+    flips = torch.randint(0, 2, (b, 2), generator=g)
+    rots = torch.randint(0, 4, (b,), generator=g)
+    shifts = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=g) if max_shift > 0 else torch.zeros(b, 2, dtype=torch.long)
+    s = x.shape[-1]
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate") if max_shift > 0 else x
+    for i in range(b):
+        dy, dx = int(shifts[i, 0]) + max_shift, int(shifts[i, 1]) + max_shift
+        img = padded[i, :, dy:dy + s, dx:dx + s]
+        if flips[i, 0]:
+            img = img.flip(-1)
+        if flips[i, 1]:
+            img = img.flip(-2)
+        out[i] = torch.rot90(img, int(rots[i]), dims=(-2, -1))
+    return out
+
+
+def group_split(groups: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into (train, validation) by group so no group is in both (``fraction`` of groups
+    go to validation; at least one group when there are two or more)."""
+    uniq = sorted(set(groups))
+    rng = random.Random(seed)
+    rng.shuffle(uniq)
+    n_val = int(round(len(uniq) * fraction))
+    if fraction > 0 and len(uniq) >= 2:
+        n_val = max(1, min(n_val, len(uniq) - 1))
+    val_groups = set(uniq[:n_val])
+    tr = [i for i, g in enumerate(groups) if g not in val_groups]
+    va = [i for i, g in enumerate(groups) if g in val_groups]
+    return tr, va
+
+
+def meta_value(row: dict[str, Any], key: str, default: float = float("nan")) -> float:
+    """A numeric meta.csv field (NaN when missing or empty)."""
+    try:
+        return float(row.get(key, ""))
+    except (TypeError, ValueError):
+        return default

@@ -1,0 +1,242 @@
+"""MD-IQA network (arXiv 2311.08024): dual ViT/ConvNeXt branches, deformable alignment at
+several scales, a weighted patch head and multi-scale Gaussian distribution regression.
+
+Shape walk-through for the default configuration (input 1 x 128 x 128, windowed HU in [0, 1]):
+
+* ViT branch (timm ``vit_tiny_patch16_224`` reduced to depth 4, ``img_size=128``): tokens
+  (B, 1 + 64, 192) -> prefix tokens dropped -> map (B, 192, 8, 8).
+* ConvNeXt branch (timm ``convnext_atto``, ``features_only``): stage maps at strides 4/8/16/32;
+  the ``align_stages`` (default 1 and 2: 16 x 16 and 8 x 8) are used, later stages are pruned.
+* For each align stage: ViT map -> 1x1 conv to ``align_dim`` (32) channels -> bilinear resize
+  to the stage grid; offsets = conv3x3(concat(ViT map, ConvNeXt map)) (zero-initialised);
+  ``torchvision.ops.DeformConv2d`` samples the ViT map at the offset positions (alignment);
+  concat(aligned, ConvNeXt map) -> 1x1 conv -> GELU.  All stages are average-pooled to the
+  coarsest align grid, concatenated and fused to ``fuse_dim`` channels.
+* Weighted patch head (as MANIQA): a per-patch output map and a per-patch weight map
+  (softmax over patches); the image output is the weighted sum over patches.
+  ``head="multiscale"``: K x n_bins logits (K = len(sigmas)); ``"single"``: one head with the
+  middle sigma; ``"regression"``: one scalar score (trained with MSE).
+
+``branches="vit"`` / ``"convnext"`` build single-branch ablations (no alignment).
+Everything trains from scratch (``pretrained=False``; no hub weights here).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import DeformConv2d
+
+from qcnode.iqa.heads import DistributionReadout
+
+BRANCHES = ("dual", "vit", "convnext")
+HEADS = ("multiscale", "single", "regression")
+
+
+@dataclass
+class MDIQAConfig:
+    """Everything needed to rebuild the network and its preprocessing (stored in checkpoints)."""
+    vit_name: str = "vit_tiny_patch16_224"
+    vit_kwargs: dict[str, Any] = field(default_factory=lambda: {"depth": 4})
+    convnext_name: str = "convnext_atto"
+    convnext_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_size: int = 128
+    align_stages: tuple[int, ...] = (1, 2)
+    sigmas: tuple[float, ...] = (0.1, 0.25, 0.5)
+    n_bins: int = 41
+    score_range: tuple[float, float] = (0.0, 4.0)
+    branches: str = "dual"
+    head: str = "multiscale"
+    fuse_dim: int = 128
+    align_dim: int = 32  # channels of the deformable alignment (ViT map projected to this)
+    window_hu: tuple[float, float] = (-160.0, 240.0)  # HU window mapped to [0, 1] by preprocess
+    interval_temperature: float = 1.0  # softmax temperature for the interval only (fitted on validation)
+
+    def __post_init__(self) -> None:
+        self.align_stages = tuple(int(s) for s in self.align_stages)
+        self.sigmas = tuple(float(s) for s in self.sigmas)
+        self.score_range = (float(self.score_range[0]), float(self.score_range[1]))
+        self.window_hu = (float(self.window_hu[0]), float(self.window_hu[1]))
+        if self.branches not in BRANCHES:
+            raise ValueError(f"branches must be one of {BRANCHES}, got {self.branches!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.branches != "vit" and len(self.align_stages) < 1:
+            raise ValueError("align_stages needs at least one ConvNeXt stage")
+        if self.branches == "dual" and len(self.align_stages) < 2:
+            raise ValueError("the dual-branch MD-IQA aligns at two or more scales (align_stages)")
+        if not self.sigmas or min(self.sigmas) <= 0:
+            raise ValueError("sigmas must be positive")
+        if self.n_bins < 2:
+            raise ValueError("n_bins must be >= 2")
+
+    @property
+    def head_sigmas(self) -> tuple[float, ...]:
+        """The sigmas actually trained: all for "multiscale", the middle one for "single"."""
+        if self.head == "single":
+            return (self.sigmas[len(self.sigmas) // 2],)
+        return self.sigmas
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("align_stages", "sigmas", "score_range", "window_hu"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MDIQAConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown MDIQAConfig keys: {sorted(unknown)}")
+        return cls(**copy.deepcopy(d))
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # small enough for CPU deployment (>= 25 slices/s on 2 cores including DICOM decode)
+    "default": {},
+    # the paper-sized backbones (ViT-S + ConvNeXt-T); builds and trains, too slow to ship on CPU
+    "paper": {"vit_name": "vit_small_patch16_224", "vit_kwargs": {}, "convnext_name": "convnext_tiny",
+              "input_size": 224, "align_stages": (1, 2, 3), "fuse_dim": 256, "align_dim": 96},
+}
+
+
+def preset_config(name: str = "default", **overrides: Any) -> MDIQAConfig:
+    """An MDIQAConfig from a named preset ("default", "paper") with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    d = MDIQAConfig().to_dict()
+    d.update(copy.deepcopy(PRESETS[name]))
+    d.update(overrides)
+    return MDIQAConfig.from_dict(d)
+
+
+class DeformAlign(nn.Module):
+    """Align a ViT map to one ConvNeXt stage with a deformable 3x3 conv and fuse them."""
+
+    def __init__(self, vit_dim: int, cnn_dim: int, out_dim: int, align_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(vit_dim, align_dim, 1)
+        self.offset = nn.Conv2d(align_dim + cnn_dim, 2 * 3 * 3, 3, padding=1)
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+        self.deform = DeformConv2d(align_dim, align_dim, 3, padding=1)
+        self.fuse = nn.Sequential(nn.Conv2d(align_dim + cnn_dim, out_dim, 1), nn.GELU())
+
+    def forward(self, vit_map: torch.Tensor, cnn_map: torch.Tensor) -> torch.Tensor:
+        v = F.interpolate(self.proj(vit_map), size=cnn_map.shape[-2:], mode="bilinear", align_corners=False)
+        offsets = self.offset(torch.cat([v, cnn_map], 1))
+        aligned = self.deform(v, offsets)
+        return self.fuse(torch.cat([aligned, cnn_map], 1))
+
+
+class WeightedPatchHead(nn.Module):
+    """Per-patch outputs pooled with per-patch softmax weights (MANIQA-style)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.score = nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), nn.GELU(), nn.Conv2d(in_dim, out_dim, 1))
+        self.weight = nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), nn.GELU(), nn.Conv2d(in_dim, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.score(x).flatten(2)                              # (B, out, P)
+        w = torch.softmax(self.weight(x).flatten(2), dim=-1)      # (B, 1, P)
+        return (s * w).sum(-1)                                    # (B, out)
+
+
+class MDIQA(nn.Module):
+    """The MD-IQA scorer. ``forward(x)`` with x (B, 1, S, S) in [0, 1] returns raw outputs:
+    logits (B, K, n_bins) for distribution heads, or (B, 1) scores for the regression head."""
+
+    def __init__(self, config: MDIQAConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or MDIQAConfig()
+        self.vit = None
+        self.cnn = None
+        if cfg.branches in ("dual", "vit"):
+            kw = dict(cfg.vit_kwargs)
+            kw.setdefault("img_size", cfg.input_size)
+            self.vit = timm.create_model(cfg.vit_name, pretrained=False, num_classes=0, in_chans=1, **kw)
+            vit_dim = self.vit.embed_dim
+        if cfg.branches in ("dual", "convnext"):
+            self.cnn = timm.create_model(cfg.convnext_name, pretrained=False, features_only=True, in_chans=1,
+                                         out_indices=tuple(sorted(cfg.align_stages)), **cfg.convnext_kwargs)
+            cnn_dims = self.cnn.feature_info.channels()
+        stages = sorted(cfg.align_stages)
+        if cfg.branches == "dual":
+            self.align = nn.ModuleList(DeformAlign(vit_dim, c, cfg.fuse_dim, cfg.align_dim) for c in cnn_dims)
+            fused_in = cfg.fuse_dim * len(stages)
+        elif cfg.branches == "convnext":
+            self.align = nn.ModuleList(nn.Sequential(nn.Conv2d(c, cfg.fuse_dim, 1), nn.GELU()) for c in cnn_dims)
+            fused_in = cfg.fuse_dim * len(stages)
+        else:
+            self.align = nn.ModuleList([nn.Sequential(nn.Conv2d(vit_dim, cfg.fuse_dim, 1), nn.GELU())])
+            fused_in = cfg.fuse_dim
+        self.fuse = nn.Sequential(nn.Conv2d(fused_in, cfg.fuse_dim, 1), nn.GELU())
+        self.n_heads = len(cfg.head_sigmas)
+        out_dim = 1 if cfg.head == "regression" else self.n_heads * cfg.n_bins
+        self.head = WeightedPatchHead(cfg.fuse_dim, out_dim)
+        self.readout = DistributionReadout(cfg.head_sigmas, cfg.n_bins, cfg.score_range)
+
+    @property
+    def is_distribution(self) -> bool:
+        return self.config.head != "regression"
+
+    def vit_map(self, x: torch.Tensor) -> torch.Tensor:
+        """ViT tokens (prefix tokens dropped) reshaped to a (B, D, h, w) map."""
+        tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
+        h, w = self.vit.patch_embed.grid_size
+        return tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused multi-scale feature map fed to the patch head."""
+        x = (x - 0.5) / 0.25
+        if self.config.branches == "vit":
+            return self.fuse(self.align[0](self.vit_map(x)))
+        cnn_maps = self.cnn(x)
+        if self.config.branches == "dual":
+            v = self.vit_map(x)
+            maps = [m(v, c) for m, c in zip(self.align, cnn_maps)]
+        else:
+            maps = [m(c) for m, c in zip(self.align, cnn_maps)]
+        grid = min((m.shape[-2], m.shape[-1]) for m in maps)
+        maps = [m if m.shape[-2:] == grid else F.adaptive_avg_pool2d(m, grid) for m in maps]
+        return self.fuse(torch.cat(maps, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(self.features(x))
+        if self.is_distribution:
+            return out.reshape(x.shape[0], self.n_heads, self.config.n_bins)
+        return out
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(score, score_low, score_high), each (B,); the interval is the 5th-95th percentile
+        of the predicted mixture, read at ``interval_temperature`` (regression heads give a
+        zero-width interval)."""
+        out = self.forward(x)
+        return self.readout_outputs(out)
+
+    def readout_outputs(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Turn raw outputs into (score, low, high) on CPU."""
+        lo, hi = self.config.score_range
+        if not self.is_distribution:
+            s = out[:, 0].float().cpu().clamp(lo, hi)
+            return s, s.clone(), s.clone()
+        probs = torch.softmax(out.float(), dim=-1)
+        score = self.readout.score(probs).cpu().clamp(lo, hi)
+        t = float(self.config.interval_temperature)
+        pct = self.readout.percentiles(probs if t == 1.0 else torch.softmax(out.float() / t, dim=-1))
+        return score, torch.minimum(pct[:, 0], score), torch.maximum(pct[:, 1], score)
+
+
+def build_model(config: MDIQAConfig | dict | None = None) -> MDIQA:
+    """An MDIQA from a config object or dict (None -> default)."""
+    if isinstance(config, dict):
+        config = MDIQAConfig.from_dict(config)
+    return MDIQA(config)

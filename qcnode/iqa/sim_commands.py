@@ -1,0 +1,107 @@
+"""``qcnode simulate``: low-dose CT training data with synthetic reader labels (LDCTIQAC2023 layout).
+
+torch is imported only when the command runs (the CLI imports this module at start-up).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SHARED_CT = PROJECT_ROOT.parent / "shared" / "data" / "ct"
+TEST_SERIES = ("philips_head_phantom",)  # whole series held out for the test split
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``simulate`` sub-command."""
+    p = subparsers.add_parser(
+        "simulate", help="simulate low-dose CT training data with synthetic reader labels",
+        description="Insert projection-domain Poisson noise (dose fractions) and reduce views (streaks) in "
+                    "normal-dose slices and procedural phantoms, reconstruct by FBP, label with a synthetic "
+                    "5-reader model; writes OUT/{train,test,unlabeled}/image/*.tif + labels JSON + meta.csv.")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--size", type=int, default=256, help="output matrix (default 256; 512 sources are 2x2 averaged)")
+    p.add_argument("--doses", type=_floats, default=[1.0, 0.5, 0.25, 0.1],
+                   help="dose fractions, comma-separated (default 1,0.5,0.25,0.1)")
+    p.add_argument("--views", type=_ints, default=[720, 360, 180],
+                   help="view counts over 180 degrees, at most 720 (default 720,360,180)")
+    p.add_argument("--train-phantoms", type=int, default=156, help="procedural phantoms in train (default 156)")
+    p.add_argument("--test-phantoms", type=int, default=40, help="procedural phantoms in test (default 40)")
+    p.add_argument("--unlabeled-phantoms", type=int, default=100,
+                   help="procedural phantoms in unlabeled, 3 random dose/view variants each (default 100)")
+    p.add_argument("--sources", type=Path, nargs="*", default=None,
+                   help="folders/files of normal-dose CT for the train split (default: ../shared/data/ct "
+                        "GE head + pydicom CT_small; the Philips head phantom series goes to test)")
+    p.add_argument("--test-sources", type=Path, nargs="*", default=None,
+                   help="folders/files of normal-dose CT for the test split (with --sources)")
+    p.add_argument("--no-real", action="store_true", help="phantoms only")
+    p.add_argument("--seed", type=int, default=0, help="seed for phantoms, noise and reader jitter (default 0)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty output folder")
+    p.set_defaults(func=run_simulate)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    """Plan and run the simulation; prints progress on stderr and a summary on stdout."""
+    out: Path = args.out
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        print(f"qcnode simulate: {out} is not empty (use --overwrite)", file=sys.stderr)
+        return 2
+    if args.size < 32:
+        print("qcnode simulate: --size must be at least 32", file=sys.stderr)
+        return 2
+    if min(args.train_phantoms, args.test_phantoms, args.unlabeled_phantoms) < 0:
+        print("qcnode simulate: phantom counts must be >= 0", file=sys.stderr)
+        return 2
+    from qcnode.iqa import simulate  # imports torch
+
+    real_train: list = []
+    real_test: list = []
+    if not args.no_real:
+        if args.sources is not None:
+            missing = [str(s) for s in [*args.sources, *(args.test_sources or [])] if not s.exists()]
+            if missing:
+                print(f"qcnode simulate: source not found: {', '.join(missing)}", file=sys.stderr)
+                return 2
+            real_train = simulate.real_sources_from_dirs(args.sources)
+            real_test = simulate.real_sources_from_dirs(args.test_sources or [])
+        else:
+            if not DEFAULT_SHARED_CT.is_dir():
+                print(f"qcnode simulate: {DEFAULT_SHARED_CT} not found; using pydicom's CT_small only",
+                      file=sys.stderr)
+            for src in simulate.default_real_sources(DEFAULT_SHARED_CT):
+                (real_test if src[1] in TEST_SERIES else real_train).append(src)
+    try:
+        splits = simulate.plan(doses=args.doses, views=args.views, train_phantoms=args.train_phantoms,
+                               test_phantoms=args.test_phantoms, unlabeled_phantoms=args.unlabeled_phantoms,
+                               seed=args.seed, real_train=real_train, real_test=real_test)
+    except ValueError as exc:
+        print(f"qcnode simulate: {exc}", file=sys.stderr)
+        return 2
+    for split, specs in splits.items():
+        n_img = sum(len(s.variants) for s in specs)
+        n_real = sum(s.kind == "real" for s in specs)
+        print(f"simulate: {split}: {len(specs)} sources ({n_real} real slices), {n_img} images", file=sys.stderr)
+    start = time.monotonic()
+    params = {"seed": args.seed, "doses": args.doses, "views": args.views,
+              "command": "qcnode " + " ".join(sys.argv[1:]) if sys.argv else "qcnode simulate"}
+    counts = simulate.run(out, splits, size=args.size, workers=args.workers, params=params)
+    print(f"simulated {sum(counts.values())} images into {out} in {time.monotonic() - start:.0f} s: "
+          + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return 0

@@ -1,0 +1,493 @@
+"""Low-dose CT simulation with a synthetic reader model (``qcnode simulate``).
+
+Pipeline per source slice (a real normal-dose slice or a procedural phantom, see phantoms.py):
+
+1. Resample to the output matrix (default 256x256). A 512x512 slice is area-averaged 2x2
+   (other sizes: linear resampling with anti-aliasing); the pixel size scales accordingly.
+   Non-square images are padded with air. HU below -1000 (outside the scan circle) become air.
+2. Attenuation ``mu = mu_water (1 + HU/1000)`` (mu_water = 0.0192/mm, ~70 keV effective),
+   forward-projected once at the full view count (720 parallel-beam views over 180 degrees,
+   ``ct_projector.forward_project``), giving line integrals ``p``.
+3. Dose fraction ``f`` (per-view tube current relative to full dose): detector counts
+   ``N ~ Poisson(I0 f exp(-p)) + Normal(0, sigma_e^2)`` (electronic-noise floor), clipped at 1
+   count, ``p_f = -ln(N / (I0 f))``. I0 is per anatomy (head protocols use more mAs).
+   Phantoms are noiseless, so they get the full noise ``p_f``. Real slices already carry
+   full-dose noise, so only the difference is inserted: ``p + k (p_f - p)`` with
+   ``k = sqrt(1 - var_1 / var_f)`` per detector bin (var_f: the variance of ``p_f`` at dose f);
+   at f = 1 nothing is added.
+4. View reduction: every (720/V)-th view is kept (V = 720/360/180). The tube current per view is
+   unchanged, so fewer views also means less dose (``relative_dose = f V / 720``) and streaks.
+5. FBP (Shepp-Logan filter) back to ``mu`` and HU.
+
+Synthetic reader model (labels are synthetic; this is the whole definition):
+
+- Two physical measures per image, both in HU, against noiseless references from the same
+  projector. ``noise_hu``: the standard deviation of (image - noiseless image at the same views)
+  over soft tissue (local mean -20..150 HU inside the patient; the whole patient if that is too
+  small); for real slices the slice's own full-dose noise is added in quadrature, taken as the
+  noise of a simulated f = 1 realisation. ``streak_index``: the RMS over the patient of
+  (noiseless image at V views - noiseless image at 720 views), i.e. the deterministic,
+  directional view-aliasing residual after removing the random noise.
+- R = 5 readers, each with a noise tolerance ``t_n`` (HU) and a noise step ``g_n`` (the noise
+  ratio that costs one score step: perception of noise is roughly logarithmic, Weber-like), a
+  streak tolerance ``t_s`` and step ``g_s``, a bias and a per-image jitter (sd, score steps);
+  see ``READERS``. Head images are judged on ``noise_hu x 1.6`` (brain grey/white contrast is
+  a few HU, so the same noise is more disturbing than in the abdomen).
+  Excess ``e_n = ln(max(noise, t_n) / t_n) / ln(g_n)``, ``e_s = ln(max(streak, t_s) / t_s) / ln(g_s)``;
+  reader score = clip(round(4 + bias - sqrt(e_n^2 + e_s^2) + jitter), 0, 4), an integer like a
+  radiologist's 0-4 grade.
+- Label = mean over the 5 readers, rounded to 0.2 and clipped to [0, 4] (LDCTIQAC2023 style).
+  The expected label is monotone (non-increasing) as dose or views fall, because both measures
+  grow and the score is a non-increasing function of both.
+
+Output (LDCTIQAC2023 layout): OUT/{train,test}/image/NNNN.tif (float32 HU) + OUT/train/train.json /
+OUT/test/test.json ({file name: label}) + meta.csv; OUT/unlabeled/image/*.tif + meta.csv (no labels);
+OUT/simulation.json records every parameter. Splits are by anatomy object: no real slice or
+phantom seed appears in two splits.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from qcnode.iqa import ct_projector
+from qcnode.iqa.phantoms import make_phantom
+from qcnode.iqa.physics import patient_mask
+
+MU_WATER_PER_MM = 0.0192
+FULL_VIEWS = 720
+FBP_FILTER = "shepp-logan"
+I0_BY_ANATOMY = {"head": 2.0e6, "body": 6.0e5}  # unattenuated counts per detector bin and view at f = 1
+ELECTRONIC_NOISE_COUNTS = 10.0
+HEAD_NOISE_WEIGHT = 1.6
+SPLIT_CODES = {"train": 1, "test": 2, "unlabeled": 3}
+READER_COLUMNS = [f"reader_{i}" for i in range(1, 6)]
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One simulated radiologist (see the module docstring)."""
+    noise_tolerance_hu: float  # noise below this is not seen
+    noise_step: float  # noise ratio that costs one score step (Weber-like)
+    streak_tolerance_hu: float
+    streak_step: float
+    bias: float  # leniency, score steps
+    jitter: float  # per-image inconsistency, sd in score steps
+
+
+READERS: tuple[Reader, ...] = (
+    Reader(8.0, 1.50, 2.0, 1.60, 0.0, 0.35),
+    Reader(7.0, 1.45, 1.6, 1.55, -0.2, 0.30),
+    Reader(9.5, 1.55, 2.5, 1.70, 0.2, 0.40),
+    Reader(7.5, 1.60, 1.8, 1.60, 0.1, 0.30),
+    Reader(8.5, 1.40, 2.2, 1.50, -0.1, 0.45),
+)
+
+
+@dataclass
+class SourceSpec:
+    """One anatomy object to simulate: a real slice (path) or a phantom (seed)."""
+    source_id: str
+    kind: str  # "real" | "phantom"
+    anatomy: str  # "head" | "body"
+    series: str
+    split: str
+    path: str | None = None
+    seed: int | None = None
+    variants: list[tuple[float, int]] = field(default_factory=list)  # (dose_fraction, views)
+    first_index: int = 0  # file number of the first variant in its split
+
+
+@dataclass
+class SourceImage:
+    """A source slice resampled to the output matrix."""
+    hu: np.ndarray
+    pixel_spacing_mm: float
+    region: str = ""
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+def resample_square(hu: np.ndarray, spacing_mm: float | None, size: int) -> tuple[np.ndarray, float]:
+    """Pad to square with air and resample to ``size`` (2x2 area average for 512 -> 256)."""
+    img = np.asarray(hu, dtype=np.float32)
+    img = np.maximum(img, -1000.0)
+    h, w = img.shape
+    if h != w:
+        n = max(h, w)
+        img = np.pad(img, [((n - h) // 2, n - h - (n - h) // 2), ((n - w) // 2, n - w - (n - w) // 2)],
+                     constant_values=-1000.0)
+    n = img.shape[0]
+    spacing = float(spacing_mm) if spacing_mm else 500.0 / n
+    if n == size:
+        return img, spacing
+    if n % size == 0:
+        k = n // size
+        out = img.reshape(size, k, size, k).mean(axis=(1, 3))
+    else:
+        from skimage.transform import resize
+        out = resize(img, (size, size), order=1, anti_aliasing=n > size, preserve_range=True)
+    return out.astype(np.float32), spacing * n / size
+
+
+def load_source(spec: SourceSpec, size: int) -> SourceImage:
+    """The HU image of a source, resampled to ``size``."""
+    if spec.kind == "phantom":
+        ph = make_phantom(spec.anatomy, int(spec.seed), size)
+        return SourceImage(ph.hu, ph.pixel_spacing_mm, ph.region)
+    from qcnode.dicom.pixels import load_slices
+    sl = load_slices(spec.path)[0]
+    spacing = sl.pixel_spacing_mm[0] if sl.pixel_spacing_mm else None
+    hu, px = resample_square(sl.hu, spacing, size)
+    return SourceImage(hu, px, "real")
+
+
+def default_real_sources(shared_ct: Path | None) -> list[tuple[str, str, str, str]]:
+    """(source_id, series, anatomy, path) of the default real slices (localizers skipped)."""
+    from qcnode.dicom.pixels import UnreadableFile, read_dataset, skip_reason
+    out: list[tuple[str, str, str, str]] = []
+    files: list[tuple[str, Path]] = []
+    if shared_ct is not None and shared_ct.is_dir():
+        for series_dir in sorted(p for p in shared_ct.iterdir() if p.is_dir()):
+            files += [(series_dir.name, f) for f in sorted(series_dir.glob("*.dcm"))]
+    try:
+        from pydicom.data import get_testdata_file
+        ct_small = get_testdata_file("CT_small.dcm")
+        if ct_small:
+            files.append(("pydicom_ct_small", Path(ct_small)))
+    except Exception:  # noqa: BLE001 - pydicom test data is optional
+        pass
+    for series, f in files:
+        try:
+            ds = read_dataset(f)
+        except UnreadableFile:
+            continue
+        if skip_reason(ds):
+            continue
+        out.append((f"real:{series}/{f.stem}", series, "head" if "head" in series else "body", str(f)))
+    return out
+
+
+def real_sources_from_dirs(dirs: Sequence[Path]) -> list[tuple[str, str, str, str]]:
+    """(source_id, series, anatomy, path) for every scorable slice under user-given folders."""
+    from qcnode.dicom.pixels import UnreadableFile, read_dataset, skip_reason
+    out = []
+    for d in dirs:
+        d = Path(d)
+        paths = [d] if d.is_file() else sorted(p for p in d.rglob("*") if p.is_file())
+        for f in paths:
+            try:
+                ds = read_dataset(f)
+            except UnreadableFile:
+                continue
+            if skip_reason(ds):
+                continue
+            text = " ".join(str(ds.get(k, "")) for k in ("BodyPartExamined", "ProtocolName", "SeriesDescription"))
+            anatomy = "head" if any(w in text.upper() for w in ("HEAD", "BRAIN", "SKULL")) or "head" in str(f).lower() \
+                else "body"
+            series = f.parent.name
+            out.append((f"real:{series}/{f.stem}", series, anatomy, str(f)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ physics
+
+def line_integrals(images_hu: np.ndarray, spacings_mm: Sequence[float], views: int = FULL_VIEWS) -> torch.Tensor:
+    """Noiseless sinograms (B, views, D) of attenuation line integrals (dimensionless)."""
+    mu = np.maximum(MU_WATER_PER_MM * (1.0 + np.asarray(images_hu, dtype=np.float32) / 1000.0), 0.0)
+    mu *= np.asarray(spacings_mm, dtype=np.float32)[:, None, None]  # per-pixel attenuation
+    return ct_projector.forward_project(mu, ct_projector.default_angles(views))
+
+
+def noisy_line_integrals(p: torch.Tensor, i0: float, dose: float, generator: torch.Generator,
+                         electronic_sigma: float = ELECTRONIC_NOISE_COUNTS) -> torch.Tensor:
+    """Line integrals from Poisson counts at I0*dose*exp(-p) plus Gaussian electronic noise."""
+    expected = (i0 * dose) * torch.exp(-p)
+    counts = torch.poisson(expected, generator=generator)
+    counts += electronic_sigma * torch.randn(p.shape, generator=generator)
+    return -torch.log(torch.clamp(counts, min=1.0) / (i0 * dose))
+
+
+def line_integral_variance(p: torch.Tensor, i0: float, dose: float,
+                           electronic_sigma: float = ELECTRONIC_NOISE_COUNTS) -> torch.Tensor:
+    """First-order variance of the noisy line integral: (q + sigma_e^2) / q^2, q = I0 dose exp(-p)."""
+    q = torch.clamp((i0 * dose) * torch.exp(-p), min=1.0)
+    return (q + electronic_sigma ** 2) / (q * q)
+
+
+def view_indices(views: int, full_views: int = FULL_VIEWS) -> np.ndarray:
+    """Indices of ``views`` evenly spread views out of ``full_views``."""
+    if views <= 0 or views > full_views:
+        raise ValueError(f"views must be in 1..{full_views}, got {views}")
+    return np.unique(np.round(np.arange(views) * (full_views / views)).astype(int))
+
+
+def reconstruct_hu(p: torch.Tensor, views: int, size: int, spacing_mm: float,
+                   full_views: int = FULL_VIEWS) -> torch.Tensor:
+    """FBP of (B, full_views, D) line integrals using ``views`` of the views, in HU (B, size, size)."""
+    idx = view_indices(views, full_views)
+    angles = ct_projector.default_angles(full_views)[idx]
+    mu = ct_projector.fbp(p[:, idx], angles, size, FBP_FILTER) / spacing_mm
+    return 1000.0 * (mu / MU_WATER_PER_MM - 1.0)
+
+
+def soft_tissue_mask(reference_hu: np.ndarray, body: np.ndarray | None = None) -> np.ndarray:
+    """Soft tissue of a noiseless reference: local mean -20..150 HU inside the patient."""
+    body = patient_mask(reference_hu) if body is None else body
+    local = ndimage.uniform_filter(reference_hu.astype(np.float32), 5)
+    tissue = body & (local >= -20) & (local <= 150)
+    if tissue.sum() < 200:
+        tissue = body & (reference_hu > -300) & (reference_hu < 300)
+    if tissue.sum() < 200:
+        tissue = body if body.sum() >= 50 else np.ones_like(body)
+    return tissue
+
+
+def reader_scores(noise_hu: float, streak_index: float, anatomy: str, rng: np.random.Generator,
+                  readers: Sequence[Reader] = READERS) -> list[int]:
+    """Integer 0-4 scores of the simulated readers for one image (see the module docstring)."""
+    seen_noise = noise_hu * (HEAD_NOISE_WEIGHT if anatomy == "head" else 1.0)
+    scores = []
+    for r in readers:
+        en = math.log(max(seen_noise, r.noise_tolerance_hu) / r.noise_tolerance_hu) / math.log(r.noise_step)
+        es = math.log(max(streak_index, r.streak_tolerance_hu) / r.streak_tolerance_hu) / math.log(r.streak_step)
+        q = 4.0 + r.bias - math.hypot(en, es) + r.jitter * float(rng.standard_normal())
+        scores.append(int(min(4, max(0, round(q)))))
+    return scores
+
+
+def mean_label(scores: Sequence[int]) -> float:
+    """Mean reader score rounded to 0.2 and clipped to [0, 4]."""
+    return float(min(4.0, max(0.0, round(float(np.mean(scores)) * 5.0) / 5.0)))
+
+
+# --------------------------------------------------------------------------------------- simulation
+
+def simulate_sources(specs: Sequence[SourceSpec], size: int) -> list[tuple[SourceSpec, int, np.ndarray, dict]]:
+    """Simulate every variant of a batch of sources.
+
+    Returns (spec, variant number, float32 HU image, meta row) for each variant. Sources are
+    forward-projected together (one sinogram each at FULL_VIEWS); all dose/view variants of a
+    source derive from its sinogram.
+    """
+    images = [load_source(s, size) for s in specs]
+    p_all = line_integrals(np.stack([im.hu for im in images]), [im.pixel_spacing_mm for im in images])
+    out = []
+    for b, (spec, im) in enumerate(zip(specs, images)):
+        out += _simulate_one(spec, im, p_all[b:b + 1], size)
+    return out
+
+
+def _simulate_one(spec: SourceSpec, im: SourceImage, p: torch.Tensor,
+                  size: int) -> list[tuple[SourceSpec, int, np.ndarray, dict]]:
+    # Noise and reader jitter are reproducible per object (str hash() is salted, so ids are hashed by hand).
+    entropy = [int(spec.seed)] if spec.kind == "phantom" else [ord(c) for c in spec.source_id]
+    seed_seq = np.random.SeedSequence([SPLIT_CODES[spec.split], *entropy])
+    gen = torch.Generator().manual_seed(int(seed_seq.generate_state(1)[0]))
+    rng = np.random.default_rng(seed_seq.spawn(1)[0])
+    i0 = I0_BY_ANATOMY[spec.anatomy]
+    real = spec.kind == "real"
+    doses = sorted({d for d, _ in spec.variants}, reverse=True)
+    noisy: dict[float, torch.Tensor] = {}
+    for d in doses:
+        pf = noisy_line_integrals(p, i0, d, gen)
+        if real:
+            k = torch.sqrt(torch.clamp(1.0 - line_integral_variance(p, i0, 1.0) / line_integral_variance(p, i0, d),
+                                       min=0.0))
+            pf = p + k * (pf - p)
+        noisy[d] = pf
+    base = noisy_line_integrals(p, i0, 1.0, gen) if real else None
+    view_set = sorted({v for _, v in spec.variants}, reverse=True)
+    if FULL_VIEWS in view_set:  # the noiseless full-view image comes with that view count's batch
+        ref_full = None
+    else:
+        ref_full = reconstruct_hu(p, FULL_VIEWS, size, im.pixel_spacing_mm)[0].numpy()
+        body = patient_mask(ref_full)
+        tissue = soft_tissue_mask(ref_full, body)
+    recon: dict[tuple[float, int], np.ndarray] = {}
+    measures: dict[tuple[float, int], tuple[float, float]] = {}
+    for v in view_set:
+        ds = [d for d in doses if (d, v) in spec.variants]
+        stack = [p] + [noisy[d] for d in ds] + ([base] if real else [])
+        hu = reconstruct_hu(torch.cat(stack), v, size, im.pixel_spacing_mm).numpy()
+        ref_v = hu[0]
+        if ref_full is None:
+            ref_full = ref_v
+            body = patient_mask(ref_full)
+            tissue = soft_tissue_mask(ref_full, body)
+        streak = float(np.sqrt(np.mean((ref_v[body] - ref_full[body]) ** 2))) if body.any() else 0.0
+        base_noise = float(np.std((hu[-1] - ref_v)[tissue])) if real else 0.0
+        for j, d in enumerate(ds):
+            img = hu[1 + j]
+            added = float(np.std((img - ref_v)[tissue]))
+            recon[(d, v)] = img
+            measures[(d, v)] = (math.hypot(added, base_noise), streak)
+    rows = []
+    for n, (d, v) in enumerate(spec.variants):
+        noise_hu, streak = measures[(d, v)]
+        row: dict[str, Any] = {
+            "split": spec.split, "source_id": spec.source_id, "series": spec.series, "source_kind": spec.kind,
+            "anatomy": spec.anatomy, "region": im.region, "dose_fraction": round(float(d), 4), "views": int(v),
+            "relative_dose": round(float(d) * v / FULL_VIEWS, 4), "noise_hu": round(noise_hu, 3),
+            "streak_index": round(streak, 3), "pixel_spacing_mm": round(im.pixel_spacing_mm, 4),
+            "seed": "" if spec.seed is None else int(spec.seed),
+        }
+        if spec.split != "unlabeled":
+            scores = reader_scores(noise_hu, streak, spec.anatomy, rng)
+            row["label"] = mean_label(scores)
+            row.update({c: s for c, s in zip(READER_COLUMNS, scores)})
+        rows.append((spec, n, recon[(d, v)].astype(np.float32), row))
+    return rows
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _run_batch(specs: list[SourceSpec], size: int, out_dir: str, width: int) -> list[dict]:
+    import tifffile
+    rows = []
+    for spec, n, img, row in simulate_sources(specs, size):
+        name = f"{spec.first_index + n:0{width}d}.tif"
+        tifffile.imwrite(os.path.join(out_dir, spec.split, "image", name), img)
+        rows.append({"file": name, **row})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, test_phantoms: int,
+         unlabeled_phantoms: int, unlabeled_variants: int = 3, seed: int = 0,
+         real_train: Iterable[tuple[str, str, str, str]] = (), real_test: Iterable[tuple[str, str, str, str]] = (),
+         ) -> dict[str, list[SourceSpec]]:
+    """The sources of each split with their variants and file numbers (deterministic for a seed).
+
+    Phantom seeds are drawn from one SeedSequence stream per split, so train, test and unlabeled
+    phantoms never share a seed. Phantoms alternate head/body.
+    """
+    doses = sorted({float(d) for d in doses}, reverse=True)
+    views = sorted({int(v) for v in views}, reverse=True)
+    if not doses or any(not (0 < d <= 1) for d in doses):
+        raise ValueError(f"dose fractions must be in (0, 1], got {doses}")
+    if not views or any(not (0 < v <= FULL_VIEWS) for v in views):
+        raise ValueError(f"views must be in 1..{FULL_VIEWS}, got {views}")
+    grid = [(d, v) for v in views for d in doses]
+    splits: dict[str, list[SourceSpec]] = {"train": [], "test": [], "unlabeled": []}
+    for sid, series, anatomy, path in real_train:
+        splits["train"].append(SourceSpec(sid, "real", anatomy, series, "train", path=path, variants=list(grid)))
+    for sid, series, anatomy, path in real_test:
+        splits["test"].append(SourceSpec(sid, "real", anatomy, series, "test", path=path, variants=list(grid)))
+    counts = {"train": train_phantoms, "test": test_phantoms, "unlabeled": unlabeled_phantoms}
+    used_seeds: set[int] = set()
+    for split, count in counts.items():
+        seeds = np.random.SeedSequence([seed, SPLIT_CODES[split]]).generate_state(count, dtype=np.uint32)
+        var_rng = np.random.default_rng([seed, SPLIT_CODES[split], 7])
+        for i, s in enumerate(seeds):
+            s = int(s)
+            while s in used_seeds:  # vanishingly rare; keeps objects disjoint across splits regardless
+                s = (s + 1) % (2 ** 32)
+            used_seeds.add(s)
+            anatomy = "head" if i % 2 == 0 else "body"
+            if split == "unlabeled":
+                lo = math.log(min(doses))
+                variants = [(round(float(math.exp(var_rng.uniform(lo, 0.0))), 4), int(var_rng.choice(views)))
+                            for _ in range(unlabeled_variants)]
+                variants = list(dict.fromkeys(variants))
+            else:
+                variants = list(grid)
+            splits[split].append(SourceSpec(f"phantom:{anatomy}:{s}", "phantom", anatomy, f"phantom_{anatomy}", split,
+                                            seed=s, variants=variants))
+    for specs in splits.values():
+        index = 0
+        for spec in specs:
+            spec.first_index = index
+            index += len(spec.variants)
+    return splits
+
+
+META_COLUMNS = ["file", "split", "source_id", "series", "source_kind", "anatomy", "region", "dose_fraction",
+                "views", "relative_dose", "noise_hu", "streak_index", "label", *READER_COLUMNS,
+                "pixel_spacing_mm", "seed"]
+
+
+def run(out_dir: Path, splits: dict[str, list[SourceSpec]], size: int = 256, workers: int = 1,
+        batch: int = 4, progress: Callable[[str], None] | None = None, params: dict | None = None) -> dict[str, int]:
+    """Simulate every split into ``out_dir`` (LDCTIQAC2023 layout); returns images per split."""
+    say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out_dir = Path(out_dir)
+    for split, specs in splits.items():
+        if specs:
+            (out_dir / split / "image").mkdir(parents=True, exist_ok=True)
+    total_images = sum(len(s.variants) for specs in splits.values() for s in specs)
+    total_sources = sum(len(specs) for specs in splits.values())
+    widths = {split: max(4, len(str(max(1, sum(len(s.variants) for s in specs)) - 1)))
+              for split, specs in splits.items()}
+    jobs = []
+    for split, specs in splits.items():
+        for i in range(0, len(specs), batch):
+            jobs.append(specs[i:i + batch])
+    rows: dict[str, list[dict]] = {split: [] for split in splits}
+    start = time.monotonic()
+    done_sources = done_images = 0
+
+    def record(result: list[dict], n_sources: int) -> None:
+        nonlocal done_sources, done_images
+        for r in result:
+            rows[r["split"]].append(r)
+        done_sources += n_sources
+        done_images += len(result)
+        elapsed = time.monotonic() - start
+        eta = elapsed / done_images * (total_images - done_images) if done_images else float("nan")
+        say(f"simulate: {done_sources}/{total_sources} sources, {done_images}/{total_images} images, "
+            f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s")
+
+    if workers <= 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for job in jobs:
+                record(_run_batch(job, size, str(out_dir), widths[job[0].split]), len(job))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+            futures = {pool.submit(_run_batch, job, size, str(out_dir), widths[job[0].split]): len(job)
+                       for job in jobs}
+            for fut in as_completed(futures):
+                record(fut.result(), futures[fut])
+    counts = {}
+    for split, split_rows in rows.items():
+        if not splits[split]:
+            continue
+        split_rows.sort(key=lambda r: r["file"])
+        with open(out_dir / split / "meta.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=META_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in split_rows:
+                w.writerow({k: r.get(k, "") for k in META_COLUMNS})
+        if split != "unlabeled":
+            labels = {r["file"]: r["label"] for r in split_rows}
+            (out_dir / split / f"{split}.json").write_text(json.dumps(labels, indent=1) + "\n")
+        counts[split] = len(split_rows)
+    record_params = {
+        "full_views": FULL_VIEWS, "fbp_filter": FBP_FILTER, "mu_water_per_mm": MU_WATER_PER_MM,
+        "i0_by_anatomy": I0_BY_ANATOMY, "electronic_noise_counts": ELECTRONIC_NOISE_COUNTS,
+        "head_noise_weight": HEAD_NOISE_WEIGHT, "readers": [asdict(r) for r in READERS], "size": size,
+        "images": counts, "seconds": round(time.monotonic() - start, 1), **(params or {}),
+    }
+    (out_dir / "simulation.json").write_text(json.dumps(record_params, indent=1) + "\n")
+    return counts

@@ -1,0 +1,187 @@
+"""Outbox: durable delivery of SRs (and series forwarded by verdict) to configured destinations.
+
+``enqueue`` adds one ``deliveries`` row per destination and payload kind in the caller's
+transaction (the worker commits it with the result). ``OutboxSender.run_once`` claims due rows
+with a lease (``qcnode.db.queue.claim_rows``: FOR UPDATE SKIP LOCKED on PostgreSQL, BEGIN
+IMMEDIATE on SQLite), sends them with the C-STORE SCU and records the outcome: ``delivered``,
+or back to ``pending`` with exponential back-off, or ``dead`` after ``outbox.max_attempts``.
+Status lives in SQL: ``SELECT destination, kind, status, attempts, last_error FROM deliveries``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import and_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from qcnode.config import Config, Destination
+from qcnode.db.models import Delivery, Instance, SeriesResult, utcnow
+from qcnode.db.queue import claim_rows
+from qcnode.dicom.scu import DeliveryError, send_datasets
+from qcnode.log import get_logger
+
+log = get_logger(__name__)
+
+KIND_SR = "sr"
+KIND_SERIES = "series"
+SENDING = "sending"
+
+
+def payload_kinds(destination: Destination, verdict: str) -> list[str]:
+    """Payload kinds a destination gets for a result with ``verdict`` (by its ``send`` rules)."""
+    kinds = []
+    if KIND_SR in destination.send:
+        kinds.append(KIND_SR)
+    if KIND_SERIES in destination.send or f"{KIND_SERIES}:{verdict}" in destination.send:
+        kinds.append(KIND_SERIES)
+    return kinds
+
+
+def enqueue(session: Session, series_result: SeriesResult, cfg: Config) -> list[Delivery]:
+    """Add the deliveries of ``series_result`` (idempotent; the caller commits).
+
+    Returns every delivery of the result for the configured destinations, old and new.
+    """
+    if series_result.id is None:
+        session.flush()
+    existing = {(d.destination, d.kind): d for d in session.scalars(
+        select(Delivery).where(Delivery.series_result_id == series_result.id))}
+    out: list[Delivery] = []
+    for dest in cfg.destinations:
+        for kind in payload_kinds(dest, series_result.verdict):
+            row = existing.get((dest.name, kind))
+            if row is None:
+                row = Delivery(series_result_id=series_result.id, destination=dest.name, kind=kind,
+                               status="pending", attempts=0, next_attempt_at=utcnow())
+                try:
+                    with session.begin_nested():
+                        session.add(row)
+                except IntegrityError:  # enqueued concurrently
+                    row = session.scalars(select(Delivery).where(
+                        Delivery.series_result_id == series_result.id,
+                        Delivery.destination == dest.name, Delivery.kind == kind)).one()
+            out.append(row)
+    return out
+
+
+def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
+    """Delay before the next try after ``attempts`` failed tries: initial * 2**(attempts-1), capped."""
+    return float(min(initial * 2 ** max(attempts - 1, 0), maximum))
+
+
+class OutboxSender:
+    """Sends due deliveries; ``run_once`` is called in a loop by ``qcnode serve``."""
+
+    def __init__(self, cfg: Config, session_factory: Callable[[], Session], owner: str):
+        self.cfg = cfg
+        self.session_factory = session_factory
+        self.owner = owner
+        self.spool_dir = cfg.path(cfg.storage.spool_dir)
+        self.destinations = {d.name: d for d in cfg.destinations}
+
+    # -- claiming ---------------------------------------------------------------------------
+    def _claim(self) -> tuple[int, str, str, int, int] | None:
+        """Claim one due delivery; returns (id, destination, kind, series_result_id, attempts)."""
+        with self.session_factory() as session:
+            now = utcnow()
+            rows = claim_rows(session, Delivery, self.owner, self.cfg.outbox.lease_seconds, now=now,
+                              due=and_(Delivery.status == "pending", Delivery.next_attempt_at <= now),
+                              running_status=SENDING,
+                              order_by=(Delivery.next_attempt_at, Delivery.id))
+            if not rows:
+                session.commit()
+                return None
+            d = rows[0]
+            claimed = (d.id, d.destination, d.kind, d.series_result_id, d.attempts)
+            session.commit()
+            return claimed
+
+    # -- payloads ---------------------------------------------------------------------------
+    def _payload(self, session: Session, kind: str, series_result_id: int) -> list[Path]:
+        result = session.get(SeriesResult, series_result_id)
+        if result is None:
+            raise DeliveryError(f"series result {series_result_id} no longer exists")
+        if kind == KIND_SR:
+            if not result.sr_path:
+                raise DeliveryError(f"series result {series_result_id} has no SR file yet")
+            return [self.spool_dir / result.sr_path]
+        if kind == KIND_SERIES:
+            rows = session.scalars(select(Instance.spool_path).where(Instance.series_id == result.series_id)
+                                   .order_by(Instance.instance_number, Instance.id)).all()
+            if not rows:
+                raise DeliveryError(f"series of result {series_result_id} has no stored instances")
+            return [self.spool_dir / p for p in rows]
+        raise DeliveryError(f"unknown delivery kind {kind!r}")
+
+    # -- one delivery -----------------------------------------------------------------------
+    def _finish(self, delivery_id: int, error: str | None, dead: bool = False) -> dict[str, Any]:
+        """Record the outcome if we still hold the lease; returns fields for the log line."""
+        with self.session_factory() as session:
+            d = session.get(Delivery, delivery_id)
+            if d is None or d.lease_owner != self.owner or d.status != SENDING:
+                session.commit()
+                return {"outcome": "lease_lost"}
+            d.lease_owner = None
+            d.lease_expires_at = None
+            if error is None:
+                d.status = "delivered"
+                d.delivered_at = utcnow()
+                d.last_error = None
+                info: dict[str, Any] = {"outcome": "delivered"}
+            else:
+                d.last_error = error[:4000]
+                if dead or d.attempts >= self.cfg.outbox.max_attempts:
+                    d.status = "dead"
+                    info = {"outcome": "dead"}
+                else:
+                    delay = backoff_seconds(d.attempts, self.cfg.outbox.backoff_initial_seconds,
+                                            self.cfg.outbox.backoff_max_seconds)
+                    d.status = "pending"
+                    d.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
+                    info = {"outcome": "retry", "retry_in_s": round(delay, 3)}
+            session.commit()
+            return info
+
+    def _deliver(self, claimed: tuple[int, str, str, int, int]) -> str:
+        delivery_id, dest_name, kind, series_result_id, attempts = claimed
+        fields = {"delivery_id": delivery_id, "destination": dest_name, "kind": kind,
+                  "series_result_id": series_result_id, "attempt": attempts}
+        dest = self.destinations.get(dest_name)
+        error: str | None = None
+        dead = False
+        n = 0
+        if dest is None:
+            error, dead = f"destination {dest_name!r} is no longer configured", True
+        elif attempts > self.cfg.outbox.max_attempts:  # lease expired again and again
+            error, dead = f"gave up after {attempts - 1} attempts (sender kept dying)", True
+        else:
+            try:
+                with self.session_factory() as session:
+                    paths = self._payload(session, kind, series_result_id)
+                n = len(paths)
+                send_datasets(dest, paths, self.cfg.node.ae_title, self.cfg.outbox.send_timeout_seconds,
+                              base_dir=self.cfg.base_dir)
+            except DeliveryError as exc:
+                error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - any failure is recorded, never lost
+                error = f"{type(exc).__name__}: {exc}"
+        info = self._finish(delivery_id, error, dead)
+        if error is None:
+            log.info("delivery_attempt", **fields, instances=n, **info)
+        else:
+            log.warning("delivery_attempt", **fields, error=error, **info)
+        return info["outcome"]
+
+    def run_once(self) -> int:
+        """Send up to ``outbox.batch_size`` due deliveries; returns how many were attempted."""
+        done = 0
+        while done < max(1, self.cfg.outbox.batch_size):
+            claimed = self._claim()
+            if claimed is None:
+                break
+            self._deliver(claimed)
+            done += 1
+        return done

@@ -1,0 +1,151 @@
+"""CLI commands of the daemon: ``serve``, ``status``, ``db upgrade``, ``db current``."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from qcnode.config import load_config
+
+
+def register(subparsers: Any) -> None:
+    """Add serve / status / db to the ``qcnode`` parser."""
+    p = subparsers.add_parser("serve", help="run the DICOM node (SCP, tracker, worker, outbox, audit)")
+    p.add_argument("--config", help="config.toml (default: the project's config.toml)")
+    p.add_argument("--no-worker", action="store_true", help="receive only (no scoring/outbox/audit here)")
+    p.add_argument("--no-scp", action="store_true", help="do not listen for DICOM (worker node)")
+    p.add_argument("--worker-only", action="store_true", help="same as --no-scp")
+    p.set_defaults(func=_cmd_serve)
+
+    p = subparsers.add_parser("status", help="queue depths, last errors, dead letters, disk")
+    p.add_argument("--config")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_status)
+
+    p = subparsers.add_parser("db", help="database schema (Alembic)")
+    dbsub = p.add_subparsers(dest="db_command", metavar="DB_COMMAND")
+    up = dbsub.add_parser("upgrade", help="apply the migrations")
+    up.add_argument("--config")
+    up.add_argument("--revision", default="head")
+    up.set_defaults(func=_cmd_db_upgrade)
+    cur = dbsub.add_parser("current", help="print the current revision")
+    cur.add_argument("--config")
+    cur.set_defaults(func=_cmd_db_current)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from qcnode.service.daemon import serve
+    cfg = load_config(args.config)
+    run_scp = not (args.no_scp or args.worker_only)
+    run_worker = False if args.no_worker else None
+    if not run_scp and args.no_worker:
+        raise SystemExit("qcnode serve: --no-scp and --no-worker leave nothing to run")
+    return serve(cfg, run_scp=run_scp, run_worker=run_worker)
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from qcnode.service.daemon import current_revision, migrate
+    cfg = load_config(args.config)
+    migrate(cfg.database_url, args.revision)
+    print(f"database at revision {current_revision(cfg.database_url)}")
+    return 0
+
+
+def _cmd_db_current(args: argparse.Namespace) -> int:
+    from qcnode.service.daemon import current_revision, head_revision
+    cfg = load_config(args.config)
+    rev = current_revision(cfg.database_url)
+    head = head_revision()
+    print(f"{rev or '(none)'}{' (head)' if rev == head else f' (head is {head})'}")
+    return 0
+
+
+def collect_status(cfg: Any) -> dict[str, Any]:
+    """Queue depths, last errors, dead letters, quarantine, model and disk, as a dict."""
+    from sqlalchemy import func, select
+
+    from qcnode.db.engine import make_engine, session_factory
+    from qcnode.db.models import Delivery, Job, QuarantineRecord, Series, SeriesResult
+    from qcnode.dicom.spool import free_disk_mb
+    from qcnode.service.daemon import current_revision, head_revision
+
+    url = cfg.database_url
+    rev = current_revision(url)
+    out: dict[str, Any] = {"database": make_engine_url_safe(url), "revision": rev, "head": head_revision()}
+    spool_dir = cfg.path(cfg.storage.spool_dir)
+    out["disk_free_mb"] = round(free_disk_mb(spool_dir), 1)
+    out["min_free_disk_mb"] = cfg.storage.min_free_disk_mb
+    ckpt = cfg.path(cfg.model.checkpoint)
+    out["model"] = {"checkpoint": str(ckpt), "present": ckpt.is_file()}
+    if rev is None:
+        out["error"] = "database not migrated: run `qcnode db upgrade`"
+        return out
+    engine = make_engine(url)
+    try:
+        with session_factory(engine)() as s:
+            def counts(col: Any) -> dict[str, int]:
+                return {str(k): int(v) for k, v in s.execute(select(col, func.count()).group_by(col)).all()}
+            out["series"] = counts(Series.status)
+            out["jobs"] = counts(Job.status)
+            out["deliveries"] = counts(Delivery.status)
+            out["quarantine"] = int(s.scalar(select(func.count(QuarantineRecord.id))) or 0)
+            out["last_job_errors"] = [
+                {"job_id": j.id, "series_id": j.series_id, "version": j.series_version, "status": j.status,
+                 "attempts": j.attempts, "error": (j.last_error or "").splitlines()[0][:300]}
+                for j in s.scalars(select(Job).where(Job.last_error.is_not(None), Job.status != "done")
+                                   .order_by(Job.id.desc()).limit(5))]
+            out["dead_letters"] = [
+                {"delivery_id": d.id, "destination": d.destination, "kind": d.kind, "attempts": d.attempts,
+                 "error": (d.last_error or "")[:300]}
+                for d in s.scalars(select(Delivery).where(Delivery.status == "dead")
+                                   .order_by(Delivery.id.desc()).limit(20))]
+            out["last_delivery_errors"] = [
+                {"delivery_id": d.id, "destination": d.destination, "status": d.status, "attempts": d.attempts,
+                 "error": (d.last_error or "")[:300]}
+                for d in s.scalars(select(Delivery).where(Delivery.last_error.is_not(None),
+                                                          Delivery.status == "pending")
+                                   .order_by(Delivery.id.desc()).limit(5))]
+            out["last_quarantine"] = [
+                {"at": str(q.received_at), "status": f"0x{q.status_code:04X}" if q.status_code is not None else None,
+                 "reason": q.reason[:200]}
+                for q in s.scalars(select(QuarantineRecord).order_by(QuarantineRecord.id.desc()).limit(5))]
+            latest = s.scalars(select(SeriesResult).order_by(SeriesResult.id.desc()).limit(1)).first()
+            out["model"]["last_version_used"] = latest.model_version if latest else None
+            out["results"] = int(s.scalar(select(func.count(SeriesResult.id))) or 0)
+    finally:
+        engine.dispose()
+    return out
+
+
+def make_engine_url_safe(url: str) -> str:
+    """The database URL without its password."""
+    from sqlalchemy.engine import make_url
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    st = collect_status(cfg)
+    if args.json:
+        print(json.dumps(st, indent=1, default=str))
+        return 0 if "error" not in st else 1
+    print(f"database   {st['database']}  revision {st['revision']} (head {st['head']})")
+    if "error" in st:
+        print(st["error"])
+        return 1
+    fmt = lambda d: ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"  # noqa: E731
+    print(f"series     {fmt(st['series'])}")
+    print(f"jobs       {fmt(st['jobs'])}")
+    print(f"deliveries {fmt(st['deliveries'])}")
+    print(f"results    {st['results']}   quarantine {st['quarantine']}")
+    print(f"model      {st['model']['checkpoint']} ({'present' if st['model']['present'] else 'MISSING'}),"
+          f" last used version {st['model'].get('last_version_used')}")
+    print(f"disk free  {st['disk_free_mb']} MiB (watermark {st['min_free_disk_mb']} MiB)")
+    for title, key in (("last job errors", "last_job_errors"), ("dead letters", "dead_letters"),
+                       ("delivery retries", "last_delivery_errors"), ("last quarantined", "last_quarantine")):
+        if st.get(key):
+            print(f"{title}:")
+            for item in st[key]:
+                print("  " + "  ".join(f"{k}={v}" for k, v in item.items()))
+    return 0

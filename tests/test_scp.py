@@ -1,0 +1,186 @@
+"""Storage SCP on a real socket: DCMTK storescu/echoscu and pynetdicom as peers."""
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+from sqlalchemy import func, select, update
+
+from daemon_helpers import copy_series, echoscu, storescu, write_config
+from qcnode.config import load_config
+from qcnode.db.engine import make_engine, session_factory, upgrade
+from qcnode.db.models import Instance, QuarantineRecord, Series
+from qcnode.dicom.scp import StorageSCP
+from qcnode.dicom.spool import Spool
+
+
+@pytest.fixture
+def start_node(tmp_path, port):
+    """start_node(**node_or_storage_overrides) -> (scp, session_factory, cfg); stopped afterwards."""
+    started = []
+
+    def start(node: dict | None = None, storage: dict | None = None):
+        cfg = load_config(write_config(tmp_path, port, extra={"node": node or {}, "storage": storage or {}}))
+        upgrade(cfg.database_url)
+        engine = make_engine(cfg.database_url)
+        sf = session_factory(engine)
+        scp = StorageSCP(cfg, sf, Spool(cfg.path(cfg.storage.spool_dir), cfg.path(cfg.storage.quarantine_dir)))
+        scp.start()
+        started.append((scp, engine))
+        return scp, sf, cfg
+    yield start
+    for scp, engine in started:
+        scp.stop(grace_seconds=2)
+        engine.dispose()
+
+
+def _send(port: int, ds_or_path, calling="PYSCU", contexts=(CTImageStorage,), syntax=None) -> int:
+    ae = AE(ae_title=calling)
+    for cx in contexts:
+        ae.add_requested_context(cx, *([syntax] if syntax else []))
+    assoc = ae.associate("127.0.0.1", port, ae_title="QCNODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds_or_path)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def test_echo_and_store_with_storescu(start_node, port, shared_ct, tmp_path):
+    scp, sf, cfg = start_node()
+    assert echoscu(port).returncode == 0
+    files = copy_series(shared_ct / "philips_head_phantom", tmp_path / "a", n=3)
+    files += copy_series(shared_ct / "philips_head_phantom", tmp_path / "b", pattern="localizer*")
+    res = storescu(port, files)
+    assert res.returncode == 0, res.stderr
+    with sf() as s:
+        rows = s.scalars(select(Instance)).all()
+        assert len(rows) == 4
+        by_uid = {r.sop_instance_uid: r for r in rows}
+        for f in files:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            row = by_uid[ds.SOPInstanceUID]
+            spooled = scp.spool.abspath(row.spool_path)
+            assert spooled.read_bytes()[128:132] == b"DICM"
+            assert stat.S_IMODE(spooled.stat().st_mode) == 0o600
+            assert pydicom.dcmread(spooled).SOPInstanceUID == ds.SOPInstanceUID
+            assert row.calling_ae == "STORESCU" and row.source_ip == "127.0.0.1"
+        localizer = [r for r in rows if not r.scorable]
+        assert len(localizer) == 1 and "localizer" in localizer[0].skip_reason
+        assert all(r.ctdivol_mgy is not None for r in rows if r.scorable)
+        series = s.scalars(select(Series)).all()
+        assert sorted(x.instance_count for x in series) == [1, 3]
+        assert all(x.status == "receiving" for x in series)
+        # an exact resend changes nothing (the series is not reopened)
+        s.execute(update(Series).values(status="scored"))
+        s.commit()
+    assert storescu(port, files[:1]).returncode == 0
+    with sf() as s:
+        assert s.scalar(select(func.count(Instance.id))) == 4
+        assert {x.status for x in s.scalars(select(Series))} == {"scored"}
+    # a changed instance with the same SOP Instance UID replaces the file and reopens the series
+    ds = pydicom.dcmread(files[0])
+    ds.InstanceNumber = 999
+    assert _send(port, ds) == 0
+    with sf() as s:
+        assert s.scalar(select(func.count(Instance.id))) == 4
+        assert s.scalar(select(Instance.instance_number).where(Instance.sop_instance_uid == ds.SOPInstanceUID)) == 999
+        assert "receiving" in {x.status for x in s.scalars(select(Series))}
+
+
+def test_unknown_calling_ae_and_ip_are_rejected(start_node, port, shared_ct, tmp_path):
+    start_node(node={"allowed_ae_titles": ["GOODSCU"]})
+    assert echoscu(port, aet="GOODSCU").returncode == 0
+    bad = echoscu(port, aet="BADSCU")
+    assert bad.returncode != 0
+    assert "Calling AE Title Not Recognized" in (bad.stdout + bad.stderr)
+
+
+def test_source_ip_not_allowed(start_node, port):
+    start_node(node={"allowed_ips": ["10.0.0.0/8"]})
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="QCNODE")
+    assert assoc.is_rejected and (assoc.acceptor.primitive.result, assoc.acceptor.primitive.result_source) == (1, 1)
+
+
+def test_low_disk_refuses_associations_transiently(start_node, port):
+    start_node(storage={"min_free_disk_mb": 10**12})
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="QCNODE")
+    assert assoc.is_rejected
+    p = assoc.acceptor.primitive
+    assert (p.result, p.result_source, p.diagnostic) == (2, 3, 2)  # transient, local limit exceeded
+
+
+def _undecodable_file(path: Path) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    buf = DicomBytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    path.write_bytes(buf.getvalue() + body.getvalue() + b"\x10\x00\x10\x00ZZ\x04\x00abcd")
+    return path
+
+
+def _quarantined(sf) -> list[QuarantineRecord]:
+    with sf() as s:
+        return list(s.scalars(select(QuarantineRecord)))
+
+
+def test_corrupt_and_non_ct_get_failures_and_quarantine(start_node, port, shared_ct, tmp_path):
+    scp, sf, cfg = start_node()
+    # truncated pixel data, sent by DCMTK
+    f = copy_series(shared_ct / "ge_head", tmp_path / "c", n=1)[0]
+    ds = pydicom.dcmread(f)
+    ds.PixelData = ds.PixelData[:1000]
+    ds.save_as(f, enforce_file_format=True)
+    res = storescu(port, [f], "STORESCU", "-v")
+    assert "Store Response (Error: CannotUnderstand)" in res.stdout + res.stderr, res.stdout + res.stderr
+    # non-CT object (MR)
+    mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    assert _send(port, mr, contexts=(MRImageStorage,)) == 0x0122
+    # undecodable: valid file meta and SOP UIDs, then an element with an unknown VR
+    from pynetdicom import _config
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are
+    try:
+        assert (_send(port, _undecodable_file(tmp_path / "garbage.dcm"), syntax="1.2.840.10008.1.2.1") & 0xF000) == 0xC000
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    # CT without pixel data
+    nopix = pydicom.dcmread(copy_series(shared_ct / "ge_head", tmp_path / "e", n=1)[0])
+    del nopix.PixelData
+    assert _send(port, nopix) == 0xC002
+    # UIDs crafted for path traversal never reach the file system
+    evil = pydicom.dcmread(copy_series(shared_ct / "ge_head", tmp_path / "f", n=1)[0])
+    evil.StudyInstanceUID = "../../../../tmp/qcnode-evil"
+    assert _send(port, evil) == 0xC001
+    assert not Path("/tmp/qcnode-evil").exists()
+    records = _quarantined(sf)
+    assert sorted(r.status_code for r in records) == sorted([0xC003, 0x0122, records[2].status_code, 0xC002, 0xC001])
+    for r in records:
+        q = scp.spool.quarantine_dir / r.path
+        assert q.exists() and q.with_suffix(".reason.json").exists()
+    with sf() as s:
+        assert s.scalar(select(func.count(Instance.id))) == 0
+    # the SCP keeps working
+    assert storescu(port, copy_series(shared_ct / "ge_head", tmp_path / "g", n=1)).returncode == 0

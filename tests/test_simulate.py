@@ -1,0 +1,206 @@
+"""Low-dose simulation: projector vs skimage, noise vs dose, streaks vs views, reader model, layout, splits."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qcnode.iqa import ct_projector, simulate
+from qcnode.iqa.phantoms import make_phantom
+
+torch.set_num_threads(1)
+
+
+def _small_phantom(size: int = 64) -> np.ndarray:
+    from skimage.data import shepp_logan_phantom
+    from skimage.transform import resize
+    return resize(shepp_logan_phantom(), (size, size), anti_aliasing=True).astype(np.float64)
+
+
+def test_forward_projection_matches_skimage_radon():
+    from skimage.transform import radon
+    img = _small_phantom(64)
+    theta = ct_projector.default_angles(90)
+    ref = radon(img, theta, circle=False)  # (D, A)
+    ours = ct_projector.forward_project(img, theta).numpy().T
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() < 1e-3 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("filter_name", ["ramp", "shepp-logan", "hann"])
+def test_fbp_matches_skimage_iradon(filter_name):
+    from skimage.transform import iradon, radon
+    img = _small_phantom(64)
+    theta = ct_projector.default_angles(120)
+    sino = radon(img, theta, circle=False)
+    ref = iradon(sino, theta, output_size=64, filter_name=filter_name, circle=False)
+    ours = ct_projector.fbp(sino.T, theta, 64, filter_name).numpy()
+    assert np.abs(ours - ref).max() < 0.01 * np.abs(ref).max()
+    # and it is a reconstruction: close to the object itself
+    assert np.abs(ours - img).mean() < 0.03
+
+
+def test_batched_projection_equals_single():
+    imgs = np.stack([_small_phantom(48), _small_phantom(48)[::-1].copy()])
+    theta = ct_projector.default_angles(60)
+    batch = ct_projector.forward_project(imgs, theta)
+    for i in range(2):
+        assert torch.allclose(batch[i], ct_projector.forward_project(imgs[i], theta), atol=1e-4)
+    rec = ct_projector.fbp(batch, theta, 48)
+    assert torch.allclose(rec[1], ct_projector.fbp(batch[1], theta, 48), atol=1e-4)
+
+
+def _spec(anatomy: str = "body", seed: int = 11, variants=None, split: str = "train") -> simulate.SourceSpec:
+    grid = [(d, v) for v in (720, 360, 180) for d in (1.0, 0.5, 0.25, 0.1)]
+    return simulate.SourceSpec(f"phantom:{anatomy}:{seed}", "phantom", anatomy, f"phantom_{anatomy}", split,
+                               seed=seed, variants=variants or grid)
+
+
+@pytest.fixture(scope="module")
+def simulated_body():
+    """All 12 dose/view variants of one body phantom at 96x96."""
+    return simulate.simulate_sources([_spec("body", 11)], 96)
+
+
+def test_noise_std_rises_as_dose_falls(simulated_body):
+    rows = {(r["dose_fraction"], r["views"]): (img, r) for _, _, img, r in simulated_body}
+    ref = simulate.reconstruct_hu(
+        simulate.line_integrals(make_phantom("body", 11, 96).hu[None], [make_phantom("body", 11, 96).pixel_spacing_mm]),
+        720, 96, make_phantom("body", 11, 96).pixel_spacing_mm)[0].numpy()
+    tissue = simulate.soft_tissue_mask(ref)
+    measured = [float(np.std((rows[(d, 720)][0] - ref)[tissue])) for d in (1.0, 0.5, 0.25, 0.1)]
+    assert all(a < b for a, b in zip(measured, measured[1:])), measured
+    # Quantum noise: sd ~ 1/sqrt(dose); the 10x dose step gives about sqrt(10) (more with electronic noise).
+    assert 2.5 < measured[-1] / measured[0] < 5.0
+    for v in (720, 360, 180):
+        reported = [rows[(d, v)][1]["noise_hu"] for d in (1.0, 0.5, 0.25, 0.1)]
+        assert all(a < b for a, b in zip(reported, reported[1:])), (v, reported)
+
+
+def test_streaks_rise_as_views_fall(simulated_body):
+    streak = {r["views"]: r["streak_index"] for _, _, _, r in simulated_body}
+    assert streak[720] == 0.0
+    assert streak[720] < streak[360] < streak[180]
+    noise_full = {r["views"]: r["noise_hu"] for _, _, _, r in simulated_body if r["dose_fraction"] == 1.0}
+    assert noise_full[720] < noise_full[180]  # fewer views at the same tube current = less dose
+
+
+def test_labels_on_grid_and_monotone_in_expectation(simulated_body):
+    for _, _, img, r in simulated_body:
+        assert img.dtype == np.float32 and img.shape == (96, 96)
+        assert 0.0 <= r["label"] <= 4.0
+        assert abs(r["label"] * 5 - round(r["label"] * 5)) < 1e-9
+        assert all(r[c] in (0, 1, 2, 3, 4) for c in simulate.READER_COLUMNS)
+    # Expected label over the reader jitter: non-increasing in noise and streaks, spanning the range.
+    rng = np.random.default_rng(0)
+
+    def expected(noise, streak, anatomy="body"):
+        return np.mean([simulate.mean_label(simulate.reader_scores(noise, streak, anatomy, rng))
+                        for _ in range(300)])
+
+    by_noise = [expected(n, 0.0) for n in (3, 8, 12, 18, 27, 40, 60)]
+    assert all(a >= b - 0.05 for a, b in zip(by_noise, by_noise[1:])), by_noise
+    assert by_noise[0] > 3.7 and by_noise[-1] < 0.8
+    by_streak = [expected(8, s) for s in (0, 2, 4, 8, 16)]
+    assert all(a >= b - 0.05 for a, b in zip(by_streak, by_streak[1:])), by_streak
+    assert by_streak[0] - by_streak[-1] > 2.0
+    assert expected(8, 0, "head") < expected(8, 0, "body")
+
+
+def test_real_slice_noise_insertion(shared_ct):
+    """A real slice at full dose gets no added noise; lower doses add noise that rises as dose falls."""
+    path = shared_ct / "ge_head" / "10.dcm"
+    spec = simulate.SourceSpec("real:ge_head/10", "real", "head", "ge_head", "train", path=str(path),
+                               variants=[(1.0, 720), (0.5, 720), (0.1, 720)])
+    out = simulate.simulate_sources([spec], 128)
+    imgs = {r["dose_fraction"]: img for _, _, img, r in out}
+    noise = {r["dose_fraction"]: r["noise_hu"] for _, _, _, r in out}
+    from qcnode.dicom.pixels import load_slices
+    sl = load_slices(path)[0]
+    src, spacing = simulate.resample_square(sl.hu, sl.pixel_spacing_mm[0], 128)
+    assert spacing == pytest.approx(sl.pixel_spacing_mm[0] * 4)
+    ref = simulate.reconstruct_hu(simulate.line_integrals(src[None], [spacing]), 720, 128, spacing)[0].numpy()
+    body = src > -500
+    assert float(np.abs(imgs[1.0] - ref).max()) < 0.5  # nothing added at full dose
+    assert float(np.std((imgs[0.5] - ref)[body])) < float(np.std((imgs[0.1] - ref)[body]))
+    assert noise[1.0] < noise[0.5] < noise[0.1]
+
+
+def test_plan_keeps_objects_out_of_two_splits():
+    real_train = [("real:a/1", "a", "head", "x1"), ("real:a/2", "a", "head", "x2")]
+    real_test = [("real:b/1", "b", "head", "y1")]
+    splits = simulate.plan(doses=[1, 0.5, 0.1], views=[720, 180], train_phantoms=30, test_phantoms=12,
+                           unlabeled_phantoms=10, seed=3, real_train=real_train, real_test=real_test)
+    ids = {k: {s.source_id for s in v} for k, v in splits.items()}
+    seeds = {k: {s.seed for s in v if s.seed is not None} for k, v in splits.items()}
+    for a, b in [("train", "test"), ("train", "unlabeled"), ("test", "unlabeled")]:
+        assert not ids[a] & ids[b]
+        assert not seeds[a] & seeds[b]
+    assert sum(len(s.variants) for s in splits["train"]) == 32 * 6
+    assert {s.anatomy for s in splits["test"] if s.kind == "phantom"} == {"head", "body"}
+    # File numbers are contiguous per split.
+    for specs in splits.values():
+        nxt = 0
+        for s in specs:
+            assert s.first_index == nxt
+            nxt += len(s.variants)
+    # The same seed gives the same plan; another seed other phantoms.
+    again = simulate.plan(doses=[1, 0.5, 0.1], views=[720, 180], train_phantoms=30, test_phantoms=12,
+                          unlabeled_phantoms=10, seed=3)
+    assert [s.seed for s in again["test"]] == [s.seed for s in splits["test"]]
+    other = simulate.plan(doses=[1], views=[720], train_phantoms=30, test_phantoms=0, unlabeled_phantoms=0, seed=4)
+    assert not {s.seed for s in other["train"]} & seeds["train"]
+    with pytest.raises(ValueError):
+        simulate.plan(doses=[1.5], views=[720], train_phantoms=1, test_phantoms=0, unlabeled_phantoms=0)
+    with pytest.raises(ValueError):
+        simulate.plan(doses=[1], views=[1440], train_phantoms=1, test_phantoms=0, unlabeled_phantoms=0)
+
+
+def test_phantoms_are_seeded_and_varied():
+    a, b = make_phantom("head", 5, 64), make_phantom("head", 5, 64)
+    assert np.array_equal(a.hu, b.hu)
+    assert not np.array_equal(a.hu, make_phantom("head", 6, 64).hu)
+    body = make_phantom("body", 5, 64)
+    assert body.hu.dtype == np.float32 and body.hu.shape == (64, 64)
+    assert body.hu.min() >= -1001 and body.hu.max() > 300  # air and bone present
+    with pytest.raises(ValueError):
+        make_phantom("knee", 1)
+
+
+def test_simulate_command_writes_challenge_layout(tmp_path, shared_ct):
+    import tifffile
+
+    from qcnode.cli import main
+    out = tmp_path / "sim"
+    rc = main(["simulate", "--out", str(out), "--size", "64", "--doses", "1,0.1", "--views", "720,180",
+               "--train-phantoms", "2", "--test-phantoms", "1", "--unlabeled-phantoms", "1",
+               "--sources", str(shared_ct / "ge_head" / "01.dcm"),
+               "--test-sources", str(shared_ct / "philips_head_phantom" / "I10.dcm"),
+               str(shared_ct / "philips_head_phantom" / "localizer_I10.dcm")])
+    assert rc == 0
+    metas = {}
+    for split in ("train", "test", "unlabeled"):
+        files = sorted(p.name for p in (out / split / "image").glob("*.tif"))
+        with open(out / split / "meta.csv") as fh:
+            metas[split] = list(csv.DictReader(fh))
+        assert [m["file"] for m in metas[split]] == files
+        img = tifffile.imread(out / split / "image" / files[0])
+        assert img.dtype == np.float32 and img.shape == (64, 64)
+        if split != "unlabeled":
+            labels = json.loads((out / split / f"{split}.json").read_text())
+            assert sorted(labels) == files
+            assert all(0.0 <= v <= 4.0 for v in labels.values())
+        else:
+            assert not (out / split / "unlabeled.json").exists()
+    assert len(metas["train"]) == 3 * 4 and len(metas["test"]) == 2 * 4  # localizer skipped
+    assert len(metas["unlabeled"]) >= 1 and all(m["label"] == "" for m in metas["unlabeled"])
+    ids = {k: {m["source_id"] for m in v} for k, v in metas.items()}
+    assert not ids["train"] & ids["test"] and not ids["train"] & ids["unlabeled"] and not ids["test"] & ids["unlabeled"]
+    assert {m["source_kind"] for m in metas["test"]} == {"real", "phantom"}
+    params = json.loads((out / "simulation.json").read_text())
+    assert params["images"] == {"train": 12, "test": 8, "unlabeled": len(metas["unlabeled"])}
+    # Refuses to overwrite a non-empty folder.
+    assert main(["simulate", "--out", str(out), "--no-real", "--train-phantoms", "1"]) == 2

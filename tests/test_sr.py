@@ -1,0 +1,150 @@
+"""The per-series DICOM SR (highdicom TID 1500): content, read-back, determinism, bad input."""
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from qcnode.dicom import sr as sr_mod
+from qcnode.dicom.sr import SRBuildError, build_series_sr, read_series_sr, sr_bytes, write_sr
+from sr_helpers import MODEL_INFO, WHEN, read_headers, slice_scores, summary_for
+
+
+@pytest.fixture(scope="module")
+def ge_headers(shared_ct):
+    return read_headers(shared_ct / "ge_head")
+
+
+def _build(headers, version=1, model=MODEL_INFO, verdict="WARN", when=WHEN):
+    slices = slice_scores(headers)
+    return build_series_sr(headers, slices, summary_for(slices, verdict), model, version,
+                           content_datetime=when), slices
+
+
+def test_sr_round_trip_with_highdicom(ge_headers, tmp_path):
+    sr, slices = _build(ge_headers)
+    path = write_sr(sr, tmp_path / "sr.dcm")
+
+    # highdicom reads the file back as a Comprehensive 3D SR holding a TID 1500 report
+    back = hd.sr.srread(path)
+    assert isinstance(back, hd.sr.Comprehensive3DSR)
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    report = hd.sr.MeasurementReport.from_sequence(back.content)
+    groups = report.get_image_measurement_groups()
+    assert len(groups) == len(ge_headers) + 1  # one per slice + the series summary
+
+    parsed = read_series_sr(pydicom.dcmread(path))
+    got = {s["sop_instance_uid"]: s for s in parsed["slices"]}
+    assert set(got) == {h.SOPInstanceUID for h in ge_headers}  # every slice referenced once
+    assert len(parsed["slices"]) == len(ge_headers)
+    for s in slices:
+        g = got[s["sop_instance_uid"]]
+        assert g["score"] == pytest.approx(s["score"], abs=1e-6)
+        assert g["score_low"] == pytest.approx(s["score_low"], abs=1e-6)
+        assert g["score_high"] == pytest.approx(s["score_high"], abs=1e-6)
+    summary = summary_for(slices)
+    for key in ("mean_score", "min_score", "p10_score", "fraction_below"):
+        assert parsed["summary"][key] == pytest.approx(summary[key], abs=1e-6)
+    assert parsed["summary"]["verdict"] == "WARN"
+    assert parsed["summary"]["n_slices"] == len(ge_headers)
+    assert parsed["summary"]["n_skipped"] == 1
+    assert parsed["algorithm"] == MODEL_INFO
+
+    # the SR joins the source study as a new series; patient module copied, evidence listed
+    src = ge_headers[0]
+    assert back.StudyInstanceUID == src.StudyInstanceUID
+    assert back.PatientID == src.PatientID
+    assert back.SeriesInstanceUID != src.SeriesInstanceUID
+    assert back.Modality == "SR" and back.InstanceNumber == 1
+    assert parsed["source_series_instance_uid"] == src.SeriesInstanceUID
+    evidence = {str(sop_uid) for _study, _series, sop_uid, _cls in back.get_evidence()}
+    assert evidence == {h.SOPInstanceUID for h in ge_headers}
+
+    # each measurement group references its source image by SOP class + instance
+    first = groups[0]
+    assert first.source_images[0].referenced_sop_class_uid == src.SOPClassUID
+
+
+def test_sr_is_valid_for_dcmtk(ge_headers, tmp_path):
+    dsrdump = shutil.which("dsrdump", path="/usr/bin")
+    if dsrdump is None:
+        pytest.skip("DCMTK dsrdump not installed")
+    sr, _ = _build(ge_headers[:3], verdict="FAIL")
+    path = write_sr(sr, tmp_path / "sr.dcm")
+    res = subprocess.run([dsrdump, "-Ec", str(path)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "Comprehensive 3D SR" in res.stdout
+    assert '(QCFAIL,99QCNODE,"Fail")' in res.stdout
+    assert "range of upper measurement uncertainty" in res.stdout
+    assert "warning" not in res.stderr.lower() and "error" not in res.stderr.lower()
+
+
+def test_sr_is_deterministic(ge_headers, tmp_path):
+    a, _ = _build(ge_headers)
+    b, _ = _build(list(ge_headers))
+    assert sr_bytes(a) == sr_bytes(b)  # a retried write is byte-identical
+    assert a.SOPInstanceUID == sr_mod.sr_sop_uid(ge_headers[0].SeriesInstanceUID, "0.1.0", 1)
+
+    v2, _ = _build(ge_headers, version=2)  # the series was reopened and scored again
+    assert v2.SeriesInstanceUID == a.SeriesInstanceUID
+    assert v2.SOPInstanceUID != a.SOPInstanceUID
+    assert v2.InstanceNumber == 2 and v2.SeriesNumber == a.SeriesNumber
+
+    other_model, _ = _build(ge_headers, model={"name": "mdiqa-test", "version": "0.2.0"})
+    assert other_model.SeriesInstanceUID != a.SeriesInstanceUID
+
+    # the content time is what the caller passes, not the wall clock
+    assert str(a.ContentDate) == "20240501" and str(a.ContentTime).startswith("123015")
+    assert a.InstanceCreationDate == a.ContentDate
+
+
+def test_sr_of_another_series_gets_other_uids(shared_ct, ge_headers):
+    philips = [h for h in read_headers(shared_ct / "philips_head_phantom", limit=4)
+               if h.get("ImageType") and "LOCALIZER" not in list(h.ImageType)][:2]
+    a, _ = _build(ge_headers[:2])
+    b, _ = _build(philips)
+    assert a.SeriesInstanceUID != b.SeriesInstanceUID and a.SOPInstanceUID != b.SOPInstanceUID
+    assert b.StudyInstanceUID == philips[0].StudyInstanceUID
+
+
+def test_sr_frame_reference_for_multiframe(ge_headers):
+    headers = [copy.deepcopy(ge_headers[0])]
+    headers[0].SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # pretend Enhanced CT (multi-frame IOD)
+    headers[0].NumberOfFrames = 2
+    slices = [{"sop_instance_uid": headers[0].SOPInstanceUID, "score": 2.5, "score_low": 2.0,
+               "score_high": 3.0, "frame": f} for f in (1, 2)]
+    sr = build_series_sr(headers, slices, summary_for(slices, "PASS"), MODEL_INFO, 1, content_datetime=WHEN)
+    parsed = read_series_sr(sr)
+    assert [s["frame"] for s in parsed["slices"]] == [1, 2]
+    single = build_series_sr(ge_headers[:1], slices[:1], summary_for(slices[:1], "PASS"), MODEL_INFO, 1,
+                             content_datetime=WHEN)  # a single-frame object: no frame reference
+    assert read_series_sr(single)["slices"][0]["frame"] is None
+    assert parsed["summary"]["verdict"] == "PASS"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda sl, su, hd_: sl.append({"sop_instance_uid": "1.2.3.4", "score": 1, "score_low": 0,
+                                     "score_high": 2}), "no source header"),
+    (lambda sl, su, hd_: su.update(verdict="MAYBE"), "verdict must be one of"),
+    (lambda sl, su, hd_: sl[0].update(score_low=sl[0]["score"] + 1), "not inside its interval"),
+    (lambda sl, su, hd_: hd_[0].__delattr__("StudyInstanceUID"), "lacks StudyInstanceUID"),
+])
+def test_sr_rejects_bad_input(ge_headers, mutate, message):
+    headers = [copy.deepcopy(h) for h in ge_headers[:3]]
+    slices = slice_scores(headers)
+    summary = summary_for(slices)
+    mutate(slices, summary, headers)
+    with pytest.raises(SRBuildError, match=message):
+        build_series_sr(headers, slices, summary, MODEL_INFO, 1, content_datetime=WHEN)
+
+
+def test_sr_needs_slices_and_model(ge_headers):
+    with pytest.raises(SRBuildError, match="no scored slices"):
+        build_series_sr(ge_headers[:1], [], summary_for([{"score": 1.0}]), MODEL_INFO, 1)
+    slices = slice_scores(ge_headers[:1])
+    with pytest.raises(SRBuildError, match="name and a version"):
+        build_series_sr(ge_headers[:1], slices, summary_for(slices), {"name": "x"}, 1)
