@@ -27,6 +27,7 @@ SSDE_COEFFICIENTS: dict[str, tuple[float, float]] = {
     "head": (1.874799, 0.03871313),  # 16 cm PMMA CTDI phantom
 }
 PATIENT_THRESHOLD_HU = -400.0
+MIN_COMPONENT_FRACTION = 0.10
 SOFT_TISSUE_HU = (0.0, 100.0)
 DEFAULT_NOISE_KERNEL_MM = 6.0
 DEFAULT_NOISE_KERNEL_PX = 5
@@ -55,7 +56,8 @@ def patient_mask(hu: np.ndarray, threshold_hu: float = PATIENT_THRESHOLD_HU) -> 
 
     Threshold at -400 HU, closing (bridges small gaps in thin shells such as a skull), fill
     holes (lungs, sinuses, an air-filled phantom inside its shell), opening (detaches thin tables,
-    head holders and cables), largest connected component, then the edge detail the opening
+    head holders and cables), largest connected component (with any other component of at least
+    10 % of its size, e.g. the pieces of a bare skull phantom), then the edge detail the opening
     removed is restored within the filled outline. Radii scale with the matrix (about 4 pixels
     on 512x512); large matrices are segmented 2x-subsampled and the edge refined at full
     resolution. Returns an all-False mask when nothing is above the threshold.
@@ -80,7 +82,9 @@ def patient_mask(hu: np.ndarray, threshold_hu: float = PATIENT_THRESHOLD_HU) -> 
         labels, count = ndimage.label(filled)
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    largest = labels == int(sizes.argmax())
+    # The largest component, plus any other of at least 10 % of its size (the pieces of a bare skull
+    # phantom, both legs); small debris and what the opening cut off (table, holder) stay out.
+    largest = np.isin(labels, np.flatnonzero(sizes >= MIN_COMPONENT_FRACTION * sizes.max()))
     largest = filled & ndimage.binary_dilation(largest, structure=disk, iterations=2)
     if factor > 1:
         largest = np.repeat(np.repeat(largest, factor, axis=0), factor, axis=1)

@@ -121,7 +121,7 @@ def fit_interval_temperature(model: MDIQA, out: torch.Tensor, labels: np.ndarray
 
     old = model.config.interval_temperature
     raw = cov(1.0)
-    a, b = math.log(0.05), math.log(20.0)
+    a, b = math.log(0.1), math.log(10.0)
     for _ in range(30):
         mid = (a + b) / 2
         if cov(math.exp(mid)) < target:

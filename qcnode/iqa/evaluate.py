@@ -1,0 +1,206 @@
+"""Evaluation of a checkpoint on a labeled LDCTIQAC2023-layout folder (``qcnode evaluate``).
+
+Reports, for the model and for the physics baseline (the global noise level, GNL: mode of the
+local standard deviation in soft tissue, HU, ``qcnode.iqa.physics.global_noise_level``; a higher
+GNL means lower quality, so the baseline's prediction is -GNL):
+
+* raw PLCC, SROCC, KROCC and their sum (the challenge score), PLCC after the 4-parameter
+  logistic fit, and (model only) the 5-95 % interval coverage;
+* the same per subgroup when meta.csv is present: streak-degraded (fewer views than the
+  maximum), noise-only (full views), per anatomy;
+* dose monotonicity: for every source slice and view count with >= 3 dose levels, Kendall tau
+  between dose fraction and the prediction (1 = the score falls whenever dose falls);
+* a predicted-vs-label scatter plot (PNG) and a per-image predictions CSV.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from scipy import stats
+
+from qcnode.iqa.data import load_labeled, meta_value, preprocess, read_tif, looks_normalised
+from qcnode.iqa.metrics import all_metrics
+
+MIN_GROUP = 5
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def baseline_gnl(paths: list[Path], spacings: list[float | None],
+                 progress: Callable[[str], None] = _log) -> np.ndarray:
+    """Global noise level (HU) per image; NaN where it is undefined (too little soft tissue)."""
+    from qcnode.iqa.physics import global_noise_level
+
+    out = np.full(len(paths), np.nan)
+    for i, (p, sp) in enumerate(zip(paths, spacings)):
+        img = read_tif(p)
+        if looks_normalised(img):
+            continue  # no HU: the physics baseline does not apply
+        v = global_noise_level(img, sp)
+        out[i] = np.nan if v is None else v
+        if (i + 1) % 500 == 0:
+            progress(f"evaluate: baseline GNL {i + 1}/{len(paths)}")
+    return out
+
+
+def dose_monotonicity(meta: list[dict[str, str]], pred: np.ndarray) -> dict[str, Any]:
+    """Kendall tau between dose fraction and prediction per (source slice, views) group."""
+    groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+    for i, m in enumerate(meta):
+        if m.get("source_id") and m.get("dose_fraction"):
+            groups[(m["source_id"], m.get("series", ""), m.get("views", ""))].append(i)
+    taus = []
+    for idx in groups.values():
+        dose = np.asarray([meta_value(meta[i], "dose_fraction") for i in idx])
+        if len(set(dose.tolist())) < 3:
+            continue
+        t = stats.kendalltau(dose, pred[idx]).statistic
+        taus.append(0.0 if np.isnan(t) else float(t))
+    if not taus:
+        return {"n_groups": 0}
+    a = np.asarray(taus)
+    return {"n_groups": int(a.size), "mean_tau": float(a.mean()), "median_tau": float(np.median(a)),
+            "min_tau": float(a.min()), "fraction_tau_ge_0.9": float(np.mean(a >= 0.9 - 1e-9))}
+
+
+def _subgroups(meta: list[dict[str, str]]) -> dict[str, np.ndarray]:
+    if not any(meta):
+        return {}
+    views = np.asarray([meta_value(m, "views") for m in meta])
+    out: dict[str, np.ndarray] = {}
+    if np.isfinite(views).any():
+        vmax = np.nanmax(views)
+        out["streak_degraded"] = views < vmax
+        out["noise_only"] = views == vmax
+    for key in ("anatomy", "source_kind"):
+        for val in sorted({m.get(key, "") for m in meta} - {""}):
+            out[f"{key}={val}"] = np.asarray([m.get(key) == val for m in meta])
+    return out
+
+
+def _metrics_or_none(pred: np.ndarray, label: np.ndarray, low=None, high=None) -> dict[str, Any] | None:
+    ok = np.isfinite(pred)
+    if ok.sum() < MIN_GROUP:
+        return None
+    if low is not None:
+        return all_metrics(pred[ok], label[ok], low[ok], high[ok])
+    return all_metrics(pred[ok], label[ok])
+
+
+def evaluate(model: str | Path | None, data: str | Path, out_dir: str | Path | None = None,
+             batch_size: int = 32, baseline: bool = True, threads: int = 0,
+             progress: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Score a labeled folder and compute every metric; writes metrics.json, predictions.csv and
+    scatter.png into ``out_dir`` when given. Returns the metrics dict."""
+    import torch
+
+    from qcnode.iqa.scorer import Scorer
+
+    t0 = time.time()
+    scorer = Scorer.load(model, threads=threads)
+    ds = load_labeled(data)
+    paths = ds.paths()
+    progress(f"evaluate: {len(ds)} images in {data} with {scorer.version}")
+    xs = []
+    for i, p in enumerate(paths):
+        img = read_tif(p)
+        xs.append(preprocess(img, scorer.config.input_size, scorer.config.window_hu, normalised=looks_normalised(img)))
+    res = scorer.score_tensors(torch.stack(xs), batch_size)
+    pred = np.asarray([r.score for r in res])
+    low = np.asarray([r.score_low for r in res])
+    high = np.asarray([r.score_high for r in res])
+    label = ds.labels.astype(np.float64)
+    progress(f"evaluate: scored {len(res)} images in {time.time() - t0:.1f} s")
+
+    result: dict[str, Any] = {"model": scorer.info["version"], "data": str(data), "n": len(ds),
+                              "model_metrics": _metrics_or_none(pred, label, low, high),
+                              "mean_interval_width": float(np.mean(high - low))}
+    gnl = None
+    if baseline:
+        spacings = [meta_value(m, "pixel_spacing_mm") for m in ds.meta]
+        spacings = [None if not math.isfinite(s) else s for s in spacings]
+        gnl = baseline_gnl(paths, spacings, progress)
+        result["baseline"] = {"name": "global noise level (mode of local SD in soft tissue, HU); prediction = -GNL",
+                              "n_undefined": int(np.isnan(gnl).sum()),
+                              "metrics": _metrics_or_none(-gnl, label)}
+    groups = _subgroups(ds.meta)
+    result["subgroups"] = {}
+    for name, mask in groups.items():
+        if not mask.any():
+            continue
+        entry = {"n": int(mask.sum()), "model": _metrics_or_none(pred[mask], label[mask], low[mask], high[mask])}
+        if gnl is not None:
+            entry["baseline"] = _metrics_or_none(-gnl[mask], label[mask])
+        result["subgroups"][name] = entry
+    if any(ds.meta):
+        result["dose_monotonicity"] = {"model": dose_monotonicity(ds.meta, pred),
+                                       "labels": dose_monotonicity(ds.meta, label)}
+        if gnl is not None:
+            result["dose_monotonicity"]["baseline"] = dose_monotonicity(ds.meta, np.nan_to_num(-gnl, nan=0.0))
+    result["seconds"] = round(time.time() - t0, 1)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+        _write_predictions(out / "predictions.csv", ds.files, label, pred, low, high, gnl, ds.meta)
+        scatter_plot(out / "scatter.png", label, pred, low, high, gnl, groups.get("streak_degraded"),
+                     title=f"{scorer.version} on {Path(data).name}")
+        result["outputs"] = [str(out / n) for n in ("metrics.json", "predictions.csv", "scatter.png")]
+    return result
+
+
+def _write_predictions(path: Path, files, label, pred, low, high, gnl, meta) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "label", "score", "score_low", "score_high", "gnl_hu", "dose_fraction", "views", "source_id"])
+        for i, f in enumerate(files):
+            m = meta[i] if meta else {}
+            w.writerow([f, f"{label[i]:.3f}", f"{pred[i]:.4f}", f"{low[i]:.4f}", f"{high[i]:.4f}",
+                        "" if gnl is None or np.isnan(gnl[i]) else f"{gnl[i]:.3f}",
+                        m.get("dose_fraction", ""), m.get("views", ""), m.get("source_id", "")])
+
+
+def scatter_plot(path: Path, label: np.ndarray, pred: np.ndarray, low: np.ndarray, high: np.ndarray,
+                 gnl: np.ndarray | None, streak: np.ndarray | None, title: str = "") -> None:
+    """Predicted-vs-label scatter (with 5-95 % intervals) and, if given, GNL-vs-label."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncol = 2 if gnl is not None else 1
+    fig, axes = plt.subplots(1, ncol, figsize=(5.5 * ncol, 5), squeeze=False)
+    ax = axes[0, 0]
+    jitter = np.random.default_rng(0).uniform(-0.04, 0.04, label.size)
+    masks = [(np.ones(label.size, bool), "images", "tab:blue")] if streak is None else \
+        [(~streak, "full views (noise)", "tab:blue"), (streak, "fewer views (streaks)", "tab:red")]
+    for m, name, color in masks:
+        ax.errorbar(label[m] + jitter[m], pred[m], yerr=[pred[m] - low[m], high[m] - pred[m]], fmt="o", ms=2.5,
+                    alpha=0.35, elinewidth=0.5, color=color, label=name)
+    ax.plot([0, 4], [0, 4], "k--", lw=1)
+    ax.set_xlim(-0.2, 4.2)
+    ax.set_ylim(-0.2, 4.2)
+    ax.set_xlabel("label (mean reader score)")
+    ax.set_ylabel("MD-IQA score (bars: 5-95 % interval)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    if gnl is not None:
+        ax = axes[0, 1]
+        for m, name, color in masks:
+            ax.scatter(label[m] + jitter[m], gnl[m], s=5, alpha=0.4, color=color, label=name)
+        ax.set_xlabel("label (mean reader score)")
+        ax.set_ylabel("global noise level (HU)")
+        ax.set_title("physics baseline", fontsize=9)
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
