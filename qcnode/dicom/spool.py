@@ -51,7 +51,8 @@ def make_dirs(path: Path) -> None:
         _fsync_dir(d.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a folder: makes the renames/creations done in it so far durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -59,8 +60,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` durably: temp file, fsync, rename, directory fsync."""
+_fsync_dir = fsync_dir
+
+
+def write_atomic(path: Path, data: bytes, sync_dir: bool = True) -> None:
+    """Write ``data`` to ``path`` durably: temp file, fsync, rename, directory fsync.
+
+    With ``sync_dir=False`` the caller must ``fsync_dir(path.parent)`` before relying on the
+    rename (the SCP's group commit does it once per batch for many files).
+    """
     make_dirs(path.parent)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -76,7 +84,8 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
     os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def free_disk_mb(path: Path) -> float:
@@ -115,10 +124,12 @@ class Spool:
             raise InvalidUID(f"path escapes the spool: {relpath[:120]!r}")
         return p
 
-    def write(self, relpath: str, data: bytes) -> Path:
-        """Durably write ``data`` at spool-relative ``relpath``; returns the absolute path."""
+    def write(self, relpath: str, data: bytes, sync_dir: bool = True) -> Path:
+        """Durably write ``data`` at spool-relative ``relpath``; returns the absolute path.
+
+        ``sync_dir=False``: the folder fsync is left to the caller (see ``write_atomic``)."""
         path = self.abspath(relpath)
-        write_atomic(path, data)
+        write_atomic(path, data, sync_dir=sync_dir)
         return path
 
     def same_content(self, relpath: str, data: bytes) -> bool:

@@ -8,8 +8,10 @@ with ``c = N // 2``, and detector bin ``i`` sits at ``t = i - D // 2``. Line int
 pixel units (multiply by the pixel size to get physical units).
 
 Both directions are batched over angles with ``torch.nn.functional.grid_sample`` (bilinear,
-like skimage's ``warp`` and ``np.interp``), which is ~20-50x faster than skimage on a CPU.
-``tests/test_simulate.py`` checks both against skimage on a phantom.
+like skimage's ``warp`` and ``np.interp``); a batch of images rides in the channels, so the
+interpolation weights are computed once for all of them. On one CPU thread a single image costs
+about what skimage costs (bench/bench_simulate.py); batches, more threads or a GPU make it faster.
+``tests/test_simulate.py`` checks both directions against skimage on a phantom.
 """
 from __future__ import annotations
 

@@ -39,11 +39,12 @@ def gaussian_targets(labels: torch.Tensor, sigmas: Sequence[float], centers: tor
     return torch.softmax(logits, dim=-1)
 
 
-def kl_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over batch and heads of KL(target || softmax(logits)); shapes (B, K, n_bins)."""
+def kl_loss(logits: torch.Tensor, targets: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+    """KL(target || softmax(logits)) for (B, K, n_bins): averaged over heads, then over the batch
+    (``reduce=False`` returns the per-sample values (B,))."""
     logq = F.log_softmax(logits, dim=-1)
-    kl = (targets * (torch.log(targets.clamp_min(1e-12)) - logq)).sum(-1)
-    return kl.mean()
+    kl = (targets * (torch.log(targets.clamp_min(1e-12)) - logq)).sum(-1).mean(-1)
+    return kl.mean() if reduce else kl
 
 
 class DistributionReadout:

@@ -81,8 +81,7 @@ def loss_fn(model: MDIQA, out: torch.Tensor, labels: torch.Tensor, weights: torc
     if model.is_distribution:
         centers = heads.bin_centers(cfg.n_bins, cfg.score_range, device=out.device)
         targets = heads.gaussian_targets(labels, cfg.head_sigmas, centers)
-        logq = torch.log_softmax(out, dim=-1)
-        per = (targets * (torch.log(targets.clamp_min(1e-12)) - logq)).sum(-1).mean(-1)
+        per = heads.kl_loss(out, targets, reduce=False)
     else:
         per = (out[:, 0] - labels) ** 2
     if weights is None:
@@ -226,7 +225,7 @@ def train(opts: TrainOptions, extra_x: torch.Tensor | None = None, extra_y: np.n
             optim.step()
             sched.step()
             step += 1
-            run_loss += float(loss)
+            run_loss += loss.item()
             if (b + 1) % 20 == 0 or b + 1 == steps_per_epoch:
                 el = time.time() - t_ep
                 rate = (b + 1) * opts.batch_size / max(el, 1e-9)

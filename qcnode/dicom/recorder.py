@@ -1,0 +1,247 @@
+"""Group commit of received instances: one writer thread records many C-STOREs per transaction.
+
+The C-STORE handlers (one thread per association) write their file (temp file, fsync, rename)
+and hand a :class:`PendingInstance` to :meth:`InstanceRecorder.record`, which blocks until
+the record is committed. The writer thread takes everything queued so far, fsyncs each spool
+folder touched by the batch once (making the renames durable), then upserts the studies,
+series and instances of the whole batch in ONE transaction and commits; only then are the
+handlers released to answer Success. Under load the batches grow by themselves, so the
+per-instance cost of the folder fsync and of the commit shrinks, and the handlers never
+compete for the SQLite write lock.
+
+Study and series ids are cached in-process after a commit. Several SCP processes may share one
+database: every insert is an upsert on the unique UID, and a failing batch (for instance a
+cached id whose row another process removed) is retried once with empty caches, then one
+record per transaction so that one bad record cannot fail the others.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from qcnode.db.models import DoseReport, Instance, Series, Study
+from qcnode.dicom.spool import fsync_dir
+from qcnode.log import get_logger
+
+log = get_logger("qcnode.recorder")
+
+MAX_BATCH = 128           # records per transaction at most
+RECORD_TIMEOUT_S = 600.0  # a handler gives up waiting (the DB is locked for that long) -> failure status
+
+
+@dataclass
+class PendingInstance:
+    """One received instance, ready to be recorded (values already clipped to the columns)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    study_values: dict[str, Any]        # studies row (without id)
+    series_values: dict[str, Any]       # series row for a first insert (without study_id)
+    instance_values: dict[str, Any]     # instances row (without series_id)
+    received_at: dt.datetime
+    identical: bool = False             # the spool already held exactly these bytes
+    sync_dir: Path | None = None        # folder whose fsync makes the file's rename durable
+    dose_report: dict[str, Any] | None = None  # DoseReport row (without study_id) for dose SRs
+    future: Future = field(default_factory=Future)
+
+
+def _dialect_insert(session: Session, model: Any) -> Any:
+    table = model.__table__  # Core statements: executemany without the ORM bulk machinery
+    return pg_insert(table) if session.get_bind().dialect.name == "postgresql" else sqlite_insert(table)
+
+
+def _group_by_keys(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Rows grouped by their key set (an executemany needs the same keys in every row)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(sorted(row)), []).append(row)
+    return list(groups.values())
+
+
+class InstanceRecorder:
+    """The group-commit writer. ``record(p)`` blocks until ``p`` is committed (or raises)."""
+
+    def __init__(self, session_factory: Callable[[], Session], max_batch: int = MAX_BATCH):
+        self.session_factory = session_factory
+        self.max_batch = max_batch
+        self._queue: queue.Queue[PendingInstance | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._study_ids: dict[str, int] = {}
+        self._series_ids: dict[str, int] = {}
+        self.batches = 0
+        self.records = 0
+
+    # ---- handler side --------------------------------------------------------------------------
+    def record(self, pending: PendingInstance, timeout: float = RECORD_TIMEOUT_S) -> None:
+        """Queue ``pending`` and wait until its transaction is committed; re-raises its error."""
+        self._ensure_started()
+        self._queue.put(pending)
+        pending.future.result(timeout=timeout)
+
+    def _ensure_started(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="scp-recorder", daemon=True)
+                self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Record what is queued, then stop the writer thread."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    # ---- writer thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # noqa: BLE001 - never leave a handler waiting
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+
+    def _commit(self, batch: list[PendingInstance]) -> None:
+        batch = self._sync_dirs(batch)
+        if not batch:
+            return
+        try:
+            self._write(batch)
+        except Exception as exc:  # noqa: BLE001 - retry without caches, then one by one
+            log.warning("record_batch_retry", records=len(batch), error=f"{type(exc).__name__}: {exc}")
+            self._study_ids.clear()
+            self._series_ids.clear()
+            if len(batch) == 1:
+                try:
+                    self._write(batch)
+                except Exception as exc2:  # noqa: BLE001
+                    batch[0].future.set_exception(exc2)
+                    return
+            else:
+                for p in batch:
+                    try:
+                        self._write([p])
+                    except Exception as exc2:  # noqa: BLE001
+                        p.future.set_exception(exc2)
+                        continue
+                    p.future.set_result(None)
+                return
+        for p in batch:
+            p.future.set_result(None)
+        self.batches += 1
+        self.records += len(batch)
+
+    @staticmethod
+    def _sync_dirs(batch: list[PendingInstance]) -> list[PendingInstance]:
+        """fsync each folder of the batch once; records whose folder fails get the error."""
+        failed: dict[Path, BaseException] = {}
+        for d in {p.sync_dir for p in batch if p.sync_dir is not None}:
+            try:
+                fsync_dir(d)
+            except OSError as exc:
+                failed[d] = exc
+        if not failed:
+            return batch
+        ok = []
+        for p in batch:
+            if p.sync_dir in failed:
+                p.future.set_exception(failed[p.sync_dir])
+            else:
+                ok.append(p)
+        return ok
+
+    def _write(self, batch: list[PendingInstance]) -> None:
+        new_studies: dict[str, int] = {}
+        new_series: dict[str, int] = {}
+        with self.session_factory() as s:
+            todo = batch
+            identical = [p.sop_uid for p in batch if p.identical]
+            if identical:  # an exact resend of a recorded instance changes nothing
+                known = set(s.scalars(select(Instance.sop_instance_uid)
+                                      .where(Instance.sop_instance_uid.in_(identical))))
+                todo = [p for p in batch if not (p.identical and p.sop_uid in known)]
+            if not todo:
+                s.commit()
+                return
+            study_ids = self._ids(s, Study, "study_instance_uid",
+                                  {p.study_uid: p.study_values for p in todo}, self._study_ids, new_studies)
+            series_rows = {p.series_uid: {**p.series_values, "study_id": study_ids[p.study_uid]} for p in todo}
+            series_ids = self._ids(s, Series, "series_instance_uid", series_rows, self._series_ids, new_series)
+            last: dict[str, PendingInstance] = {}
+            for p in todo:  # one row per SOP Instance UID (a resend within the batch: the last wins)
+                last[p.sop_uid] = p
+            rows = [{**p.instance_values, "series_id": series_ids[p.series_uid]} for p in last.values()]
+            for group in _group_by_keys(rows):
+                stmt = _dialect_insert(s, Instance)
+                cols = [k for k in group[0] if k != "sop_instance_uid"]
+                stmt = stmt.on_conflict_do_update(index_elements=["sop_instance_uid"],
+                                                  set_={k: stmt.excluded[k] for k in cols})
+                s.execute(stmt, group)
+            latest: dict[int, dt.datetime] = {}
+            for p in todo:
+                sid = series_ids[p.series_uid]
+                latest[sid] = max(latest.get(sid, p.received_at), p.received_at)
+            for sid, when in latest.items():
+                count = select(func.count(Instance.id)).where(Instance.series_id == sid).scalar_subquery()
+                s.execute(update(Series).where(Series.id == sid).values(
+                    status="receiving", last_received_at=when, instance_count=count))
+            for p in todo:
+                if p.dose_report is not None:
+                    dr = {**p.dose_report, "study_id": study_ids[p.study_uid]}
+                    stmt = _dialect_insert(s, DoseReport).values(**dr)
+                    s.execute(stmt.on_conflict_do_update(
+                        index_elements=["sop_instance_uid"],
+                        set_={k: v for k, v in dr.items() if k != "sop_instance_uid"}))
+            s.commit()
+        self._study_ids.update(new_studies)
+        self._series_ids.update(new_series)
+        for cache in (self._study_ids, self._series_ids):
+            if len(cache) > 100_000:  # bound memory on a node that runs for months
+                cache.clear()
+
+    @staticmethod
+    def _ids(s: Session, model: Any, key: str, values: dict[str, dict[str, Any]], cache: dict[str, int],
+             new: dict[str, int]) -> dict[str, int]:
+        """Ids of the rows with these UIDs, inserting missing ones (insert-or-ignore + select)."""
+        col = getattr(model, key)
+        out = {uid: cache[uid] for uid in values if uid in cache}
+        missing = [uid for uid in values if uid not in out]
+        if not missing:
+            return out
+        found = dict(s.execute(select(col, model.id).where(col.in_(missing))).all())
+        absent = [uid for uid in missing if uid not in found]
+        if absent:
+            for group in _group_by_keys([values[uid] for uid in absent]):
+                s.execute(_dialect_insert(s, model).on_conflict_do_nothing(index_elements=[key]), group)
+            found.update(s.execute(select(col, model.id).where(col.in_(absent))).all())
+        ids = {uid: int(found[uid]) for uid in missing}
+        new.update(ids)
+        out.update(ids)
+        return out

@@ -1,0 +1,392 @@
+"""Bad input: hypothesis mutates a small real CT slice (pydicom's CT_small) at the byte and the
+element level and pushes each mutant through the SCP's receive path (a real association, many
+C-STOREs per association, the raw mutated bytes on the wire) and through the scoring path of
+`qcnode score` / the worker (read -> HU slices -> model). Nothing may crash: every C-STORE gets a
+known status, every failure a quarantine record, every success a stored instance. Plus aborted
+associations, truncated PDUs, a 4096x4096 slice, path-traversal UIDs and non-CT SOP classes."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
+from sqlalchemy import func, select
+
+from conftest import free_port
+from daemon_helpers import checkpoint_for_tests
+from qcnode.db.models import Instance, QuarantineRecord
+from qcnode.dicom import scp as scp_mod
+from qcnode.dicom.pixels import SkipSlice, UnreadableFile, load_slices
+from reliability_helpers import RssSampler, start_scp
+
+FUZZ_EXAMPLES = int(os.environ.get("QCNODE_FUZZ_EXAMPLES", "1000"))
+KNOWN_STATUSES = {scp_mod.SUCCESS, scp_mod.DATASET_MISMATCH, scp_mod.CANNOT_UNDERSTAND, scp_mod.INVALID_UID,
+                  scp_mod.NO_PIXEL_DATA, scp_mod.INCONSISTENT, scp_mod.CANNOT_STORE,
+                  scp_mod.SOP_CLASS_NOT_SUPPORTED}
+CT_SMALL = Path(get_testdata_file("CT_small.dcm"))
+
+# element-level mutations: keyword -> values hypothesis may put there
+_TEXT = st.text(min_size=0, max_size=40)
+ELEMENT_VALUES = {
+    "Rows": st.integers(0, 65535), "Columns": st.integers(0, 65535), "BitsAllocated": st.sampled_from([0, 1, 8, 12, 16, 32, 64]),
+    "BitsStored": st.integers(0, 64), "HighBit": st.integers(0, 64), "PixelRepresentation": st.integers(0, 3),
+    "SamplesPerPixel": st.integers(0, 4), "NumberOfFrames": st.sampled_from(["0", "1", "2", "-1", "x"]),
+    "RescaleSlope": st.sampled_from(["0", "-1", "1e308", "nan", "inf", "abc", ""]),
+    "RescaleIntercept": st.sampled_from(["-1024", "1e308", "nan", "x", ""]),
+    "PixelSpacing": st.sampled_from([["0", "0"], ["-1", "1"], ["nan", "1"], ["1"], ["a", "b"]]),
+    "ImageOrientationPatient": st.sampled_from([["0"] * 6, ["1", "0", "0", "0", "0", "1"], ["x"], ["nan"] * 6]),
+    "PhotometricInterpretation": st.sampled_from(["MONOCHROME1", "RGB", "PALETTE COLOR", "", "YBR_FULL"]),
+    "Modality": st.sampled_from(["CT", "MR", "SR", "", "ct", "OT"]),
+    "SOPClassUID": st.sampled_from([str(CTImageStorage), str(MRImageStorage), "1.2.3", "", "../x"]),
+    "StudyInstanceUID": st.sampled_from(["../../etc", "1.2.3/../4", "", "1." * 40, "1.2.a"]),
+    "SeriesInstanceUID": st.sampled_from(["..", "/tmp/x", "1.2\x00.3", "9" * 70]),
+    "PatientName": _TEXT, "ImageType": st.sampled_from([["LOCALIZER"], ["DERIVED", "SECONDARY"], []]),
+    "TransferSyntaxUID": st.sampled_from(["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.5", "1.2.3.4"]),
+}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fuzznode")
+    n = start_scp(tmp, free_port(), node={"network_timeout": 10.0})
+    yield n
+    n.stop()
+
+
+@pytest.fixture(scope="module")
+def scorer(tmp_path_factory):
+    import torch
+    torch.set_num_threads(1)
+    from qcnode.iqa.scorer import Scorer
+    return Scorer.load(str(checkpoint_for_tests(tmp_path_factory.mktemp("model"))), "cpu", 1)
+
+
+class Sender:
+    """One association reused for many C-STOREs of raw files (re-opened if the peer aborted it)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.ae = AE(ae_title="FUZZER")
+        for cx in (CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage):
+            self.ae.add_requested_context(cx, ExplicitVRLittleEndian)
+        self.assoc = None
+        self.associations = 0
+
+    def send(self, path: Path) -> int | None:
+        if self.assoc is None or not self.assoc.is_established:
+            self.assoc = self.ae.associate("127.0.0.1", self.port, ae_title="QCNODE")
+            assert self.assoc.is_established
+            self.associations += 1
+        status = self.assoc.send_c_store(path)
+        return int(status.Status) if "Status" in status else None
+
+    def close(self) -> None:
+        if self.assoc is not None and self.assoc.is_established:
+            self.assoc.release()
+
+
+def _file_with_body(meta_uid: str, sop_class: str, body: bytes, path: Path) -> Path:
+    """A DICOM file whose file meta is intact (so the C-STORE request is well formed) and whose
+    dataset bytes are ``body`` exactly (sent on the wire without decoding)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = meta_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = "1.2.826.0.1.3680043.8.498.1"
+    from io import BytesIO
+    from pydicom.filewriter import write_file_meta_info
+    buf = BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    path.write_bytes(buf.getvalue() + body)
+    return path
+
+
+def _encode_body(ds: pydicom.Dataset) -> bytes:
+    from io import BytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.filebase import DicomBytesIO
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def _fresh_base() -> pydicom.Dataset:
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+    return ds
+
+
+byte_mutation = st.one_of(
+    st.tuples(st.just("flip"), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=24)),
+    st.tuples(st.just("truncate"), st.integers(0, 10**6)),
+    st.tuples(st.just("insert"), st.tuples(st.integers(0, 10**6), st.binary(min_size=1, max_size=64))),
+)
+element_mutation = st.one_of(
+    *[st.tuples(st.just("set"), st.tuples(st.just(k), v)) for k, v in ELEMENT_VALUES.items()],
+    st.tuples(st.just("delete"), st.sampled_from(["PixelData", "Rows", "SOPInstanceUID", "StudyInstanceUID",
+                                                  "BitsAllocated", "PixelSpacing", "RescaleSlope", "Modality",
+                                                  "ImageOrientationPatient", "SOPClassUID"])),
+    st.tuples(st.just("cut_pixels"), st.integers(0, 32767)),
+)
+mutation = st.lists(st.one_of(byte_mutation, element_mutation), min_size=1, max_size=4)
+
+
+def _mutant(muts: list) -> tuple[str, bytes]:
+    """Apply element mutations to a fresh CT_small, encode it, then apply byte mutations."""
+    ds = _fresh_base()
+    sop_uid = str(ds.SOPInstanceUID)
+    byte_muts = []
+    for kind, arg in muts:
+        if kind == "set":
+            key, value = arg
+            if key == "TransferSyntaxUID":
+                continue  # the association's syntax is what counts; covered by byte mutations
+            try:
+                setattr(ds, key, value)
+            except Exception:  # noqa: BLE001 - pydicom refuses some values; skip that mutation
+                pass
+        elif kind == "delete":
+            if arg in ds:
+                delattr(ds, arg)
+        elif kind == "cut_pixels":
+            if "PixelData" in ds:
+                ds.PixelData = ds.PixelData[: arg & ~1]
+        else:
+            byte_muts.append((kind, arg))
+    try:
+        body = _encode_body(ds)
+    except Exception:  # noqa: BLE001 - unencodable value: send the unmutated bytes mutated below
+        body = _encode_body(_fresh_base())
+    data = bytearray(body)
+    for kind, arg in byte_muts:
+        if not data:
+            break
+        if kind == "flip":
+            for pos, val in arg:
+                data[pos % len(data)] = val
+        elif kind == "truncate":
+            del data[arg % len(data):]
+        elif kind == "insert":
+            pos, blob = arg
+            data[pos % (len(data) + 1):pos % (len(data) + 1)] = blob
+    return sop_uid, bytes(data)
+
+
+def _score_path(path: Path, scorer) -> str:
+    """What `qcnode score` and the worker do with a file: decode to HU slices, score them.
+    Returns 'scored' or 'skipped'; any other exception is a bug."""
+    try:
+        slices = load_slices(path)
+    except (SkipSlice, UnreadableFile):
+        return "skipped"
+    if not slices:
+        return "skipped"
+    qualities = scorer.score_hu([s.hu for s in slices], 4)
+    assert len(qualities) == len(slices)
+    for q in qualities:
+        assert np.isfinite(q.score) and 0.0 <= q.score <= 4.0
+    return "scored"
+
+
+def test_fuzzed_datasets_through_receive_and_score_paths(node, scorer, tmp_path_factory):
+    old_chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are
+    sender = Sender(node.scp.port)
+    work = tmp_path_factory.mktemp("mutants")
+    outcomes: list[tuple[str, int | None]] = []
+    scored = {"scored": 0, "skipped": 0}
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(muts=mutation)
+    def one(muts):
+        sop_uid, body = _mutant(muts)
+        path = _file_with_body(sop_uid, str(CTImageStorage), body, work / "m.dcm")
+        status = sender.send(path)
+        outcomes.append((sop_uid, status))
+        assert status in KNOWN_STATUSES, f"unexpected status {status!r} for {muts!r}"
+        scored[_score_path(path, scorer)] += 1
+
+    t0 = time.monotonic()
+    try:
+        one()
+    finally:
+        sender.close()
+        _config.STORE_SEND_CHUNKED_DATASET = old_chunked
+    elapsed = time.monotonic() - t0
+    ok = [u for u, s in outcomes if s == scp_mod.SUCCESS]
+    failed = [u for u, s in outcomes if s != scp_mod.SUCCESS]
+    with node.sf() as s:
+        stored = set(s.scalars(select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(ok))))
+        quarantined = set(s.scalars(select(QuarantineRecord.sop_instance_uid)
+                                    .where(QuarantineRecord.sop_instance_uid.in_(failed))))
+    assert stored == set(ok)  # every Success is a stored instance
+    assert quarantined == set(failed)  # every failure has a quarantine record
+    qdir = node.cfg.path(node.cfg.storage.quarantine_dir)
+    assert len(list(qdir.glob("*/*.reason.json"))) >= len(failed)
+    from collections import Counter
+    print(f"\nfuzz: {len(outcomes)} mutated datasets over {sender.associations} association(s) in {elapsed:.1f}s; "
+          f"statuses {dict(Counter(f'0x{s:04X}' for _, s in outcomes))}; score path {scored}")
+    assert len(outcomes) >= min(FUZZ_EXAMPLES, 1000) * 0.9  # hypothesis really ran ~all examples
+    assert node.scp.server is not None and echo_ok(node.scp.port)
+
+
+def echo_ok(port: int) -> bool:
+    ae = AE(ae_title="ECHO")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="QCNODE")
+    try:
+        return assoc.is_established and int(assoc.send_c_echo().Status) == 0
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+# ---- targeted bad input -----------------------------------------------------------------------------
+
+def _send_ds(port: int, ds: pydicom.Dataset, context=CTImageStorage) -> int:
+    ae = AE(ae_title="BADINPUT")
+    ae.add_requested_context(context, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="QCNODE")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("StudyInstanceUID", "../../../../tmp/evil"), ("SeriesInstanceUID", "1.2.3/../../.."),
+    ("StudyInstanceUID", "/etc/passwd"), ("SeriesInstanceUID", "..")])
+def test_path_traversal_uids_are_refused(node, field, value):
+    ds = _fresh_base()
+    setattr(ds, field, value)
+    before = set(Path("/tmp").glob("evil*"))
+    assert _send_ds(node.scp.port, ds) == scp_mod.INVALID_UID
+    with node.sf() as s:
+        assert s.scalar(select(func.count(QuarantineRecord.id))
+                        .where(QuarantineRecord.sop_instance_uid == str(ds.SOPInstanceUID))) == 1
+        assert s.scalar(select(Instance.id).where(Instance.sop_instance_uid == str(ds.SOPInstanceUID))) is None
+    assert set(Path("/tmp").glob("evil*")) == before
+    spool = node.cfg.path(node.cfg.storage.spool_dir).resolve()
+    for p in spool.rglob("*"):  # nothing was written outside the UID-named tree
+        assert ".." not in p.relative_to(spool).parts
+
+
+def test_sop_instance_uid_traversal_in_request(node, tmp_path):
+    """A crafted SOP Instance UID in the C-STORE request itself (raw bytes: pynetdicom would refuse)."""
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ds = _fresh_base()
+        ds.SOPInstanceUID = "../../x"
+        path = _file_with_body("../../x", str(CTImageStorage), _encode_body(ds), tmp_path / "t.dcm")
+        sender = Sender(node.scp.port)
+        try:
+            status = sender.send(path)
+        except (ValueError, AttributeError):
+            pytest.skip("pynetdicom refuses to send an invalid Affected SOP Instance UID")
+        finally:
+            sender.close()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+    assert status in (scp_mod.INVALID_UID, scp_mod.DATASET_MISMATCH)
+    assert not list(node.cfg.path(node.cfg.storage.spool_dir).rglob("x.dcm"))
+
+
+def test_non_ct_sop_classes_are_refused_with_quarantine(node):
+    ds = _fresh_base()
+    ds.SOPClassUID = MRImageStorage
+    ds.Modality = "MR"
+    assert _send_ds(node.scp.port, ds, MRImageStorage) == scp_mod.SOP_CLASS_NOT_SUPPORTED
+    ds2 = _fresh_base()
+    ds2.SOPClassUID = SecondaryCaptureImageStorage
+    assert _send_ds(node.scp.port, ds2, SecondaryCaptureImageStorage) == scp_mod.SOP_CLASS_NOT_SUPPORTED
+    with node.sf() as s:
+        got = set(s.scalars(select(QuarantineRecord.sop_instance_uid).where(
+            QuarantineRecord.sop_instance_uid.in_([str(ds.SOPInstanceUID), str(ds2.SOPInstanceUID)]))))
+    assert got == {str(ds.SOPInstanceUID), str(ds2.SOPInstanceUID)}
+
+
+def test_aborted_associations_and_truncated_pdus(node):
+    port = node.scp.port
+    # 1. an association aborted by the sender in the middle of its work
+    ae = AE(ae_title="ABORTER")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="QCNODE")
+    assert assoc.is_established
+    assoc.abort()
+    # 2. raw sockets: garbage, a truncated A-ASSOCIATE-RQ, a P-DATA-TF announcing more than it sends
+    rq = _associate_rq_pdu("RAWSCU", "QCNODE")
+    for payload in (b"\x00" * 3, b"GET / HTTP/1.1\r\n\r\n", rq[: len(rq) // 2],
+                    struct.pack(">BBI", 0x01, 0, 10_000_000) + b"\x00" * 50):
+        _raw_send(port, payload)
+    # 3. an accepted association, then a P-DATA-TF truncated mid-PDU and the connection dropped
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(rq)
+        reply = sock.recv(6)
+        assert reply[:1] == b"\x02"  # A-ASSOCIATE-AC
+        pdv = b"\x01\x03" + b"\x00" * 40  # context 1, command fragment that never completes
+        sock.sendall(struct.pack(">BBI", 0x04, 0, 4000) + struct.pack(">I", 4000) + pdv)
+    time.sleep(0.5)
+    # the node still serves: a proper C-STORE afterwards succeeds
+    assert _send_ds(port, _fresh_base()) == scp_mod.SUCCESS
+    assert echo_ok(port)
+
+
+def _raw_send(port: int, payload: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(payload)
+        sock.settimeout(2)
+        try:
+            sock.recv(1024)
+        except (socket.timeout, ConnectionError):
+            pass
+
+
+def _associate_rq_pdu(calling: str, called: str) -> bytes:
+    """A minimal A-ASSOCIATE-RQ proposing CT Image Storage / Explicit VR Little Endian."""
+    def item(t: int, data: bytes) -> bytes:
+        return struct.pack(">BBH", t, 0, len(data)) + data
+    app = item(0x10, b"1.2.840.10008.3.1.1.1")
+    pc = item(0x20, b"\x01\x00\x00\x00" + item(0x30, str(CTImageStorage).encode())
+              + item(0x40, str(ExplicitVRLittleEndian).encode()))
+    user = item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.826.0.1.3680043.9.3811.2"))
+    body = (struct.pack(">HH", 1, 0) + called.ljust(16).encode() + calling.ljust(16).encode() + b"\x00" * 32
+            + app + pc + user)
+    return struct.pack(">BBI", 0x01, 0, len(body)) + body
+
+
+@pytest.mark.slow
+def test_4096_slice_is_scored_within_memory(node, scorer, tmp_path):
+    import psutil
+    ds = _fresh_base()
+    ds.Rows = ds.Columns = 4096
+    rng = np.random.default_rng(0)
+    ds.PixelData = (rng.normal(0, 30, (4096, 4096)) + 1000).astype(np.int16).tobytes()
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    assert _send_ds(node.scp.port, ds) == scp_mod.SUCCESS
+    with node.sf() as s:
+        rel = s.scalar(select(Instance.spool_path).where(Instance.sop_instance_uid == str(ds.SOPInstanceUID)))
+    path = node.scp.spool.abspath(rel)
+    before = psutil.Process().memory_info().rss / 2**20
+    with RssSampler(os.getpid(), interval=0.05) as rss:
+        outcome = _score_path(path, scorer)
+    grown_mb = rss.peak_mb - before
+    print(f"\n4096x4096 slice: {outcome}; peak RSS {rss.peak_mb:.0f} MiB (+{grown_mb:.0f} MiB while scoring)")
+    assert outcome == "scored"
+    assert grown_mb < 2048

@@ -1,0 +1,84 @@
+"""Shapes and gradients of the MD-IQA network and its ablation variants."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import DeformConv2d
+
+from iqa_helpers import TINY_CONFIG
+from qcnode.iqa.network import MDIQA, MDIQAConfig, preset_config
+
+torch.set_num_threads(1)
+
+
+def tiny(**kw) -> MDIQAConfig:
+    return MDIQAConfig.from_dict({**MDIQAConfig().to_dict(), **TINY_CONFIG, **kw})
+
+
+@pytest.mark.parametrize("branches", ["dual", "vit", "convnext"])
+@pytest.mark.parametrize("head", ["multiscale", "single", "regression"])
+def test_output_shapes_and_readout(branches, head):
+    torch.manual_seed(0)
+    m = MDIQA(tiny(branches=branches, head=head)).eval()
+    x = torch.rand(3, 1, 64, 64)
+    out = m(x)
+    if head == "regression":
+        assert out.shape == (3, 1)
+    else:
+        assert out.shape == (3, 3 if head == "multiscale" else 1, 41)
+    s, lo, hi = m.predict(x)
+    assert s.shape == lo.shape == hi.shape == (3,)
+    assert torch.all((0 <= lo) & (lo <= s) & (s <= hi) & (hi <= 4))
+
+
+def test_gradients_reach_both_branches_and_the_deformable_offsets():
+    torch.manual_seed(0)
+    m = MDIQA(tiny()).train()
+    assert sum(isinstance(mod, DeformConv2d) for mod in m.modules()) == 2  # two aligned scales
+    out = m(torch.rand(2, 1, 64, 64))
+    out.logsumexp(-1).sum().backward()
+    assert m.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert m.cnn.stem_0.weight.grad.abs().sum() > 0
+    for align in m.align:
+        # offsets start at zero but receive gradient through the deformable sampling
+        assert align.offset.weight.grad.abs().sum() > 0
+        assert align.deform.weight.grad.abs().sum() > 0
+
+
+def test_default_config_is_small_and_dual_needs_two_scales():
+    m = MDIQA(MDIQAConfig())
+    n = sum(p.numel() for p in m.parameters())
+    assert n * 4 < 25e6  # fits the 25 MB model budget in float32
+    with pytest.raises(ValueError):
+        MDIQAConfig(align_stages=(2,))
+    with pytest.raises(ValueError):
+        MDIQAConfig(head="nope")
+
+
+def test_config_roundtrip_and_paper_preset_builds():
+    cfg = preset_config("default", sigmas=[0.2, 0.4], input_size=96)
+    assert MDIQAConfig.from_dict(cfg.to_dict()) == cfg
+    paper = preset_config("paper")
+    assert paper.vit_name == "vit_small_patch16_224" and paper.convnext_name == "convnext_tiny"
+    m = MDIQA(paper)
+    assert m.vit.embed_dim == 384
+    assert m.vit.patch_embed.grid_size == (14, 14)
+
+
+def test_deform_conv3x3_equals_torchvision():
+    from torchvision.ops import deform_conv2d
+
+    from qcnode.iqa.network import deform_conv3x3
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 9, requires_grad=True)
+    off = (torch.randn(2, 18, 7, 9) * 1.5).requires_grad_()  # includes samples outside the map
+    w = torch.randn(4, 5, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    ref = deform_conv2d(x, off, w, b, padding=1)
+    got = deform_conv3x3(x, off, w, b)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    g_ref = torch.autograd.grad(ref.square().sum(), (x, off, w, b))
+    g_got = torch.autograd.grad(got.square().sum(), (x, off, w, b))
+    for a, e in zip(g_got, g_ref):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)

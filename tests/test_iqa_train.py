@@ -1,0 +1,97 @@
+"""Training: loss goes down, checkpoints load, resume, seeding, semi-supervised student, CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from iqa_helpers import TINY_CONFIG, make_tiny_dataset
+from qcnode.cli import main as qcnode_main
+from qcnode.iqa.data import cache_labeled, load_labeled
+from qcnode.iqa.network import MDIQA, MDIQAConfig
+from qcnode.iqa.scorer import Scorer, read_checkpoint
+from qcnode.iqa.train import TrainOptions, loss_fn, train
+
+torch.set_num_threads(1)
+CFG = {**MDIQAConfig().to_dict(), **TINY_CONFIG}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("iqa")
+    make_tiny_dataset(root / "train", n_sources=5, size=64)
+    make_tiny_dataset(root / "unlabeled", n_sources=2, size=64, seed=3, labeled=False, split="unlabeled")
+    return root
+
+
+@pytest.mark.parametrize("head", ["multiscale", "regression"])
+def test_a_few_steps_lower_the_loss(tiny_data, head):
+    torch.manual_seed(0)
+    cfg = MDIQAConfig.from_dict({**CFG, "head": head})
+    ds = load_labeled(tiny_data / "train")
+    x, y = cache_labeled(ds, cfg.input_size, cfg.window_hu), torch.from_numpy(ds.labels)
+    model = MDIQA(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(20):
+        loss = loss_fn(model, model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-3:]) < 0.75 * losses[0], losses
+
+
+def _opts(tiny_data, out, **kw):
+    base = dict(data=str(tiny_data / "train"), out=str(out), config=CFG, epochs=2, batch_size=8,
+                val_fraction=0.4, threads=1, seed=7)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def test_train_writes_loadable_checkpoint_and_resumes(tiny_data, tmp_path):
+    out = tmp_path / "m.pt"
+    summary = train(_opts(tiny_data, out, epochs=1))
+    assert out.is_file() and (tmp_path / "m.pt.state.pt").is_file()
+    assert len(summary["history"]) == 1
+    scorer = Scorer.load(out)
+    assert scorer.version.startswith("m-") and scorer.info["training"]["n_train"] > 0
+    assert scorer.config.interval_temperature > 0
+    res = scorer.score_hu([np.zeros((64, 64), np.float32)])
+    assert 0 <= res[0].score_low <= res[0].score <= res[0].score_high <= 4
+    summary2 = train(_opts(tiny_data, out, epochs=2, resume=True))
+    assert [h["epoch"] for h in summary2["history"]] == [1, 2]
+
+
+def test_training_is_seeded(tiny_data, tmp_path):
+    a = train(_opts(tiny_data, tmp_path / "a.pt", epochs=1, calibrate=False))
+    b = train(_opts(tiny_data, tmp_path / "b.pt", epochs=1, calibrate=False))
+    assert a["history"][0]["train_loss"] == pytest.approx(b["history"][0]["train_loss"], rel=1e-5)
+    wa = read_checkpoint(tmp_path / "a.pt")["state_dict"]
+    wb = read_checkpoint(tmp_path / "b.pt")["state_dict"]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_cli_semi_supervised_student(tiny_data, tmp_path):
+    out = tmp_path / "student.pt"
+    argv = ["train", "--data", str(tiny_data / "train"), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+            "--threads", "1", "--val-fraction", "0.4", "--unlabeled", str(tiny_data / "unlabeled"),
+            "--n-teachers", "2", "--pseudo-keep", "0.5", "--pseudo-max-std", "10"]
+    for k, v in TINY_CONFIG.items():
+        argv += ["--set", f"{k}={json.dumps(v)}"]
+    assert qcnode_main(argv) == 0
+    assert (tmp_path / "student.teacher1.pt").is_file() and (tmp_path / "student.teacher2.pt").is_file()
+    meta = read_checkpoint(out)["meta"]
+    semi = meta["semi_supervised"]
+    assert semi["n_unlabeled"] == 8 and semi["n_kept"] == 4  # keep the narrowest half
+    assert len(semi["teachers"]) == 2
+    assert meta["n_train"] > 0
+
+
+def test_cli_train_bad_arguments(tmp_path):
+    assert qcnode_main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "m.pt")]) == 2
+    (tmp_path / "d").mkdir()
+    assert qcnode_main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "m.pt"),
+                        "--set", "head=bogus"]) == 2

@@ -1,0 +1,130 @@
+"""A real PACS round trip: Debian's Orthanc receives a CT series from DCMTK storescu, its Lua
+``OnStableSeries`` forwards the stable CT series to `qcnode serve`, and qcnode's SR comes back into
+Orthanc (checked through Orthanc's REST API) referencing exactly the slices of that series."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from conftest import free_port
+from daemon_helpers import (checkpoint_for_tests, serve_process, stop_process, wait_for, wait_port, write_config,
+                            STORESCU)
+from qcnode.dicom.sr import read_series_sr
+from reliability_helpers import make_slices
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+pytestmark = [pytest.mark.orthanc, pytest.mark.slow, pytest.mark.timeout(400)]
+
+# Forward every stable CT series to qcnode; never the SRs that come back (no loop). The store goes
+# through Orthanc's job engine (REST /modalities/{id}/store): Lua's synchronous SendToModality fails
+# in Debian's Orthanc 1.10 with "Unable to read attachment dicom of instance".
+LUA_FORWARD = """
+function OnStableSeries(seriesId, tags, metadata)
+  if tags['Modality'] == 'CT' then
+    RestApiPost('/modalities/qcnode/store', seriesId, false)
+  end
+end
+"""
+
+
+class Orthanc:
+    """An Orthanc instance on loopback with its own storage, stopped on ``stop()``."""
+
+    def __init__(self, workdir: Path, qcnode_port: int, qcnode_aet: str = "QCNODE"):
+        self.http_port, self.dicom_port = free_port(), free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "forward.lua").write_text(LUA_FORWARD)
+        config = {
+            "Name": "qcnode-test", "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomModalities": {"qcnode": [qcnode_aet, "127.0.0.1", qcnode_port]},
+            "StableAge": 2, "LuaScripts": [str(workdir / "forward.lua")], "Plugins": [],
+            "DicomCheckCalledAet": False, "HttpTimeout": 30, "ConcurrentJobs": 1,
+        }
+        (workdir / "orthanc.json").write_text(json.dumps(config, indent=1))
+        self.log = open(workdir / "orthanc.log", "wb")
+        self.proc = subprocess.Popen([ORTHANC, str(workdir / "orthanc.json")], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        wait_for(self._up, 60, interval=0.3, what="Orthanc's REST API")
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"Orthanc exited with {self.proc.returncode}")
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str, raw: bool = False):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
+            data = r.read()
+        return data if raw else json.loads(data)
+
+    def post(self, path: str, body: dict):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.log.close()
+
+
+@pytest.fixture
+def orthanc_and_node(tmp_path, port):
+    if not Path(ORTHANC).exists():
+        pytest.fail("Orthanc not installed (scripts/setup.sh --test installs Debian's orthanc)")
+    pacs = Orthanc(tmp_path / "orthanc", port)
+    cfg_path = write_config(tmp_path, port, checkpoint=checkpoint_for_tests(tmp_path), destinations=[
+        {"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port, "send": ["sr"]}])
+    node = serve_process(cfg_path)
+    try:
+        wait_port(port, 120, node)
+        yield pacs, node
+    finally:
+        stop_process(node)
+        pacs.stop()
+
+
+def test_orthanc_forwards_stable_ct_and_receives_the_sr(tmp_path, orthanc_and_node, shared_ct):
+    pacs, node = orthanc_and_node
+    files = make_slices(sorted((shared_ct / "ge_head").glob("*.dcm"))[:5], tmp_path / "in", 5)
+    sent = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    series_uid, study_uid = str(sent[0].SeriesInstanceUID), str(sent[0].StudyInstanceUID)
+    t0 = time.monotonic()
+    res = subprocess.run([STORESCU, "-aet", "SCANNER", "-aec", "ORTHANC", "127.0.0.1", str(pacs.dicom_port),
+                          *map(str, files)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+    def sr_series():
+        found = pacs.post("/tools/find", {"Level": "Series", "Query": {"Modality": "SR"}, "Expand": True})
+        return found if found and found[0].get("IsStable") else None
+    found = wait_for(sr_series, 240, interval=1.0, what="qcnode's SR back in Orthanc")
+    elapsed = time.monotonic() - t0
+    assert len(found) == 1
+    instances = found[0]["Instances"]
+    assert len(instances) == 1  # one SR for the one CT series
+    tags = pacs.get(f"/instances/{instances[0]}/simplified-tags")
+    assert tags["Modality"] == "SR" and tags["StudyInstanceUID"] == study_uid
+    sr = pydicom.dcmread(io.BytesIO(pacs.get(f"/instances/{instances[0]}/file", raw=True)))
+    parsed = read_series_sr(sr)
+    assert parsed["source_series_instance_uid"] == series_uid
+    assert {x["sop_instance_uid"] for x in parsed["slices"]} == {str(d.SOPInstanceUID) for d in sent}
+    assert parsed["summary"]["n_slices"] == len(files)
+    # Orthanc holds exactly the CT series and the SR series in that study (the SR was not bounced back)
+    study = pacs.post("/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": study_uid}, "Expand": True})
+    assert len(study) == 1 and len(study[0]["Series"]) == 2
+    ct = pacs.post("/tools/find", {"Level": "Series", "Query": {"SeriesInstanceUID": series_uid}, "Expand": True})
+    assert len(ct[0]["Instances"]) == len(files)
+    print(f"\northanc round trip: {len(files)} CT slices -> Orthanc -> qcnode -> SR in Orthanc in {elapsed:.1f}s")
