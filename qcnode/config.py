@@ -30,6 +30,7 @@ class NodeConfig:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    max_pdu_size: int = 262144
     allowed_ae_titles: list[str] = field(default_factory=list)
     allowed_ips: list[str] = field(default_factory=list)
     tls_enabled: bool = False
@@ -246,6 +247,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("node.ae_title must be 1-16 characters")
     if not (0 < cfg.node.port < 65536):
         raise ConfigError("node.port must be 1-65535")
+    if cfg.node.max_pdu_size != 0 and cfg.node.max_pdu_size < 4096:
+        raise ConfigError("node.max_pdu_size must be 0 (unlimited) or at least 4096 bytes")
     names = [d.name for d in cfg.destinations]
     if len(set(names)) != len(names) or any(not n for n in names):
         raise ConfigError("every [[destinations]] needs a unique, non-empty name")

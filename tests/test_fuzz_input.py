@@ -115,9 +115,8 @@ def _file_with_body(meta_uid: str, sop_class: str, body: bytes, path: Path) -> P
 
 
 def _encode_body(ds: pydicom.Dataset) -> bytes:
-    from io import BytesIO
-    from pydicom.filewriter import write_dataset
     from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
     write_dataset(fp, ds)
@@ -219,6 +218,7 @@ def test_fuzzed_datasets_through_receive_and_score_paths(node, scorer, tmp_path_
         status = sender.send(path)
         outcomes.append((sop_uid, status))
         assert status in KNOWN_STATUSES, f"unexpected status {status!r} for {muts!r}"
+        assert status != scp_mod.CANNOT_STORE, f"internal error (0xC004) on bad input {muts!r}"
         scored[_score_path(path, scorer)] += 1
 
     t0 = time.monotonic()

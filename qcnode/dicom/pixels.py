@@ -6,6 +6,8 @@ simulator. Any transfer syntax pydicom decodes with the pylibjpeg plugins works
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -100,14 +102,15 @@ def skip_reason(ds: Dataset) -> str | None:
 def is_axial(orientation: Any) -> bool:
     """True when the slice normal of ImageOrientationPatient is within AXIAL_MIN_COS of z."""
     try:
-        v = np.asarray([float(x) for x in orientation], dtype=float)
+        v = [float(x) for x in orientation]
     except (TypeError, ValueError):
         return False
-    if v.shape != (6,):
+    if len(v) != 6 or not all(math.isfinite(x) for x in v):
         return False
-    normal = np.cross(v[:3], v[3:])
-    n = np.linalg.norm(normal)
-    return bool(n > 0 and abs(normal[2]) / n >= AXIAL_MIN_COS)
+    (ax, ay, az), (bx, by, bz) = v[:3], v[3:]  # plain floats: called per received instance
+    nx, ny, nz = ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx
+    n = math.sqrt(nx * nx + ny * ny + nz * nz)
+    return bool(n > 0 and abs(nz) / n >= AXIAL_MIN_COS)
 
 
 def _transfer_syntax(ds: Dataset) -> str:

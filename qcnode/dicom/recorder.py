@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -56,9 +56,18 @@ class PendingInstance:
     future: Future = field(default_factory=Future)
 
 
-def _dialect_insert(session: Session, model: Any) -> Any:
+_INSTANCES = Instance.__table__
+_SERIES = Series.__table__
+# the series touched by a batch: receiving again, newest arrival, instance count
+_TOUCH_SERIES = (update(_SERIES).where(_SERIES.c.id == bindparam("sid"))
+                 .values(status="receiving", last_received_at=bindparam("when"),
+                         instance_count=select(func.count(_INSTANCES.c.id))
+                         .where(_INSTANCES.c.series_id == bindparam("sid")).scalar_subquery()))
+
+
+def _dialect_insert(conn: Connection, model: Any) -> Any:
     table = model.__table__  # Core statements: executemany without the ORM bulk machinery
-    return pg_insert(table) if session.get_bind().dialect.name == "postgresql" else sqlite_insert(table)
+    return pg_insert(table) if conn.dialect.name == "postgresql" else sqlite_insert(table)
 
 
 def _group_by_keys(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -80,6 +89,7 @@ class InstanceRecorder:
         self._start_lock = threading.Lock()
         self._study_ids: dict[str, int] = {}
         self._series_ids: dict[str, int] = {}
+        self._statements: dict[tuple[Any, ...], Any] = {}  # built once: building them costs more than running
         self.batches = 0
         self.records = 0
 
@@ -181,44 +191,35 @@ class InstanceRecorder:
         new_studies: dict[str, int] = {}
         new_series: dict[str, int] = {}
         with self.session_factory() as s:
+            conn = s.connection()
             todo = batch
             identical = [p.sop_uid for p in batch if p.identical]
             if identical:  # an exact resend of a recorded instance changes nothing
-                known = set(s.scalars(select(Instance.sop_instance_uid)
-                                      .where(Instance.sop_instance_uid.in_(identical))))
+                known = set(conn.scalars(select(_INSTANCES.c.sop_instance_uid)
+                                         .where(_INSTANCES.c.sop_instance_uid.in_(identical))))
                 todo = [p for p in batch if not (p.identical and p.sop_uid in known)]
             if not todo:
                 s.commit()
                 return
-            study_ids = self._ids(s, Study, "study_instance_uid",
+            study_ids = self._ids(conn, Study, "study_instance_uid",
                                   {p.study_uid: p.study_values for p in todo}, self._study_ids, new_studies)
             series_rows = {p.series_uid: {**p.series_values, "study_id": study_ids[p.study_uid]} for p in todo}
-            series_ids = self._ids(s, Series, "series_instance_uid", series_rows, self._series_ids, new_series)
+            series_ids = self._ids(conn, Series, "series_instance_uid", series_rows, self._series_ids, new_series)
             last: dict[str, PendingInstance] = {}
             for p in todo:  # one row per SOP Instance UID (a resend within the batch: the last wins)
                 last[p.sop_uid] = p
             rows = [{**p.instance_values, "series_id": series_ids[p.series_uid]} for p in last.values()]
             for group in _group_by_keys(rows):
-                stmt = _dialect_insert(s, Instance)
-                cols = [k for k in group[0] if k != "sop_instance_uid"]
-                stmt = stmt.on_conflict_do_update(index_elements=["sop_instance_uid"],
-                                                  set_={k: stmt.excluded[k] for k in cols})
-                s.execute(stmt, group)
+                conn.execute(self._upsert(conn, Instance, "sop_instance_uid", tuple(group[0])), group)
             latest: dict[int, dt.datetime] = {}
             for p in todo:
                 sid = series_ids[p.series_uid]
                 latest[sid] = max(latest.get(sid, p.received_at), p.received_at)
-            for sid, when in latest.items():
-                count = select(func.count(Instance.id)).where(Instance.series_id == sid).scalar_subquery()
-                s.execute(update(Series).where(Series.id == sid).values(
-                    status="receiving", last_received_at=when, instance_count=count))
+            conn.execute(_TOUCH_SERIES, [{"sid": sid, "when": when} for sid, when in latest.items()])
             for p in todo:
                 if p.dose_report is not None:
                     dr = {**p.dose_report, "study_id": study_ids[p.study_uid]}
-                    stmt = _dialect_insert(s, DoseReport).values(**dr)
-                    s.execute(stmt.on_conflict_do_update(
-                        index_elements=["sop_instance_uid"],
-                        set_={k: v for k, v in dr.items() if k != "sop_instance_uid"}))
+                    conn.execute(self._upsert(conn, DoseReport, "sop_instance_uid", tuple(dr)), dr)
             s.commit()
         self._study_ids.update(new_studies)
         self._series_ids.update(new_series)
@@ -226,21 +227,32 @@ class InstanceRecorder:
             if len(cache) > 100_000:  # bound memory on a node that runs for months
                 cache.clear()
 
+    def _upsert(self, conn: Connection, model: Any, key: str, columns: tuple[str, ...]) -> Any:
+        """INSERT ... ON CONFLICT (key) DO UPDATE SET <columns> = excluded.<columns> (cached)."""
+        cache_key = ("upsert", conn.dialect.name, model.__tablename__, columns)
+        stmt = self._statements.get(cache_key)
+        if stmt is None:
+            stmt = _dialect_insert(conn, model)
+            stmt = stmt.on_conflict_do_update(index_elements=[key],
+                                              set_={c: stmt.excluded[c] for c in columns if c != key})
+            self._statements[cache_key] = stmt
+        return stmt
+
     @staticmethod
-    def _ids(s: Session, model: Any, key: str, values: dict[str, dict[str, Any]], cache: dict[str, int],
+    def _ids(s: Connection, model: Any, key: str, values: dict[str, dict[str, Any]], cache: dict[str, int],
              new: dict[str, int]) -> dict[str, int]:
         """Ids of the rows with these UIDs, inserting missing ones (insert-or-ignore + select)."""
-        col = getattr(model, key)
+        col = model.__table__.c[key]
         out = {uid: cache[uid] for uid in values if uid in cache}
         missing = [uid for uid in values if uid not in out]
         if not missing:
             return out
-        found = dict(s.execute(select(col, model.id).where(col.in_(missing))).all())
+        found = dict(s.execute(select(col, model.__table__.c.id).where(col.in_(missing))).all())
         absent = [uid for uid in missing if uid not in found]
         if absent:
             for group in _group_by_keys([values[uid] for uid in absent]):
                 s.execute(_dialect_insert(s, model).on_conflict_do_nothing(index_elements=[key]), group)
-            found.update(s.execute(select(col, model.id).where(col.in_(absent))).all())
+            found.update(s.execute(select(col, model.__table__.c.id).where(col.in_(absent))).all())
         ids = {uid: int(found[uid]) for uid in missing}
         new.update(ids)
         out.update(ids)

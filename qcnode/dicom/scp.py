@@ -149,6 +149,8 @@ def _check_native_pixel_length(ds: Dataset) -> None:
     except (AttributeError, TypeError, ValueError) as exc:
         raise Refused(INCONSISTENT, f"image pixel module incomplete: {exc}") from exc
     expected = rows * cols * spp * frames * bits // 8
+    if not ds.PixelData:  # present but empty
+        raise Refused(NO_PIXEL_DATA, "CT image with empty pixel data")
     actual = len(ds.PixelData)
     if actual < expected:
         raise Refused(INCONSISTENT, f"pixel data has {actual} bytes, Rows x Columns x frames needs {expected}")
@@ -182,6 +184,7 @@ class StorageSCP:
         ae.acse_timeout = node.acse_timeout
         ae.dimse_timeout = node.dimse_timeout
         ae.network_timeout = node.network_timeout
+        ae.maximum_pdu_size = node.max_pdu_size
         ae.add_supported_context(Verification)
         seen = set()
         for uid in sorted(ACCEPTED_CLASSES):
@@ -302,6 +305,9 @@ class StorageSCP:
                     ds.file_meta = FileMetaDataset()
                 ds.file_meta.TransferSyntaxUID = event.context.transfer_syntax
                 ds.SOPClassUID  # noqa: B018 - force parsing of the key elements
+                for tag in list(ds.keys()):  # decode the public top-level elements now: a bad VR or
+                    if not tag.is_private:   # length is C210 here, not C004 later (private: as sent)
+                        ds[tag]
             except Exception as exc:  # noqa: BLE001
                 raise Refused(CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}: {exc}") from exc
             self._store_dataset(ds, raw, info)

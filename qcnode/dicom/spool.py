@@ -20,6 +20,8 @@ from typing import Any
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+# what instance_relpath / sr_relpath build: UID folders and a UID file name (no resolve() needed)
+_SAFE_RELPATH_RE = re.compile(r"(sr/)?([0-9]+(\.[0-9]+)*/){2}[0-9]+(\.[0-9]+)*\.dcm")
 
 
 class InvalidUID(ValueError):
@@ -119,6 +121,8 @@ class Spool:
 
     def abspath(self, relpath: str) -> Path:
         """Absolute path of a spool-relative path; refuses anything outside the spool."""
+        if _SAFE_RELPATH_RE.fullmatch(relpath):  # built from validated UIDs: no "..", no "/" prefix
+            return self.root / relpath
         p = (self.root / relpath).resolve()
         if p != self.root and self.root not in p.parents:
             raise InvalidUID(f"path escapes the spool: {relpath[:120]!r}")

@@ -70,6 +70,17 @@ def migrate(url: str, revision: str = "head") -> None:
         engine.dispose()
 
 
+def _fast_dicom_reading() -> None:
+    """Skip pydicom's per-value regex validation while reading (it only ever warns).
+
+    The node checks what it relies on itself (UIDs used in paths, pixel module sizes); pydicom's
+    validation of every UID and string read (also in pynetdicom's DIMSE layer, and when pynetdicom
+    copies the presentation contexts for each association) is a large share of the receive CPU.
+    """
+    import pydicom.config
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
 def _loop(name: str, fn: Callable[[], Any], interval: float, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
@@ -85,6 +96,7 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
           stop: threading.Event | None = None, install_signals: bool = True) -> int:
     """Run the daemon until SIGTERM/SIGINT (or ``stop`` is set). Returns the exit code."""
     os.umask(0o077)  # database, spool, quarantine, logs: owner-only (0600 files, 0700 folders)
+    _fast_dicom_reading()
     configure_logging(cfg.logging.level, cfg.path(cfg.logging.file) if cfg.logging.file else None)
     run_worker = cfg.worker.enabled if run_worker is None else run_worker
     stop = stop or threading.Event()
