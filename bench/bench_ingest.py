@@ -1,11 +1,14 @@
 """Ingest benchmark: DCMTK storescu, 4 parallel associations, >= 300 CT slices of 512x512 into
-`qcnode serve` (durable spool + SQLite), while the worker scores a series sent just before.
-Prints slices/s acknowledged and the daemon's resident memory. Usage:
+`qcnode serve` (durable spool + SQLite), while the worker scores a series sent just before (the
+ingest starts once a scoring job is running). Prints slices/s acknowledged, the CPU time the daemon
+used per slice, its resident memory (all its processes) and the load average (the host is shared:
+compare runs made under similar load). Usage:
     .venv/bin/python bench/bench_ingest.py [--slices 320] [--parallel 4]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +22,67 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import SHARED_CT, free_port  # noqa: E402
 from daemon_helpers import (STORESCU, checkpoint_for_tests, copy_series, serve_process, stop_process,  # noqa: E402
-                            storescu, wait_port, write_config)
+                            storescu, wait_for, wait_port, write_config)
+
+
+def _tree(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return [proc]
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    total = 0.0
+    for p in _tree(proc):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _cpu_by_role(proc: psutil.Process, port: int) -> dict[str, float]:
+    """CPU seconds per kind of daemon process: SCP (listens on ``port``), worker, other."""
+    out: dict[str, float] = {}
+    for p in _tree(proc):
+        try:
+            t = p.cpu_times()
+            listens = any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                          for c in p.net_connections(kind="tcp"))
+            role = "scp" if listens else ("worker" if p.memory_info().rss > 400 * 2**20 else "other")
+        except psutil.Error:
+            continue
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
+def _rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in _tree(proc):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" ({os.cpu_count()} CPUs)"
+
+
+def _jobs_running(cfg_path: Path) -> bool:
+    from sqlalchemy import func, select
+    from qcnode.config import load_config
+    from qcnode.db.engine import make_engine
+    from qcnode.db.models import Job
+    engine = make_engine(load_config(cfg_path).database_url)
+    try:
+        with engine.connect() as conn:
+            return bool(conn.scalar(select(func.count(Job.id)).where(Job.status == "running")))
+    finally:
+        engine.dispose()
 
 
 def main() -> int:
@@ -48,31 +111,45 @@ def main() -> int:
         proc = serve_process(cfg, *(["--no-worker"] if args.no_worker else []))
         peak = [0]
         stop = threading.Event()
+        daemon = psutil.Process(proc.pid)
 
         def sample() -> None:
-            p = psutil.Process(proc.pid)
             while not stop.is_set():
-                try:
-                    peak[0] = max(peak[0], p.memory_info().rss)
-                except psutil.Error:
-                    return
+                peak[0] = max(peak[0], _rss(daemon))
                 time.sleep(0.1)
         threading.Thread(target=sample, daemon=True).start()
         try:
             wait_port(port, 120, proc)
             storescu(port, warm)  # the worker scores this series during the measured ingest
-            time.sleep(1.0)
+            if not args.no_worker:
+                print("waiting for the worker to start scoring ...", flush=True)
+                try:
+                    wait_for(lambda: _jobs_running(cfg), 180, interval=0.1, what="a running scoring job")
+                except TimeoutError as exc:
+                    print(f"warning: {exc}; measuring anyway")
+            else:
+                time.sleep(1.0)
             total = sum(len(g) for g in groups)
+            print(f"before: {_load()}")
+            cpu0 = _cpu_seconds(daemon)
+            roles0 = _cpu_by_role(daemon, port)
             t0 = time.perf_counter()
             procs = [subprocess.Popen([STORESCU, "-aet", f"BENCH{i}", "-aec", "QCNODE", "127.0.0.1", str(port),
                                        *map(str, g)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                      for i, g in enumerate(groups)]
             rcs = [p.wait() for p in procs]
             dt = time.perf_counter() - t0
+            cpu = _cpu_seconds(daemon) - cpu0
+            roles = {k: v - roles0.get(k, 0.0) for k, v in _cpu_by_role(daemon, port).items()}
+            scoring = "" if args.no_worker else f", worker scoring: {_jobs_running(cfg)}"
             print(f"ingest: {total} slices of 512x512 over {args.parallel} associations in {dt:.2f} s "
                   f"= {total / dt:.0f} slices/s acknowledged (storescu exit codes {rcs})")
+            print(f"daemon CPU during the ingest: {cpu:.2f} s = {cpu * 1000 / total:.1f} ms/slice "
+                  f"(all its processes{scoring}); by role: "
+                  + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(roles.items())))
+            print(f"after:  {_load()}")
             time.sleep(3)
-            print(f"daemon peak RSS so far: {peak[0] / 2**20:.0f} MiB")
+            print(f"daemon peak RSS so far: {peak[0] / 2**20:.0f} MiB (sum over its processes)")
             out = subprocess.run([sys.executable, "-m", "qcnode.cli", "status", "--config", str(cfg)],
                                  capture_output=True, text=True, cwd=ROOT)
             print(out.stdout)

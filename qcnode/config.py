@@ -31,6 +31,7 @@ class NodeConfig:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     max_pdu_size: int = 262144
+    scp_processes: int = 0
     allowed_ae_titles: list[str] = field(default_factory=list)
     allowed_ips: list[str] = field(default_factory=list)
     tls_enabled: bool = False
@@ -77,6 +78,8 @@ class WorkerConfig:
     lease_seconds: float = 300.0
     poll_interval_seconds: float = 0.5
     max_attempts: int = 5
+    separate_process: bool = True
+    nice: int = 10
 
 
 @dataclass
@@ -247,6 +250,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("node.ae_title must be 1-16 characters")
     if not (0 < cfg.node.port < 65536):
         raise ConfigError("node.port must be 1-65535")
+    if not 0 <= cfg.node.scp_processes <= 64:
+        raise ConfigError("node.scp_processes must be 0 (one per CPU core) to 64")
     if cfg.node.max_pdu_size != 0 and cfg.node.max_pdu_size < 4096:
         raise ConfigError("node.max_pdu_size must be 0 (unlimited) or at least 4096 bytes")
     names = [d.name for d in cfg.destinations]

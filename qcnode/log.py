@@ -74,7 +74,9 @@ def configure_logging(level: str = "info", file: str | os.PathLike[str] | None =
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if lvl > logging.DEBUG else logging.INFO)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     structlog.configure(
-        processors=[*_shared_processors(), structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # filter_by_level first: a disabled level (e.g. the per-instance debug line) costs ~nothing
+        processors=[structlog.stdlib.filter_by_level, *_shared_processors(),
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,

@@ -28,7 +28,6 @@ from conftest import free_port
 from daemon_helpers import checkpoint_for_tests
 from qcnode.db.models import Instance, QuarantineRecord
 from qcnode.dicom import scp as scp_mod
-from qcnode.dicom.pixels import SkipSlice, UnreadableFile, load_slices
 from reliability_helpers import RssSampler, start_scp
 
 FUZZ_EXAMPLES = int(os.environ.get("QCNODE_FUZZ_EXAMPLES", "1000"))
@@ -186,19 +185,18 @@ def _mutant(muts: list) -> tuple[str, bytes]:
 
 
 def _score_path(path: Path, scorer) -> str:
-    """What `qcnode score` and the worker do with a file: decode to HU slices, score them.
-    Returns 'scored' or 'skipped'; any other exception is a bug."""
-    try:
-        slices = load_slices(path)
-    except (SkipSlice, UnreadableFile):
-        return "skipped"
-    if not slices:
-        return "skipped"
-    qualities = scorer.score_hu([s.hu for s in slices], 4)
-    assert len(qualities) == len(slices)
-    for q in qualities:
-        assert np.isfinite(q.score) and 0.0 <= q.score <= 4.0
-    return "scored"
+    """`qcnode score`'s code path (``score_paths``) on one file: 'scored' or 'skipped'. A skip must
+    carry a clear reason (SkipSlice / unreadable), never an unexpected exception."""
+    from qcnode.iqa.commands import score_paths
+    doc = score_paths(scorer, [path], batch_size=4, progress=lambda *_: None)
+    slices = [r for e in doc["series"] for r in e["slices"]]
+    skipped = [r for e in doc["series"] for r in e["skipped"]]
+    assert len(slices) + len(skipped) >= 1
+    for r in skipped:
+        assert not r["reason"].startswith("error:"), r["reason"]
+    for r in slices:
+        assert np.isfinite(r["score"]) and 0.0 <= r["score"] <= 4.0
+    return "scored" if slices and not skipped else "skipped"
 
 
 def test_fuzzed_datasets_through_receive_and_score_paths(node, scorer, tmp_path_factory):

@@ -75,6 +75,14 @@ def renew_lease(session: Session, model: type, row_id: int, owner: str, lease_se
     return res.rowcount == 1
 
 
+def _pid_alive(pid: int) -> bool:
+    """True when process ``pid`` exists and is not a zombie (a killed child not yet reaped)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def release_dead_local_leases(session: Session, model: type, running_status: str = "running") -> int:
     """Expire leases held by processes of this host that no longer exist (after kill -9 and restart),
     so their rows are picked up at once instead of after the lease time. Returns the count."""
@@ -88,7 +96,7 @@ def release_dead_local_leases(session: Session, model: type, running_status: str
             pid = int(str(lease_owner).split(":")[1])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and not psutil.pid_exists(pid):
+        if pid != os.getpid() and not _pid_alive(pid):
             dead.append(row_id)
     if dead:
         session.execute(update(model).where(m.id.in_(dead)).values(lease_expires_at=utcnow()

@@ -57,6 +57,17 @@ class CTSlice:
 
 def read_dataset(path: str | Path, stop_before_pixels: bool = False) -> Dataset:
     """Read a DICOM file; raises UnreadableFile with a clear reason on any failure."""
+    ds = _read(path, stop_before_pixels)
+    try:  # pydicom decodes lazily: decode the public top-level elements now, so that a bad VR or
+        for tag in list(ds.keys()):  # length is "unreadable" here, not an odd exception later
+            if not tag.is_private:
+                ds[tag]
+    except Exception as exc:  # noqa: BLE001
+        raise UnreadableFile(f"cannot parse DICOM: {type(exc).__name__}: {exc}") from exc
+    return ds
+
+
+def _read(path: str | Path, stop_before_pixels: bool) -> Dataset:
     try:
         return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels, force=False)
     except pydicom.errors.InvalidDicomError:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,8 @@ class InstanceRecorder:
         self._statements: dict[tuple[Any, ...], Any] = {}  # built once: building them costs more than running
         self.batches = 0
         self.records = 0
+        self.begin_wait_s = 0.0      # time spent waiting for the database write lock
+        self.begin_wait_max_s = 0.0
 
     # ---- handler side --------------------------------------------------------------------------
     def record(self, pending: PendingInstance, timeout: float = RECORD_TIMEOUT_S) -> None:
@@ -113,6 +116,10 @@ class InstanceRecorder:
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(timeout)
+        if self.batches:
+            log.info("recorder_stats", batches=self.batches, records=self.records,
+                     mean_batch=round(self.records / self.batches, 2),
+                     lock_wait_s=round(self.begin_wait_s, 3), lock_wait_max_s=round(self.begin_wait_max_s, 3))
 
     # ---- writer thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -191,7 +198,11 @@ class InstanceRecorder:
         new_studies: dict[str, int] = {}
         new_series: dict[str, int] = {}
         with self.session_factory() as s:
-            conn = s.connection()
+            t0 = time.monotonic()
+            conn = s.connection()  # SQLite: BEGIN IMMEDIATE, i.e. wait for the write lock
+            waited = time.monotonic() - t0
+            self.begin_wait_s += waited
+            self.begin_wait_max_s = max(self.begin_wait_max_s, waited)
             todo = batch
             identical = [p.sop_uid for p in batch if p.identical]
             if identical:  # an exact resend of a recorded instance changes nothing

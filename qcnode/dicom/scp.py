@@ -22,15 +22,19 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import socket
 import ssl
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.acse import ACSE
+from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage,
                                   Verification, XRayRadiationDoseSRStorage)
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
@@ -135,6 +139,29 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
+# VRs whose value conversion cannot fail unless pydicom's reading validation is RAISE (text is
+# decoded with replacement, UIDs/dates stay strings, byte VRs stay bytes): skipped by the eager decode
+_LENIENT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "LO", "SH", "LT", "ST", "UC", "UT", "UR",
+                          "PN", "OB", "OD", "OF", "OL", "OV", "OW"})
+
+
+def _decode_public_elements(ds: Dataset) -> None:
+    """Convert every public top-level element whose conversion can fail (numbers, sequences,
+    unknown/UN VRs); raises what pydicom raises. Private elements are kept as sent."""
+    strict = pydicom_config.settings.reading_validation_mode == pydicom_config.RAISE
+    for tag in list(ds.keys()):
+        if tag.is_private:
+            continue
+        vr = getattr(ds.get_item(tag), "VR", None)
+        if vr is None:  # implicit VR: the dictionary's
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = None
+        if strict or vr not in _LENIENT_VRS:
+            ds[tag]
+
+
 def _check_native_pixel_length(ds: Dataset) -> None:
     """For uncompressed syntaxes: PixelData must hold Rows x Columns x frames x samples x bits."""
     meta = getattr(ds, "file_meta", None)
@@ -154,6 +181,14 @@ def _check_native_pixel_length(ds: Dataset) -> None:
     actual = len(ds.PixelData)
     if actual < expected:
         raise Refused(INCONSISTENT, f"pixel data has {actual} bytes, Rows x Columns x frames needs {expected}")
+
+
+class _ReusePortServer(ThreadedAssociationServer):
+    """A pynetdicom server whose listening socket may be shared by several processes."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 class StorageSCP:
@@ -208,14 +243,25 @@ class StorageSCP:
             (ssl.CERT_OPTIONAL if node.tls_ca else ssl.CERT_NONE)
         return ctx
 
-    def start(self) -> None:
-        """Listen on ``node.host:node.port`` in background threads."""
+    def start(self, reuse_port: bool = False) -> None:
+        """Listen on ``node.host:node.port`` in background threads.
+
+        ``reuse_port``: bind with SO_REUSEPORT so that several SCP processes share the port (the
+        kernel spreads the incoming associations over them; Linux)."""
         handlers = [(evt.EVT_CONN_OPEN, self._on_conn_open), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
-        self.server = self.ae.start_server((self.cfg.node.host, self.cfg.node.port), block=False,
-                                           evt_handlers=handlers, ssl_context=self.ssl_context())
+        address = (self.cfg.node.host, self.cfg.node.port)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            # what AE.start_server(block=False) does, with a server class that sets SO_REUSEPORT
+            self.server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=self.ssl_context(),
+                                              server_class=_ReusePortServer)
+            threading.Thread(target=self.server.serve_forever, name="scp-acceptor", daemon=True).start()
+            self.ae._servers.append(self.server)  # noqa: SLF001 - as start_server does (shutdown removes it)
+        else:
+            self.server = self.ae.start_server(address, block=False, evt_handlers=handlers,
+                                               ssl_context=self.ssl_context())
         log.info("scp_listening", ae_title=self.cfg.node.ae_title, host=self.cfg.node.host,
-                 port=self.server.server_address[1], tls=self.cfg.node.tls_enabled)
+                 port=self.server.server_address[1], tls=self.cfg.node.tls_enabled, shared_port=reuse_port)
 
     @property
     def port(self) -> int:
@@ -305,9 +351,7 @@ class StorageSCP:
                     ds.file_meta = FileMetaDataset()
                 ds.file_meta.TransferSyntaxUID = event.context.transfer_syntax
                 ds.SOPClassUID  # noqa: B018 - force parsing of the key elements
-                for tag in list(ds.keys()):  # decode the public top-level elements now: a bad VR or
-                    if not tag.is_private:   # length is C210 here, not C004 later (private: as sent)
-                        ds[tag]
+                _decode_public_elements(ds)  # a bad VR or length is C210 here, not C004 later
             except Exception as exc:  # noqa: BLE001
                 raise Refused(CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}: {exc}") from exc
             self._store_dataset(ds, raw, info)

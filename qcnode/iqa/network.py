@@ -3,11 +3,13 @@ several scales, a weighted patch head and multi-scale Gaussian distribution regr
 
 Shape walk-through for the default configuration (input 1 x 128 x 128, windowed HU in [0, 1]):
 
-* ViT branch (timm ``vit_tiny_patch16_224`` reduced to depth 4, ``img_size=128``): tokens
-  (B, 1 + 64, 192) -> prefix tokens dropped -> map (B, 192, 8, 8).
-* ConvNeXt branch (timm ``convnext_atto``, ``features_only``): stage maps at strides 4/8/16/32;
+* Input: the windowed slice plus a fixed high-pass channel (see ``MDIQA.input_channels``).
+* ViT branch (timm ``vit_tiny_patch16_224`` reduced to depth 3, embed dim 128, 4 heads,
+  ``img_size=128``): tokens (B, 1 + 64, 128) -> prefix tokens dropped -> map (B, 128, 8, 8).
+* ConvNeXt branch (timm ``convnext_atto`` reduced to dims 32/64/128/256, depths 1/1/2/1,
+  ``features_only``): stage maps at strides 4/8/16/32;
   the ``align_stages`` (default 1 and 2: 16 x 16 and 8 x 8) are used, later stages are pruned.
-* For each align stage: ViT map -> 1x1 conv to ``align_dim`` (32) channels -> bilinear resize
+* For each align stage: ViT map -> 1x1 conv to ``align_dim`` (24) channels -> bilinear resize
   to the stage grid; offsets = conv3x3(concat(ViT map, ConvNeXt map)) (zero-initialised);
   a deformable 3x3 convolution (``torchvision.ops.DeformConv2d`` parameters, computed by the
   equivalent ``deform_conv3x3``) samples the ViT map at the offset positions (alignment);
@@ -43,9 +45,10 @@ HEADS = ("multiscale", "single", "regression")
 class MDIQAConfig:
     """Everything needed to rebuild the network and its preprocessing (stored in checkpoints)."""
     vit_name: str = "vit_tiny_patch16_224"
-    vit_kwargs: dict[str, Any] = field(default_factory=lambda: {"depth": 4})
+    vit_kwargs: dict[str, Any] = field(default_factory=lambda: {"depth": 3, "embed_dim": 128, "num_heads": 4})
     convnext_name: str = "convnext_atto"
-    convnext_kwargs: dict[str, Any] = field(default_factory=dict)
+    convnext_kwargs: dict[str, Any] = field(default_factory=lambda: {"dims": [32, 64, 128, 256],
+                                                                     "depths": [1, 1, 2, 1]})
     input_size: int = 128
     align_stages: tuple[int, ...] = (1, 2)
     sigmas: tuple[float, ...] = (0.1, 0.25, 0.5)
@@ -53,9 +56,10 @@ class MDIQAConfig:
     score_range: tuple[float, float] = (0.0, 4.0)
     branches: str = "dual"
     head: str = "multiscale"
-    fuse_dim: int = 128
-    align_dim: int = 32  # channels of the deformable alignment (ViT map projected to this)
+    fuse_dim: int = 96
+    align_dim: int = 24  # channels of the deformable alignment (ViT map projected to this)
     window_hu: tuple[float, float] = (-160.0, 240.0)  # HU window mapped to [0, 1] by preprocess
+    highpass_gain: float = 16.0  # fixed high-pass input channel (0 = image channel only)
     interval_temperature: float = 1.0  # softmax temperature for the interval only (fitted on validation)
 
     def __post_init__(self) -> None:
@@ -103,6 +107,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     # the paper-sized backbones (ViT-S + ConvNeXt-T); builds and trains, too slow to ship on CPU
     "paper": {"vit_name": "vit_small_patch16_224", "vit_kwargs": {}, "convnext_name": "convnext_tiny",
+              "convnext_kwargs": {},
               "input_size": 224, "align_stages": (1, 2, 3), "fuse_dim": 256, "align_dim": 96},
 }
 
@@ -182,15 +187,16 @@ class MDIQA(nn.Module):
     def __init__(self, config: MDIQAConfig | None = None):
         super().__init__()
         self.config = cfg = config or MDIQAConfig()
+        self.in_chans = 2 if cfg.highpass_gain > 0 else 1
         self.vit = None
         self.cnn = None
         if cfg.branches in ("dual", "vit"):
             kw = dict(cfg.vit_kwargs)
             kw.setdefault("img_size", cfg.input_size)
-            self.vit = timm.create_model(cfg.vit_name, pretrained=False, num_classes=0, in_chans=1, **kw)
+            self.vit = timm.create_model(cfg.vit_name, pretrained=False, num_classes=0, in_chans=self.in_chans, **kw)
             vit_dim = self.vit.embed_dim
         if cfg.branches in ("dual", "convnext"):
-            self.cnn = timm.create_model(cfg.convnext_name, pretrained=False, features_only=True, in_chans=1,
+            self.cnn = timm.create_model(cfg.convnext_name, pretrained=False, features_only=True, in_chans=self.in_chans,
                                          out_indices=tuple(sorted(cfg.align_stages)), **cfg.convnext_kwargs)
             cnn_dims = self.cnn.feature_info.channels()
         stages = sorted(cfg.align_stages)
@@ -213,6 +219,17 @@ class MDIQA(nn.Module):
     def is_distribution(self) -> bool:
         return self.config.head != "regression"
 
+    def input_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised image, plus (``highpass_gain`` > 0) a fixed high-pass channel:
+        clamp(gain * (x - 3x3 local mean), -4, 4), the noise/streak residual (as the local
+        normalisation of CNN-IQA); it makes noise texture directly visible to the first layers."""
+        base = (x - 0.5) / 0.25
+        if self.in_chans == 1:
+            return base
+        blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        hp = (self.config.highpass_gain * (x - blur)).clamp(-4.0, 4.0)
+        return torch.cat([base, hp], 1)
+
     def vit_map(self, x: torch.Tensor) -> torch.Tensor:
         """ViT tokens (prefix tokens dropped) reshaped to a (B, D, h, w) map."""
         tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
@@ -221,7 +238,7 @@ class MDIQA(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The fused multi-scale feature map fed to the patch head."""
-        x = (x - 0.5) / 0.25
+        x = self.input_channels(x)
         if self.config.branches == "vit":
             return self.fuse(self.align[0](self.vit_map(x)))
         cnn_maps = self.cnn(x)

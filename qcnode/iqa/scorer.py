@@ -124,8 +124,9 @@ class Scorer:
         digest = file_hash(path)
         version = f"{name}-{digest[:8]}"
         meta = blob.get("meta") or {}
+        training = {k: v for k, v in meta.items() if k != "history"}  # per-epoch history stays in the file
         info = {"name": name, "version": version, "file": str(path), "sha256": digest,
-                "config": config.to_dict(), "training": meta}
+                "config": config.to_dict(), "training": training}
         try:
             return cls(model, config, version, info, device)
         except Exception as exc:  # noqa: BLE001 - e.g. an unavailable CUDA device

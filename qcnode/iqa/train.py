@@ -42,8 +42,8 @@ class TrainOptions:
     data: str
     out: str
     config: dict[str, Any] = field(default_factory=dict)  # MDIQAConfig.to_dict()
-    epochs: int = 12
-    batch_size: int = 32
+    epochs: int = 15
+    batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 0.5

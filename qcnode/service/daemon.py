@@ -8,8 +8,11 @@ elsewhere when the lease expires), exit 0. The database is migrated on start.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import socket
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -19,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from qcnode.config import Config
 from qcnode.db.engine import alembic_config, make_engine, session_factory, upgrade
-from qcnode.dicom.series import run_tracker
+from qcnode.dicom.series import run_tracker as run_tracker_loop
 from qcnode.dicom.spool import Spool
 from qcnode.log import configure_logging, get_logger
 
@@ -93,15 +96,30 @@ def _loop(name: str, fn: Callable[[], Any], interval: float, stop: threading.Eve
 
 
 def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
-          stop: threading.Event | None = None, install_signals: bool = True) -> int:
-    """Run the daemon until SIGTERM/SIGINT (or ``stop`` is set). Returns the exit code."""
+          stop: threading.Event | None = None, install_signals: bool = True,
+          worker_process: bool | None = None, migrate_db: bool = True,
+          scp_processes: int | None = None, run_tracker: bool = True, reuse_port: bool = False,
+          ready: Any = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT (or ``stop`` is set). Returns the exit code.
+
+    Receiving is CPU-bound Python, so ``serve`` spreads it over processes: with ``node.scp_processes``
+    > 1 (0 = one per core) more SCP processes share the port (SO_REUSEPORT); with both the SCP and
+    the worker, the worker side (tracker, worker, outbox, audit) runs in a child process at lower
+    priority (``worker.separate_process``, ``worker.nice``), so scoring never holds the receiving
+    process's GIL. Children die with this process (also on kill -9) and are restarted if they exit.
+    ``ready`` (an Event, optional) is set once this process listens / runs.
+    """
     os.umask(0o077)  # database, spool, quarantine, logs: owner-only (0600 files, 0700 folders)
     _fast_dicom_reading()
     configure_logging(cfg.logging.level, cfg.path(cfg.logging.file) if cfg.logging.file else None)
     run_worker = cfg.worker.enabled if run_worker is None else run_worker
+    worker_process = cfg.worker.separate_process if worker_process is None else worker_process
+    child_worker = bool(run_scp and run_worker and worker_process)
+    n_scp = (scp_processes if scp_processes is not None else _scp_process_count(cfg)) if run_scp else 0
     stop = stop or threading.Event()
     url = cfg.database_url
-    migrate(url)
+    if migrate_db:
+        migrate(url)
     engine = make_engine(url)
     sf: Callable[[], Session] = session_factory(engine)
     spool = Spool(cfg.path(cfg.storage.spool_dir), cfg.path(cfg.storage.quarantine_dir))
@@ -121,13 +139,28 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
         threads.append(t)
 
     scp = None
+    children: list[ChildProcess] = []
     if run_scp:
         from qcnode.dicom.scp import StorageSCP
+        if cfg.node.port == 0:  # an ephemeral port cannot be shared
+            n_scp = 1
+        # the other SCP processes listen first, so that the port is served by all once it answers
+        children += [ChildProcess(cfg, f"scp{i}", nice=0, run_scp=True, run_worker=False, scp_processes=1,
+                                  reuse_port=True, run_tracker=False) for i in range(1, n_scp)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.wait_ready(timeout=120.0)
         scp = StorageSCP(cfg, sf, spool)
-        scp.start()
-    spawn("tracker", run_tracker, sf, cfg.series.stable_seconds, cfg.series.tracker_interval_seconds, stop)
+        scp.start(reuse_port=reuse_port or n_scp > 1)
+    if child_worker:
+        children.append(ChildProcess(cfg, "worker", nice=cfg.worker.nice, run_scp=False, run_worker=True))
+        children[-1].start()
+    elif run_tracker:
+        spawn("tracker", run_tracker_loop, sf, cfg.series.stable_seconds, cfg.series.tracker_interval_seconds,
+              stop)
     scheduler = None
-    if run_worker:
+    if run_worker and not child_worker:
         from qcnode.db.queue import make_owner
         from qcnode.worker import Worker
         worker = Worker(cfg, sf, spool)
@@ -146,12 +179,21 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
             spawn("outbox", _loop, "outbox", sender.run_once, cfg.outbox.poll_interval_seconds, stop)
         scheduler = _start_audit(cfg, sf)
     log.info("serve_ready", scp=run_scp, worker=run_worker, port=scp.port if scp else None,
-             database=engine.url.get_backend_name())
+             database=engine.url.get_backend_name(), children={c.role: c.pid for c in children})
+    if ready is not None:
+        ready.set()
     while not stop.is_set():
         stop.wait(0.5)
+        if not stop.is_set():
+            for child in children:
+                child.keep_alive()
     t0 = time.monotonic()
+    for child in children:  # SCP children: stop accepting, finish their in-flight C-STOREs
+        child.terminate()
     if scp is not None:
         scp.stop(grace_seconds=30.0)
+    for child in children:
+        child.join(timeout=max(1.0, 35.0 - (time.monotonic() - t0)))
     if scheduler is not None:
         scheduler.shutdown(wait=False)
     for t in threads:  # loops stop between jobs; an interrupted job keeps its lease
@@ -160,6 +202,124 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
     log.info("shutdown_complete", seconds=round(time.monotonic() - t0, 2), still_running=alive)
     engine.dispose()
     return 0
+
+
+def _scp_process_count(cfg: Config) -> int:
+    """``node.scp_processes``; 0 = one per CPU core (at most 4). One where SO_REUSEPORT is missing."""
+    if not hasattr(socket, "SO_REUSEPORT") or not sys.platform.startswith("linux"):
+        return 1
+    n = cfg.node.scp_processes
+    return n if n > 0 else max(1, min(4, os.cpu_count() or 1))
+
+
+class ChildProcess:
+    """A part of ``serve`` in a child process: more SCP processes, or the worker side.
+
+    Started with ``multiprocessing`` (spawn: a fresh interpreter, so no GIL is shared), optionally
+    niced, and killed by the kernel if this process dies (kill -9 included: PR_SET_PDEATHSIG), so a
+    crash leaves no orphan behind and a dead worker's job lease is released by the next start.
+    Restarted with a growing back-off if it exits on its own.
+    """
+
+    def __init__(self, cfg: Config, role: str, nice: int = 0, **serve_kwargs: Any):
+        self.cfg = cfg
+        self.role = role
+        self.nice = nice
+        self.serve_kwargs = serve_kwargs
+        self.proc: Any = None
+        self.ready: Any = None
+        self._restart_at = 0.0
+        self._started_at = 0.0
+        self._backoff = 1.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def start(self) -> None:
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
+        self.ready = ctx.Event()
+        self.proc = ctx.Process(target=_child_main, args=(self.cfg, os.getpid(), self.nice,
+                                                          {**self.serve_kwargs, "ready": self.ready}),
+                                name=f"qcnode-{self.role}", daemon=False)
+        self.proc.start()
+        self._started_at = time.monotonic()
+        log.info("child_process_started", role=self.role, pid=self.proc.pid, nice=self.nice)
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the child runs (an SCP child: listens); False on timeout or if it died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready.wait(0.2):
+                return True
+            if not self.proc.is_alive():
+                break
+        log.error("child_process_not_ready", role=self.role, pid=self.proc.pid, exitcode=self.proc.exitcode)
+        return False
+
+    def keep_alive(self) -> None:
+        """Restart the child (with a growing back-off) if it exited unexpectedly."""
+        if self.proc is None or self.proc.is_alive():
+            return
+        now = time.monotonic()
+        if not self._restart_at:  # just noticed
+            if now - self._started_at > 300:  # it had run fine for a while: retry quickly
+                self._backoff = 1.0
+            log.error("child_process_died", role=self.role, pid=self.proc.pid, exitcode=self.proc.exitcode,
+                      restart_in_s=self._backoff)
+            self._restart_at = now + self._backoff
+        elif now >= self._restart_at:
+            self._restart_at = 0.0
+            self._backoff = min(self._backoff * 2, 60.0)
+            self.start()
+
+    def terminate(self) -> None:
+        """SIGTERM: the child shuts down gracefully (as ``serve`` does on SIGTERM)."""
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.terminate()
+
+    def join(self, timeout: float) -> None:
+        """Wait for the child to exit; SIGKILL after ``timeout``."""
+        if self.proc is None:
+            return
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            log.warning("child_process_killed", role=self.role, pid=self.proc.pid)
+            self.proc.kill()
+            self.proc.join(5)
+
+
+def _child_main(cfg: Config, parent_pid: int, nice: int, serve_kwargs: dict[str, Any]) -> None:
+    """Entry point of a child process of ``serve``."""
+    _die_with_parent(parent_pid)
+    if nice:
+        try:
+            os.nice(int(nice))
+        except OSError:
+            pass
+    stop = threading.Event()
+
+    def watch_parent() -> None:  # where PR_SET_PDEATHSIG is unavailable
+        while not stop.wait(1.0):
+            if os.getppid() != parent_pid:
+                os._exit(1)
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    code = serve(cfg, stop=stop, worker_process=False, migrate_db=False, **serve_kwargs)
+    raise SystemExit(code)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _start_audit(cfg: Config, sf: Callable[[], Session]) -> Any:
