@@ -2,8 +2,9 @@
 `qcnode serve` (durable spool + SQLite), while the worker scores a series sent just before (the
 ingest starts once a scoring job is running). Prints slices/s acknowledged, the CPU time the daemon
 used per slice, its resident memory (all its processes) and the load average (the host is shared:
-compare runs made under similar load). Usage:
-    .venv/bin/python bench/bench_ingest.py [--slices 320] [--parallel 4]
+compare runs made under similar load). storescu runs with its defaults: it sends PDUs of
+min(128 KiB, the node's node.max_pdu_size), its own -pdu option only sets what it receives. Usage:
+    .venv/bin/python bench/bench_ingest.py [--slices 320] [--parallel 4] [--no-worker]
 """
 from __future__ import annotations
 

@@ -76,3 +76,58 @@ def test_storescu_to_sr_at_destination(tmp_path, port, shared_ct):
             if len(value) >= 4:
                 assert value not in log_text
     assert '"shutdown_complete"' in log_text
+
+
+def _listeners(proc: "psutil.Process", port: int) -> set[int]:
+    import psutil
+    pids = set()
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in p.net_connections(kind="tcp")):
+                pids.add(p.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_receiving_processes_share_the_port_and_die_with_serve(tmp_path, port, shared_ct):
+    """node.scp_processes = 2: two processes listen on the port (SO_REUSEPORT), associations spread over
+    them land in one database; kill -9 of `serve` takes its SCP and worker children with it."""
+    import signal
+
+    import psutil
+    cfg_path = write_config(tmp_path, port, checkpoint=checkpoint_for_tests(tmp_path),
+                            extra={"node": {"scp_processes": 2}})
+    files = sorted((shared_ct / "philips_head_phantom").glob("I*.dcm"))[:8]
+    proc = serve_process(cfg_path)
+    engine = None
+    try:
+        wait_port(port, 120, proc)
+        daemon = psutil.Process(proc.pid)
+        assert len(_listeners(daemon, port)) == 2  # the second SCP listens before the port answers
+        senders = [subprocess.Popen(["/usr/bin/storescu", "-aet", f"PACS{i}", "-aec", "QCNODE", "127.0.0.1",
+                                     str(port), *map(str, files[i::4])], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE) for i in range(4)]
+        assert [s.wait(120) for s in senders] == [0, 0, 0, 0]
+        engine = make_engine(load_config(cfg_path).database_url)
+        with session_factory(engine)() as s:
+            assert len(s.scalars(select(Instance.id)).all()) == len(files)
+        children = daemon.children(recursive=True)
+        assert len(children) >= 2  # the other SCP and the worker (plus multiprocessing's tracker)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        _, alive = psutil.wait_procs(children, timeout=20)
+
+        def running(p: psutil.Process) -> bool:  # a killed orphan that init has not reaped yet is dead
+            try:
+                return p.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                return False
+        assert not [p.pid for p in alive if running(p)], "orphans left behind"
+    finally:
+        stop_process(proc)
+        if engine is not None:
+            engine.dispose()

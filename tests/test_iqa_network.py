@@ -82,3 +82,20 @@ def test_deform_conv3x3_equals_torchvision():
     g_got = torch.autograd.grad(got.square().sum(), (x, off, w, b))
     for a, e in zip(g_got, g_ref):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_paper_preset_trains_a_step():
+    from qcnode.iqa.train import loss_fn
+
+    torch.manual_seed(0)
+    m = MDIQA(preset_config("paper")).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    x, y = torch.rand(2, 1, 224, 224), torch.tensor([1.0, 3.0])
+    before = m.head.score[2].weight.detach().clone()
+    loss = loss_fn(m, m(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, m.head.score[2].weight)

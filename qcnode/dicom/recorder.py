@@ -3,9 +3,9 @@
 The C-STORE handlers (one thread per association) write their file (temp file, fsync, rename)
 and hand a :class:`PendingInstance` to :meth:`InstanceRecorder.record`, which blocks until
 the record is committed. The writer thread takes everything queued so far, fsyncs each spool
-folder touched by the batch once (making the renames durable), then upserts the studies,
-series and instances of the whole batch in ONE transaction and commits; only then are the
-handlers released to answer Success. Under load the batches grow by themselves, so the
+folder touched by the batch once (making the renames durable; in a helper thread, while the
+SQL runs), upserts the studies, series and instances of the whole batch in ONE transaction and
+commits once the folder fsyncs are done; only then are the handlers released to answer Success. Under load the batches grow by themselves, so the
 per-instance cost of the folder fsync and of the commit shrinks, and the handlers never
 compete for the SQLite write lock.
 
@@ -20,7 +20,7 @@ import datetime as dt
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -66,6 +66,21 @@ _TOUCH_SERIES = (update(_SERIES).where(_SERIES.c.id == bindparam("sid"))
                          .where(_INSTANCES.c.series_id == bindparam("sid")).scalar_subquery()))
 
 
+class _FolderNotDurable(Exception):
+    """A spool folder of the batch could not be fsynced: its records must not be committed."""
+
+
+def _fsync_dirs(dirs: set[Path]) -> dict[Path, OSError]:
+    """fsync each folder; returns the ones that failed with their error."""
+    failed: dict[Path, OSError] = {}
+    for d in dirs:
+        try:
+            fsync_dir(d)
+        except OSError as exc:
+            failed[d] = exc
+    return failed
+
+
 def _dialect_insert(conn: Connection, model: Any) -> Any:
     table = model.__table__  # Core statements: executemany without the ORM bulk machinery
     return pg_insert(table) if conn.dialect.name == "postgresql" else sqlite_insert(table)
@@ -87,6 +102,7 @@ class InstanceRecorder:
         self.max_batch = max_batch
         self._queue: queue.Queue[PendingInstance | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._dir_syncer: ThreadPoolExecutor | None = None
         self._start_lock = threading.Lock()
         self._study_ids: dict[str, int] = {}
         self._series_ids: dict[str, int] = {}
@@ -108,6 +124,7 @@ class InstanceRecorder:
             return
         with self._start_lock:
             if self._thread is None or not self._thread.is_alive():
+                self._dir_syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scp-dirsync")
                 self._thread = threading.Thread(target=self._run, name="scp-recorder", daemon=True)
                 self._thread.start()
 
@@ -116,6 +133,8 @@ class InstanceRecorder:
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(timeout)
+        if self._dir_syncer is not None:
+            self._dir_syncer.shutdown(wait=False)
         if self.batches:
             log.info("recorder_stats", batches=self.batches, records=self.records,
                      mean_batch=round(self.records / self.batches, 2),
@@ -146,34 +165,56 @@ class InstanceRecorder:
                         p.future.set_exception(exc)
 
     def _commit(self, batch: list[PendingInstance]) -> None:
-        batch = self._sync_dirs(batch)
+        # the folder fsyncs run in a helper thread while this one runs the SQL; COMMIT waits for them
+        dirs = {p.sync_dir for p in batch if p.sync_dir is not None}
+        synced: Future | None = None
+        if dirs and self._dir_syncer is not None:
+            synced = self._dir_syncer.submit(_fsync_dirs, dirs)
+        elif dirs:  # no helper thread (not started through record()): fsync here
+            synced = Future()
+            synced.set_result(_fsync_dirs(dirs))
+
+        def renames_durable() -> None:
+            if synced is not None and synced.result():
+                raise _FolderNotDurable()
+        try:
+            self._write(batch, before_commit=renames_durable)
+        except Exception as exc:  # noqa: BLE001 - the careful path: folder by folder, then record by record
+            if synced is not None:
+                synced.result()
+            if not isinstance(exc, _FolderNotDurable):
+                log.warning("record_batch_retry", records=len(batch), error=f"{type(exc).__name__}: {exc}")
+                self._study_ids.clear()
+                self._series_ids.clear()
+            self._write_each(self._sync_dirs(batch))
+            return
+        self._done(batch)
+
+    def _write_each(self, batch: list[PendingInstance]) -> None:
+        """The batch in one transaction, or else one record per transaction (a bad one fails alone)."""
         if not batch:
             return
         try:
             self._write(batch)
-        except Exception as exc:  # noqa: BLE001 - retry without caches, then one by one
-            log.warning("record_batch_retry", records=len(batch), error=f"{type(exc).__name__}: {exc}")
-            self._study_ids.clear()
-            self._series_ids.clear()
+        except Exception as exc:  # noqa: BLE001
             if len(batch) == 1:
-                try:
-                    self._write(batch)
-                except Exception as exc2:  # noqa: BLE001
-                    batch[0].future.set_exception(exc2)
-                    return
-            else:
-                for p in batch:
-                    try:
-                        self._write([p])
-                    except Exception as exc2:  # noqa: BLE001
-                        p.future.set_exception(exc2)
-                        continue
-                    p.future.set_result(None)
+                batch[0].future.set_exception(exc)
                 return
-        for p in batch:
-            p.future.set_result(None)
+            for p in batch:
+                try:
+                    self._write([p])
+                except Exception as exc2:  # noqa: BLE001
+                    p.future.set_exception(exc2)
+                    continue
+                self._done([p])
+            return
+        self._done(batch)
+
+    def _done(self, batch: list[PendingInstance]) -> None:
         self.batches += 1
         self.records += len(batch)
+        for p in batch:
+            p.future.set_result(None)
 
     @staticmethod
     def _sync_dirs(batch: list[PendingInstance]) -> list[PendingInstance]:
@@ -194,7 +235,7 @@ class InstanceRecorder:
                 ok.append(p)
         return ok
 
-    def _write(self, batch: list[PendingInstance]) -> None:
+    def _write(self, batch: list[PendingInstance], before_commit: Callable[[], None] | None = None) -> None:
         new_studies: dict[str, int] = {}
         new_series: dict[str, int] = {}
         with self.session_factory() as s:
@@ -210,6 +251,8 @@ class InstanceRecorder:
                                          .where(_INSTANCES.c.sop_instance_uid.in_(identical))))
                 todo = [p for p in batch if not (p.identical and p.sop_uid in known)]
             if not todo:
+                if before_commit is not None:
+                    before_commit()
                 s.commit()
                 return
             study_ids = self._ids(conn, Study, "study_instance_uid",
@@ -231,6 +274,8 @@ class InstanceRecorder:
                 if p.dose_report is not None:
                     dr = {**p.dose_report, "study_id": study_ids[p.study_uid]}
                     conn.execute(self._upsert(conn, DoseReport, "sop_instance_uid", tuple(dr)), dr)
+            if before_commit is not None:
+                before_commit()
             s.commit()
         self._study_ids.update(new_studies)
         self._series_ids.update(new_series)

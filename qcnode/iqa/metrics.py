@@ -6,7 +6,7 @@ import warnings
 from typing import Sequence
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 
 
 def _pair(pred: Sequence[float], label: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +54,7 @@ def krocc(pred: Sequence[float], label: Sequence[float]) -> float:
 
 def logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
     """4-parameter logistic: (b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2."""
-    return (b1 - b2) / (1.0 + np.exp(-(x - b3) / (abs(b4) + 1e-9))) + b2
+    return (b1 - b2) * special.expit((np.asarray(x, dtype=np.float64) - b3) / (abs(b4) + 1e-9)) + b2
 
 
 def fit_logistic4(pred: Sequence[float], label: Sequence[float]) -> np.ndarray:

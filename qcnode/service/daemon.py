@@ -205,11 +205,12 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
 
 
 def _scp_process_count(cfg: Config) -> int:
-    """``node.scp_processes``; 0 = one per CPU core (at most 4). One where SO_REUSEPORT is missing."""
+    """``node.scp_processes``; 0 = one per CPU core, at most 2 (each costs ~110 MB resident).
+    One where the kernel does not spread SO_REUSEPORT connections (not Linux)."""
     if not hasattr(socket, "SO_REUSEPORT") or not sys.platform.startswith("linux"):
         return 1
     n = cfg.node.scp_processes
-    return n if n > 0 else max(1, min(4, os.cpu_count() or 1))
+    return n if n > 0 else max(1, min(2, os.cpu_count() or 1))
 
 
 class ChildProcess:
