@@ -99,3 +99,22 @@ def test_paper_preset_trains_a_step():
     opt.step()
     assert torch.isfinite(loss)
     assert not torch.equal(before, m.head.score[2].weight)
+
+
+def test_wide_input_mode_channels_and_legacy_checkpoints():
+    cfg = tiny(input_mode="wide", window_hu=(-1024.0, 1024.0))
+    m = MDIQA(cfg).eval()
+    assert m.in_chans == 3
+    hu = torch.full((1, 1, 64, 64), -1000.0)
+    hu[..., 20:40, 20:40] = 40.0
+    x = (hu + 1024.0) / 2048.0
+    ch = m.input_channels(x)
+    assert ch.shape == (1, 3, 64, 64)
+    # soft-tissue view: air -> 0 -> standardised -2; 40 HU -> 0.5 -> 0
+    assert float(ch[0, 0, 0, 0]) == pytest.approx(-2.0) and float(ch[0, 0, 30, 30]) == pytest.approx(0.0, abs=1e-5)
+    # high-pass in HU / highpass_hu: flat regions 0, a 1040 HU edge saturates at +-4
+    assert float(ch[0, 2, 5, 5]) == pytest.approx(0.0, abs=1e-4) and float(ch[0, 2].abs().max()) == 4.0
+    legacy = {k: v for k, v in MDIQAConfig().to_dict().items() if k != "input_mode"}
+    assert MDIQAConfig.from_dict(legacy).input_mode == "soft"
+    with pytest.raises(ValueError):
+        MDIQAConfig(input_mode="nope")

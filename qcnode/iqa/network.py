@@ -39,6 +39,7 @@ from qcnode.iqa.heads import DistributionReadout
 
 BRANCHES = ("dual", "vit", "convnext")
 HEADS = ("multiscale", "single", "regression")
+INPUT_MODES = ("soft", "wide")
 
 
 @dataclass
@@ -59,7 +60,14 @@ class MDIQAConfig:
     fuse_dim: int = 96
     align_dim: int = 24  # channels of the deformable alignment (ViT map projected to this)
     window_hu: tuple[float, float] = (-160.0, 240.0)  # HU window mapped to [0, 1] by preprocess
-    highpass_gain: float = 16.0  # fixed high-pass input channel (0 = image channel only)
+    highpass_gain: float = 16.0  # "soft" mode: gain of the high-pass channel (0 = image channel only)
+    # "soft": preprocess with the soft-tissue window; channels = image (+ high-pass of the windowed image).
+    # "wide": preprocess with a wide window (window_hu, e.g. -1024..1024 HU) so noise and streaks in air
+    #         and bone stay visible; channels = soft-tissue view (tissue_window_hu), wide view, and a
+    #         high-pass residual in HU / highpass_hu. Checkpoints without this key are "soft".
+    input_mode: str = "soft"
+    tissue_window_hu: tuple[float, float] = (-160.0, 240.0)
+    highpass_hu: float = 10.0
     interval_temperature: float = 1.0  # softmax temperature for the interval only (fitted on validation)
 
     def __post_init__(self) -> None:
@@ -67,6 +75,11 @@ class MDIQAConfig:
         self.sigmas = tuple(float(s) for s in self.sigmas)
         self.score_range = (float(self.score_range[0]), float(self.score_range[1]))
         self.window_hu = (float(self.window_hu[0]), float(self.window_hu[1]))
+        self.tissue_window_hu = (float(self.tissue_window_hu[0]), float(self.tissue_window_hu[1]))
+        if self.input_mode not in INPUT_MODES:
+            raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
+        if self.window_hu[1] <= self.window_hu[0] or self.tissue_window_hu[1] <= self.tissue_window_hu[0]:
+            raise ValueError("HU windows must have low < high")
         if self.branches not in BRANCHES:
             raise ValueError(f"branches must be one of {BRANCHES}, got {self.branches!r}")
         if self.head not in HEADS:
@@ -89,7 +102,7 @@ class MDIQAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("align_stages", "sigmas", "score_range", "window_hu"):
+        for k in ("align_stages", "sigmas", "score_range", "window_hu", "tissue_window_hu"):
             d[k] = list(d[k])
         return d
 
@@ -99,7 +112,9 @@ class MDIQAConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown MDIQAConfig keys: {sorted(unknown)}")
-        return cls(**copy.deepcopy(d))
+        d = copy.deepcopy(d)
+        d.setdefault("input_mode", "soft")  # checkpoints written before input modes existed
+        return cls(**d)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -120,6 +135,11 @@ def preset_config(name: str = "default", **overrides: Any) -> MDIQAConfig:
     d.update(copy.deepcopy(PRESETS[name]))
     d.update(overrides)
     return MDIQAConfig.from_dict(d)
+
+
+def _local_mean(x: torch.Tensor) -> torch.Tensor:
+    """3x3 box mean with replicated borders."""
+    return F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
 
 
 def deform_conv3x3(x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
@@ -187,7 +207,10 @@ class MDIQA(nn.Module):
     def __init__(self, config: MDIQAConfig | None = None):
         super().__init__()
         self.config = cfg = config or MDIQAConfig()
-        self.in_chans = 2 if cfg.highpass_gain > 0 else 1
+        if cfg.input_mode == "wide":
+            self.in_chans = 3
+        else:
+            self.in_chans = 2 if cfg.highpass_gain > 0 else 1
         self.vit = None
         self.cnn = None
         if cfg.branches in ("dual", "vit"):
@@ -220,14 +243,26 @@ class MDIQA(nn.Module):
         return self.config.head != "regression"
 
     def input_channels(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardised image, plus (``highpass_gain`` > 0) a fixed high-pass channel:
-        clamp(gain * (x - 3x3 local mean), -4, 4), the noise/streak residual (as the local
-        normalisation of CNN-IQA); it makes noise texture directly visible to the first layers."""
+        """The fixed (not learned) input channels computed from the preprocessed slice x in [0, 1].
+
+        "wide" mode (x = wide HU window): the soft-tissue view (``tissue_window_hu``), the wide view,
+        and the high-pass residual clamp((HU - 3x3 local mean HU) / highpass_hu, -4, 4).
+        "soft" mode (x = soft-tissue window): the image, plus (``highpass_gain`` > 0)
+        clamp(gain * (x - 3x3 local mean), -4, 4).
+        The high-pass residual (as the local normalisation of CNN-IQA) makes noise texture and
+        streaks directly visible to the first layers."""
+        cfg = self.config
         base = (x - 0.5) / 0.25
+        if cfg.input_mode == "wide":
+            lo, hi = cfg.window_hu
+            hu = x * (hi - lo) + lo
+            tlo, thi = cfg.tissue_window_hu
+            tissue = ((hu - tlo) / (thi - tlo)).clamp(0.0, 1.0)
+            hp = ((hu - _local_mean(hu)) / cfg.highpass_hu).clamp(-4.0, 4.0)
+            return torch.cat([(tissue - 0.5) / 0.25, base, hp], 1)
         if self.in_chans == 1:
             return base
-        blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-        hp = (self.config.highpass_gain * (x - blur)).clamp(-4.0, 4.0)
+        hp = (cfg.highpass_gain * (x - _local_mean(x))).clamp(-4.0, 4.0)
         return torch.cat([base, hp], 1)
 
     def vit_map(self, x: torch.Tensor) -> torch.Tensor:
