@@ -52,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "labeled + confident pseudo-labeled data.")
     p.add_argument("--data", required=True, type=Path, help="labeled folder (image/*.tif + labels JSON)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint to write (e.g. models/mdiqa-default.pt)")
-    p.add_argument("--preset", default="default", help="network preset: default (CPU) or paper (ViT-S + ConvNeXt-T)")
+    p.add_argument("--preset", default="default",
+                   help="network preset: default (CPU), wide (default + wide-window input) "
+                        "or paper (ViT-S + ConvNeXt-T)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a network config field, e.g. --set branches=vit --set head=single "
                         "--set sigmas=0.1,0.25,0.5 --set input_size=160 (repeatable)")

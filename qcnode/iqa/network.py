@@ -120,6 +120,9 @@ class MDIQAConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # small enough for CPU deployment (>= 25 slices/s on 2 cores including DICOM decode)
     "default": {},
+    # default network with the wide-window input (noise/streaks in air and bone stay visible);
+    # see models/MODEL_CARD.md for why this is the recommended input for the next shipped model
+    "wide": {"input_mode": "wide", "window_hu": (-1024.0, 1024.0)},
     # the paper-sized backbones (ViT-S + ConvNeXt-T); builds and trains, too slow to ship on CPU
     "paper": {"vit_name": "vit_small_patch16_224", "vit_kwargs": {}, "convnext_name": "convnext_tiny",
               "convnext_kwargs": {},
