@@ -75,21 +75,17 @@ def _median(values: list[float]) -> float | None:
 
 def _physics(hu: np.ndarray, spacing: tuple[float, float] | None, ctdivol: float | None,
              phantom: str) -> tuple[float | None, float | None, float | None]:
+    """Noise level (HU), water-equivalent diameter (cm) and SSDE (mGy) of one slice; None where
+    undefined (no soft tissue, no spacing, no CTDIvol). Physics is informative, never fatal."""
     from qcnode.iqa.physics import global_noise_level, ssde_mgy, water_equivalent_diameter_cm
     noise = dw = ssde = None
     try:
-        noise = float(global_noise_level(hu, spacing))
-    except Exception as exc:  # noqa: BLE001 - physics is informative, never fatal
-        log.debug("physics_noise_failed", error=str(exc))
-    try:
-        dw = float(water_equivalent_diameter_cm(hu, spacing))
-    except Exception as exc:  # noqa: BLE001
-        log.debug("physics_dw_failed", error=str(exc))
-    if ctdivol is not None and dw is not None:
-        try:
+        noise = global_noise_level(hu, spacing)
+        dw = water_equivalent_diameter_cm(hu, spacing) if spacing is not None else None
+        if ctdivol is not None and dw is not None:
             ssde = float(ssde_mgy(ctdivol, dw, phantom))
-        except Exception as exc:  # noqa: BLE001
-            log.debug("physics_ssde_failed", error=str(exc))
+    except (ValueError, ArithmeticError) as exc:
+        log.warning("physics_failed", error=str(exc))
     return noise, dw, ssde
 
 

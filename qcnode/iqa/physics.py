@@ -28,6 +28,8 @@ SSDE_COEFFICIENTS: dict[str, tuple[float, float]] = {
 }
 PATIENT_THRESHOLD_HU = -400.0
 MIN_COMPONENT_FRACTION = 0.10
+# no pixel of a noise window may leave this range (air and bone edges are not noise)
+TISSUE_WINDOW_RANGE_HU = (-500.0, 600.0)
 SOFT_TISSUE_HU = (0.0, 100.0)
 DEFAULT_NOISE_KERNEL_MM = 6.0
 DEFAULT_NOISE_KERNEL_PX = 5
@@ -161,9 +163,11 @@ def global_noise_level(hu: np.ndarray, pixel_spacing_mm: float | Sequence[float]
     """Global noise level (HU): the mode of the local standard deviation over soft tissue.
 
     Soft tissue: pixels whose local mean is within 0-100 HU (the local mean, not the pixel value,
-    so heavy noise does not fragment the mask). The window is ``kernel_mm`` wide (default 6 mm;
-    5 pixels without a spacing). Returns None when soft tissue covers less than ``min_fraction``
-    of the slice (or fewer than 200 pixels).
+    so heavy noise does not fragment the mask), and whose whole window holds no air or bone
+    (every pixel within ``TISSUE_WINDOW_RANGE_HU``): a window straddling a bone/air edge can also
+    have a 0-100 HU mean, with a huge standard deviation that is not noise. The window is
+    ``kernel_mm`` wide (default 6 mm; 5 pixels without a spacing). Returns None when soft tissue
+    covers less than ``min_fraction`` of the slice (or fewer than 200 pixels).
     """
     img = np.asarray(hu, dtype=np.float32)
     if img.ndim != 2:
@@ -171,6 +175,8 @@ def global_noise_level(hu: np.ndarray, pixel_spacing_mm: float | Sequence[float]
     window = noise_window_px(pixel_spacing_mm, kernel_mm)
     mean, std = local_std(img, window)
     tissue = (mean >= SOFT_TISSUE_HU[0]) & (mean <= SOFT_TISSUE_HU[1])
+    tissue &= ndimage.minimum_filter(img, size=window, mode="nearest") >= TISSUE_WINDOW_RANGE_HU[0]
+    tissue &= ndimage.maximum_filter(img, size=window, mode="nearest") <= TISSUE_WINDOW_RANGE_HU[1]
     values = std[tissue]
     if values.size < max(200, min_fraction * img.size):
         return None
