@@ -8,15 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import SHARED_CT, free_port  # noqa: E402
+from reliability_helpers import RssSampler  # noqa: E402
 from daemon_helpers import (Destination, checkpoint_for_tests, serve_process, stop_process, storescu,  # noqa: E402
                             wait_for, wait_port, write_config)
 
@@ -53,18 +52,7 @@ def main() -> int:
                            extra={"series": {"stable_seconds": args.stable_seconds, "tracker_interval_seconds": 1.0},
                                   "model": {"batch_size": 16, "threads": 0}, "logging": {"level": "warning"}})
         proc = serve_process(cfg)
-        peak = [0]
-        stop = threading.Event()
-
-        def sample() -> None:
-            p = psutil.Process(proc.pid)
-            while not stop.is_set():
-                try:
-                    peak[0] = max(peak[0], p.memory_info().rss)
-                except psutil.Error:
-                    return
-                time.sleep(0.1)
-        threading.Thread(target=sample, daemon=True).start()
+        rss = RssSampler(proc.pid).__enter__()
         try:
             wait_port(port, 120, proc)
             time.sleep(3)  # let the worker load the model
@@ -77,9 +65,9 @@ def main() -> int:
             print(f"latency: {args.slices} slices sent in {t_last - t0:.2f} s; SR at the destination "
                   f"{t_sr - t_last:.2f} s after the last instance (target <= stable_seconds + 15 = {budget:.1f} s; "
                   f"scoring+delivery {t_sr - t_last - args.stable_seconds:.2f} s)")
-            print(f"daemon peak RSS: {peak[0] / 2**20:.0f} MiB (target <= 1536 MiB)")
+            print(f"daemon peak RSS: {rss.peak_mb:.0f} MiB, all its processes (target <= 1536 MiB)")
         finally:
-            stop.set()
+            rss.__exit__(None, None, None)
             stop_process(proc)
             dest.stop()
     return 0

@@ -6,6 +6,11 @@ tissue texture (low-pass filtered noise, a few HU) and a slight blur for the sys
 resolution. Anatomy is randomised per seed: outline size and shape, fat/skull thickness,
 organ sizes and positions, contrast phase, ventricles, small lesions and contrast inserts,
 bowel gas, lungs (thorax slices), ribs, vertebrae, a patient table or head holder.
+
+Besides patient-like heads there are head *phantom* objects without soft tissue, like the
+Philips head phantom: "skull_air" (a bone ring around air, with a few thin plastic inserts,
+rods or a resolution plate; vertex slices are small thick rings) and "skull_water" (the same
+ring filled with water, with low- and high-contrast rods). Both have anatomy "head".
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ class Phantom:
     pixel_spacing_mm: float
     anatomy: str
     seed: int
-    region: str  # head: "cerebrum"/"skull_base"; body: "abdomen"/"thorax"
+    region: str  # head: "cerebrum"/"skull_base"/"skull_air"/"skull_water"; body: "abdomen"/"thorax"
 
 
 class _Canvas:
@@ -71,13 +76,85 @@ class _Canvas:
         return img.astype(np.float32)
 
 
-def make_phantom(anatomy: str, seed: int, size: int = 256) -> Phantom:
-    """A random head or body phantom (HU, ``size`` x ``size``) drawn reproducibly from ``seed``."""
-    if anatomy == "head":
+PHANTOM_KINDS = ("head", "body", "skull_air", "skull_water")
+
+
+def make_phantom(kind: str, seed: int, size: int = 256) -> Phantom:
+    """A random phantom of ``kind`` (see PHANTOM_KINDS; HU, ``size`` x ``size``), reproducible from ``seed``."""
+    if kind == "head":
         return head_phantom(seed, size)
-    if anatomy == "body":
+    if kind == "body":
         return body_phantom(seed, size)
-    raise ValueError(f"anatomy must be 'head' or 'body', not {anatomy!r}")
+    if kind in ("skull_air", "skull_water"):
+        return skull_phantom(seed, size, filled=kind == "skull_water")
+    raise ValueError(f"phantom kind must be one of {', '.join(PHANTOM_KINDS)}, not {kind!r}")
+
+
+def _head_cradle(cv: _Canvas, rng: np.random.Generator, cx: float, cy: float, ax: float, ay: float) -> None:
+    """Head holder: a curved plastic cradle with a foam pad under the occiput."""
+    hy = cy + ay + rng.uniform(3, 8)
+    cv.fill(rng.uniform(80, 250), cx, hy - 55, ax + 22, 60, 0)
+    cv.fill(AIR_HU, cx, hy - 60, ax + 17, 60, 0)
+    cv.fill(rng.uniform(-900, -750), cx, hy - 62, ax + 12, 58, 0)
+
+
+def skull_phantom(seed: int, size: int = 256, filled: bool = False) -> Phantom:
+    """Head phantom without soft tissue: a skull ring around air (or water, ``filled``) with inserts.
+
+    Geometry is random per seed: ring size and shape (vertex slices: small, thick, blurred rings),
+    uneven bone thickness, optional thin skin, a U-shaped holder shell and/or cradle, and inside
+    plastic/bone rods, a square insert or a low-density resolution plate with dots.
+    """
+    rng = np.random.default_rng([seed, 17])
+    fov = float(rng.uniform(220, 260))
+    cv = _Canvas(size, fov)
+    rot = rng.uniform(-10, 10)
+    vertex = rng.random() < 0.3
+    scale = rng.uniform(0.5, 0.8) if vertex else rng.uniform(0.9, 1.05)
+    ax, ay = rng.uniform(62, 74) * scale, rng.uniform(80, 96) * scale
+    cx, cy = rng.uniform(-8, 8), rng.uniform(-12, 4)
+    skull = rng.uniform(6, 14) if vertex else rng.uniform(3.5, 8)
+    if rng.random() < 0.6:  # U-shaped plastic holder shell around the sides and back of the head
+        gap, wall = rng.uniform(8, 25), rng.uniform(1.2, 3.0)
+        ux, uy, uc = ax / scale + gap, ay / scale + gap, cy + rng.uniform(5, 20)
+        lower = np.broadcast_to(cv.y > uc - uy * rng.uniform(0.1, 0.6), cv.img.shape)
+        shell = cv.mask(cx, uc, ux, uy) & ~cv.mask(cx, uc, ux - wall, uy - wall) & lower
+        cv.img[shell] = rng.uniform(100, 350)
+    if rng.random() < 0.6:
+        _head_cradle(cv, rng, cx, cy, ax, ay)
+    skin = rng.uniform(1, 3) if rng.random() < 0.3 else 0.0
+    if skin:
+        cv.fill(rng.uniform(-20, 60), cx, cy, ax + skin, ay + skin, rot)
+    cv.fill(rng.uniform(700, 1500), cx, cy, ax, ay, rot)  # skull
+    # Uneven bone: the inner table is shifted a little, so the ring is thicker on one side.
+    sx, sy = rng.uniform(-0.25, 0.25) * skull, rng.uniform(-0.3, 0.3) * skull
+    ix, iy = ax - skull, ay - skull * rng.uniform(0.9, 1.3)
+    interior_hu = rng.uniform(-4, 6) if filled else rng.uniform(-1000, -975)
+    inside = cv.fill(interior_hu, cx + sx, cy + sy, ix, iy, rot)
+    if not vertex:
+        for _ in range(rng.integers(1, 6) if filled else rng.integers(0, 5)):  # rods
+            kind = rng.random()
+            if filled:
+                hu = rng.uniform(-120, 150) if kind < 0.7 else rng.uniform(300, 1000)
+            else:
+                hu = rng.uniform(80, 150) if kind < 0.7 else rng.uniform(300, 900)
+            r = rng.uniform(3, 11)
+            cv.fill(hu, cx + rng.uniform(-0.6, 0.6) * ix, cy + rng.uniform(-0.6, 0.6) * iy, r, r, within=inside)
+        if rng.random() < 0.3:  # square insert
+            h, px, py = rng.uniform(5, 10), cx + rng.uniform(-0.5, 0.5) * ix, cy + rng.uniform(-0.5, 0.5) * iy
+            before = cv.img.copy()
+            cv.rect(rng.uniform(80, 150), px - h, px + h, py - h, py + h)
+            cv.img = np.where(inside, cv.img, before)
+        if not filled and rng.random() < 0.3:  # low-density resolution plate with bright dots
+            w, h = rng.uniform(0.5, 0.8) * ix, rng.uniform(0.15, 0.3) * iy
+            px, py = cx + rng.uniform(-0.2, 0.2) * ix, cy - rng.uniform(0.1, 0.5) * iy
+            plate = cv.fill(rng.uniform(-750, -350), px, py, w, h, 0, within=inside)
+            for _ in range(rng.integers(4, 12)):
+                cv.fill(rng.uniform(100, 400), px + rng.uniform(-w, w), py + rng.uniform(-h, h), 0.8, 0.8,
+                        within=plate)
+    hu = cv.finish(rng, texture_hu=rng.uniform(0.0, 1.0), blur_px=rng.uniform(0.8, 1.4) if vertex
+                   else rng.uniform(0.3, 0.7))
+    return Phantom(hu, fov / size, "head", int(seed), "skull_water" if filled else "skull_air")
 
 
 def head_phantom(seed: int, size: int = 256) -> Phantom:
@@ -93,11 +170,8 @@ def head_phantom(seed: int, size: int = 256) -> Phantom:
         ax, ay = ax * 0.9, ay * 0.9
     scalp = rng.uniform(4, 7)
     skull = rng.uniform(5, 9) if region == "cerebrum" else rng.uniform(7, 12)
-    if rng.random() < 0.7:  # head holder: a curved plastic cradle with a foam pad under the occiput
-        hy = cy + ay + rng.uniform(3, 8)
-        cv.fill(rng.uniform(80, 250), cx, hy - 55, ax + 22, 60, 0)
-        cv.fill(AIR_HU, cx, hy - 60, ax + 17, 60, 0)
-        cv.fill(rng.uniform(-900, -750), cx, hy - 62, ax + 12, 58, 0)
+    if rng.random() < 0.7:
+        _head_cradle(cv, rng, cx, cy, ax, ay)
     cv.fill(rng.uniform(20, 60), cx, cy, ax, ay, rot)  # scalp
     bone = rng.uniform(900, 1600)
     cv.fill(bone, cx, cy, ax - scalp, ay - scalp, rot)  # skull

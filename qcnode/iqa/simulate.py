@@ -24,7 +24,9 @@ Synthetic reader model (labels are synthetic; this is the whole definition):
 - Two physical measures per image, both in HU, against noiseless references from the same
   projector. ``noise_hu``: the standard deviation of (image - noiseless image at the same views)
   over soft tissue (local mean -20..150 HU inside the patient; the whole patient if that is too
-  small); for real slices the slice's own full-dose noise is added in quadrature, taken as the
+  small: then -300..300 HU, then the whole patient outline, e.g. the air inside a tissue-free
+  skull phantom, where the noise is just as visible); for real slices the slice's own full-dose
+  noise is added in quadrature, taken as the
   noise of a simulated f = 1 realisation. ``streak_index``: the RMS over the patient of
   (noiseless image at V views - noiseless image at 720 views), i.e. the deterministic,
   directional view-aliasing residual after removing the random noise.
@@ -73,6 +75,8 @@ I0_BY_ANATOMY = {"head": 2.0e6, "body": 6.0e5}  # unattenuated counts per detect
 ELECTRONIC_NOISE_COUNTS = 10.0
 HEAD_NOISE_WEIGHT = 1.6
 SPLIT_CODES = {"train": 1, "test": 2, "unlabeled": 3}
+# Head phantom number k (per split) is a tissue-free head phantom when k % 8 is a key: 25 % of the heads.
+SKULL_PHANTOM_CYCLE = {2: "skull_air", 6: "skull_water"}
 READER_COLUMNS = [f"reader_{i}" for i in range(1, 6)]
 
 
@@ -108,6 +112,7 @@ class SourceSpec:
     seed: int | None = None
     variants: list[tuple[float, int]] = field(default_factory=list)  # (dose_fraction, views)
     first_index: int = 0  # file number of the first variant in its split
+    phantom: str = ""  # phantom kind for make_phantom ("head", "skull_air", ...); empty: the anatomy
 
 
 @dataclass
@@ -145,7 +150,7 @@ def resample_square(hu: np.ndarray, spacing_mm: float | None, size: int) -> tupl
 def load_source(spec: SourceSpec, size: int) -> SourceImage:
     """The HU image of a source, resampled to ``size``."""
     if spec.kind == "phantom":
-        ph = make_phantom(spec.anatomy, int(spec.seed), size)
+        ph = make_phantom(spec.phantom or spec.anatomy, int(spec.seed), size)
         return SourceImage(ph.hu, ph.pixel_spacing_mm, ph.region)
     from qcnode.dicom.pixels import load_slices
     sl = load_slices(spec.path)[0]
@@ -375,7 +380,9 @@ def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, t
     """The sources of each split with their variants and file numbers (deterministic for a seed).
 
     Phantom seeds are drawn from one SeedSequence stream per split, so train, test and unlabeled
-    phantoms never share a seed. Phantoms alternate head/body.
+    phantoms never share a seed. Phantoms alternate head/body; among the head phantoms every
+    fourth is a tissue-free head phantom object (SKULL_PHANTOM_CYCLE: "skull_air", then
+    "skull_water", alternating), so every split with enough phantoms holds some of each.
     """
     doses = sorted({float(d) for d in doses}, reverse=True)
     views = sorted({int(v) for v in views}, reverse=True)
@@ -400,6 +407,7 @@ def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, t
                 s = (s + 1) % (2 ** 32)
             used_seeds.add(s)
             anatomy = "head" if i % 2 == 0 else "body"
+            kind = SKULL_PHANTOM_CYCLE.get((i // 2) % 8, "head") if anatomy == "head" else "body"
             if split == "unlabeled":
                 lo = math.log(min(doses))
                 variants = [(round(float(math.exp(var_rng.uniform(lo, 0.0))), 4), int(var_rng.choice(views)))
@@ -407,8 +415,8 @@ def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, t
                 variants = list(dict.fromkeys(variants))
             else:
                 variants = list(grid)
-            splits[split].append(SourceSpec(f"phantom:{anatomy}:{s}", "phantom", anatomy, f"phantom_{anatomy}", split,
-                                            seed=s, variants=variants))
+            splits[split].append(SourceSpec(f"phantom:{kind}:{s}", "phantom", anatomy, f"phantom_{kind}", split,
+                                            seed=s, variants=variants, phantom=kind))
     for specs in splits.values():
         index = 0
         for spec in specs:
