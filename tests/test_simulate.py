@@ -204,3 +204,33 @@ def test_simulate_command_writes_challenge_layout(tmp_path, shared_ct):
     assert params["images"] == {"train": 12, "test": 8, "unlabeled": len(metas["unlabeled"])}
     # Refuses to overwrite a non-empty folder.
     assert main(["simulate", "--out", str(out), "--no-real", "--train-phantoms", "1"]) == 2
+
+
+def test_tissue_free_skull_phantoms_planned_seeded_and_labelled():
+    """skull_air / skull_water head phantoms: in every split, reproducible, labels fall with dose."""
+    splits = simulate.plan(doses=[1, 0.1], views=[720, 180], train_phantoms=16, test_phantoms=16,
+                           unlabeled_phantoms=16, seed=0)
+    for split, specs in splits.items():
+        kinds = [s.phantom for s in specs]
+        assert {"skull_air", "skull_water"} <= set(kinds), split
+        assert all(s.anatomy == "head" for s in specs if s.phantom.startswith("skull"))
+    for kind in ("skull_air", "skull_water"):
+        a, b = make_phantom(kind, 21, 128), make_phantom(kind, 21, 128)
+        assert np.array_equal(a.hu, b.hu) and a.region == kind and a.anatomy == "head"
+        assert not np.array_equal(a.hu, make_phantom(kind, 22, 128).hu)
+        assert (a.hu > 400).any()  # a bone ring
+        inside = a.hu[60:68, 60:68]
+        assert (np.median(inside) < -900) if kind == "skull_air" else (abs(np.median(inside)) < 60)
+    torch.set_num_threads(1)
+    for kind, seed in (("skull_air", 101), ("skull_water", 102)):
+        spec = simulate.SourceSpec(f"phantom:{kind}:{seed}", "phantom", "head", f"phantom_{kind}", "train",
+                                   seed=seed, variants=[(1.0, 720), (0.1, 720), (1.0, 180), (0.1, 180)], phantom=kind)
+        rows = {(r["dose_fraction"], r["views"]): r for *_, r in simulate.simulate_sources([spec], 96)}
+        again = {(r["dose_fraction"], r["views"]): r for *_, r in simulate.simulate_sources([spec], 96)}
+        assert rows == again
+        assert all(r["region"] == kind and np.isfinite(r["noise_hu"]) and r["noise_hu"] > 0 for r in rows.values())
+        for v in (720, 180):
+            assert rows[(0.1, v)]["noise_hu"] > 1.5 * rows[(1.0, v)]["noise_hu"]
+        assert rows[(1.0, 720)]["label"] >= 3.4  # full dose, all views: a good image
+        assert rows[(0.1, 180)]["label"] < rows[(1.0, 720)]["label"]
+        assert sum(rows[(0.1, v)]["label"] for v in (720, 180)) < sum(rows[(1.0, v)]["label"] for v in (720, 180))
