@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pydicom
 import pytest
@@ -107,7 +108,11 @@ def test_receiving_processes_share_the_port_and_die_with_serve(tmp_path, port, s
     try:
         wait_port(port, 120, proc)
         daemon = psutil.Process(proc.pid)
-        assert len(_listeners(daemon, port)) == 2  # the second SCP listens before the port answers
+        # the child SCP listens first (so the port answers), then the parent's own SCP joins it
+        deadline = time.monotonic() + 60
+        while len(_listeners(daemon, port)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(_listeners(daemon, port)) == 2
         senders = [subprocess.Popen(["/usr/bin/storescu", "-aet", f"PACS{i}", "-aec", "QCNODE", "127.0.0.1",
                                      str(port), *map(str, files[i::4])], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE) for i in range(4)]
