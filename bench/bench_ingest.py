@@ -59,6 +59,20 @@ def _cpu_by_role(proc: psutil.Process, port: int) -> dict[str, float]:
     return out
 
 
+def _associations_by_process(proc: psutil.Process, port: int) -> dict[int, int]:
+    """Established connections on ``port`` per daemon process (which SCP process got which sender)."""
+    out: dict[int, int] = {}
+    for p in _tree(proc):
+        try:
+            n = sum(1 for c in p.net_connections(kind="tcp")
+                    if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port)
+        except psutil.Error:
+            continue
+        if n:
+            out[p.pid] = n
+    return out
+
+
 def _rss(proc: psutil.Process) -> int:
     total = 0
     for p in _tree(proc):
@@ -91,6 +105,9 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=320)
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--no-worker", action="store_true", help="measure the receipt path alone")
+    ap.add_argument("--scp-processes", type=int, default=None,
+                    help="node.scp_processes for the run (default: config default)")
+    ap.add_argument("--max-pdu", type=int, default=None, help="node.max_pdu_size for the run")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="qcnode-bench-") as td:
         tmp = Path(td)
@@ -107,16 +124,23 @@ def main() -> int:
                                              else "*.dcm")
         warm = copy_series(SHARED_CT / "ge_head", tmp / "warm")
         port = free_port()
-        cfg = write_config(tmp, port, checkpoint=checkpoint_for_tests(tmp),
-                           extra={"series": {"stable_seconds": 0.5}, "logging": {"level": "warning"}})
+        extra = {"series": {"stable_seconds": 0.5}, "logging": {"level": "warning"}}
+        node = {"scp_processes": args.scp_processes, "max_pdu_size": args.max_pdu}
+        extra["node"] = {k: v for k, v in node.items() if v is not None}
+        cfg = write_config(tmp, port, checkpoint=checkpoint_for_tests(tmp), extra=extra)
         proc = serve_process(cfg, *(["--no-worker"] if args.no_worker else []))
         peak = [0]
+        spread: dict[int, int] = {}
+        measuring = threading.Event()
         stop = threading.Event()
         daemon = psutil.Process(proc.pid)
 
         def sample() -> None:
             while not stop.is_set():
                 peak[0] = max(peak[0], _rss(daemon))
+                if measuring.is_set():
+                    for pid, n in _associations_by_process(daemon, port).items():
+                        spread[pid] = max(spread.get(pid, 0), n)
                 time.sleep(0.1)
         threading.Thread(target=sample, daemon=True).start()
         try:
@@ -134,12 +158,14 @@ def main() -> int:
             print(f"before: {_load()}")
             cpu0 = _cpu_seconds(daemon)
             roles0 = _cpu_by_role(daemon, port)
+            measuring.set()
             t0 = time.perf_counter()
             procs = [subprocess.Popen([STORESCU, "-aet", f"BENCH{i}", "-aec", "QCNODE", "127.0.0.1", str(port),
                                        *map(str, g)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                      for i, g in enumerate(groups)]
             rcs = [p.wait() for p in procs]
             dt = time.perf_counter() - t0
+            measuring.clear()
             cpu = _cpu_seconds(daemon) - cpu0
             roles = {k: v - roles0.get(k, 0.0) for k, v in _cpu_by_role(daemon, port).items()}
             scoring = "" if args.no_worker else f", worker scoring: {_jobs_running(cfg)}"
@@ -148,6 +174,7 @@ def main() -> int:
             print(f"daemon CPU during the ingest: {cpu:.2f} s = {cpu * 1000 / total:.1f} ms/slice "
                   f"(all its processes{scoring}); by role: "
                   + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(roles.items())))
+            print(f"associations per receiving process (most seen at once): {sorted(spread.values())}")
             print(f"after:  {_load()}")
             time.sleep(3)
             print(f"daemon peak RSS so far: {peak[0] / 2**20:.0f} MiB (sum over its processes)")

@@ -80,6 +80,8 @@ class WorkerConfig:
     max_attempts: int = 5
     separate_process: bool = True
     nice: int = 10
+    duty_while_receiving: float = 0.2
+    receiving_window_seconds: float = 1.0
 
 
 @dataclass

@@ -22,6 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from qcnode.activity import Pacer, open_activity
 from qcnode.config import Config, VerdictConfig
 from qcnode.db.models import (DoseReport, Instance, Job, Series, SeriesResult, SliceScore, Study)
 from qcnode.db.queue import (JOB_SCORE_SERIES, as_utc, claim_job, complete_job, fail_job, make_owner,
@@ -115,6 +116,8 @@ class Worker:
         self.spool = spool
         self.owner = owner or make_owner("worker")
         self.scorer = scorer
+        self.pacer = Pacer(open_activity(spool.root), cfg.worker.duty_while_receiving,
+                           cfg.worker.receiving_window_seconds)
 
     def load_scorer(self) -> Any:
         """Load the checkpoint of ``model.checkpoint`` once (torch imported here, not at import)."""
@@ -228,8 +231,10 @@ class Worker:
                     del ds.PixelData
                 headers.append(ds)
                 results.append(res)
+                self.pacer.pace()
             if hus:
-                qualities = scorer.score_hu([sl.hu for sl, _ in hus], self.cfg.model.batch_size)
+                qualities = scorer.score_hu([sl.hu for sl, _ in hus], self.cfg.model.batch_size,
+                                            between_batches=self.pacer.pace)
                 for (sl, ctdivol), (res, frame), q in zip(hus, owners, qualities):
                     res.scores.append((float(q.score), float(q.score_low), float(q.score_high)))
                     noise, dw, ssde = _physics(sl.hu, sl.pixel_spacing_mm, ctdivol, phantom or "body")
@@ -237,6 +242,7 @@ class Worker:
                     res.dw.append(dw)
                     res.ssde.append(ssde)
                     res.frames.append(frame)
+                    self.pacer.pace()
             with self.session_factory() as s:
                 if not renew_lease(s, Job, job_id, self.owner, self.cfg.worker.lease_seconds):
                     log.warning("lease_lost", job_id=job_id)

@@ -95,8 +95,8 @@ def _listeners(proc: "psutil.Process", port: int) -> set[int]:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_receiving_processes_share_the_port_and_die_with_serve(tmp_path, port, shared_ct):
-    """node.scp_processes = 2: two processes listen on the port (SO_REUSEPORT), associations spread over
-    them land in one database; kill -9 of `serve` takes its SCP and worker children with it."""
+    """node.scp_processes = 2: two processes serve one listening socket (the balance itself is
+    tested in test_activity_listener.py); four senders land in one database; kill -9 of `serve` takes its SCP and worker children with it."""
     import signal
 
     import psutil
@@ -108,7 +108,7 @@ def test_receiving_processes_share_the_port_and_die_with_serve(tmp_path, port, s
     try:
         wait_port(port, 120, proc)
         daemon = psutil.Process(proc.pid)
-        # the child SCP listens first (so the port answers), then the parent's own SCP joins it
+        # both processes hold the listening socket once serve is ready
         deadline = time.monotonic() + 60
         while len(_listeners(daemon, port)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from daemon_helpers import copy_series, write_config
+from qcnode.activity import ACTIVITY_FILE, ReceiveActivity
 from qcnode.config import load_config
 from qcnode.db.engine import make_engine, session_factory, upgrade
 from qcnode.db.models import Delivery, Instance, Job, Series, SeriesResult, SliceScore, utcnow
@@ -84,7 +85,11 @@ def test_worker_scores_series_once(tmp_path, port, shared_ct):
         s.execute(SeriesResult.__table__.delete())
         s.execute(update(Series).values(status="stable"))
         s.commit()
+    # ... also when it ran while the node was receiving: then it holds back (sleeps between slices)
+    ReceiveActivity(spool.root / ACTIVITY_FILE).mark()
+    worker.pacer.slept_s = 0.0
     assert worker.run_once()
+    assert worker.pacer.slept_s > 0
     with sf() as s:
         assert spool.abspath(s.scalars(select(SeriesResult)).one().sr_path).read_bytes() == sr_bytes
     engine.dispose()

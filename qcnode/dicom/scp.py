@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import socket
 import ssl
 import threading
 import time
@@ -34,7 +33,6 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.acse import ACSE
-from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage,
                                   Verification, XRayRadiationDoseSRStorage)
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
@@ -44,7 +42,9 @@ from sqlalchemy.orm import Session
 from qcnode.config import Config
 from qcnode.db.models import DoseReport, Instance, QuarantineRecord, Series, Study, utcnow
 from qcnode.dicom.dose import dose_fields, is_dose_sr, parse_dose_sr
+from qcnode.dicom.listener import SharedListener, balanced_server_class
 from qcnode.dicom.pixels import CT_IMAGE_CLASSES, skip_reason
+from qcnode.activity import open_activity
 from qcnode.dicom.recorder import InstanceRecorder, PendingInstance
 from qcnode.dicom.spool import InvalidUID, Spool, check_uid
 from qcnode.log import get_logger
@@ -183,14 +183,6 @@ def _check_native_pixel_length(ds: Dataset) -> None:
         raise Refused(INCONSISTENT, f"pixel data has {actual} bytes, Rows x Columns x frames needs {expected}")
 
 
-class _ReusePortServer(ThreadedAssociationServer):
-    """A pynetdicom server whose listening socket may be shared by several processes."""
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-
 class StorageSCP:
     """The DICOM listener. ``start()`` returns at once (threaded); ``stop()`` is graceful."""
 
@@ -208,6 +200,7 @@ class StorageSCP:
         self.server: Any = None
         self.ae = self._make_ae()
         self.recorder = InstanceRecorder(session_factory)
+        self.activity = open_activity(spool.root)
         self.stored = 0
         self.refused = 0
 
@@ -243,25 +236,27 @@ class StorageSCP:
             (ssl.CERT_OPTIONAL if node.tls_ca else ssl.CERT_NONE)
         return ctx
 
-    def start(self, reuse_port: bool = False) -> None:
+    def start(self, listener: SharedListener | None = None) -> None:
         """Listen on ``node.host:node.port`` in background threads.
 
-        ``reuse_port``: bind with SO_REUSEPORT so that several SCP processes share the port (the
-        kernel spreads the incoming associations over them; Linux)."""
-        handlers = [(evt.EVT_CONN_OPEN, self._on_conn_open), (evt.EVT_C_ECHO, self._on_echo),
-                    (evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
+        ``listener``: serve a listening socket shared with the node's other SCP processes (see
+        ``qcnode.dicom.listener``: associations are spread evenly over the processes)."""
+        handlers = [(evt.EVT_CONN_OPEN, self._on_conn_open), (evt.EVT_CONN_CLOSE, self._on_conn_close),
+                    (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_REJECTED, self._on_rejected)]
         address = (self.cfg.node.host, self.cfg.node.port)
-        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            # what AE.start_server(block=False) does, with a server class that sets SO_REUSEPORT
+        if listener is not None:
+            # what AE.start_server(block=False) does, with a server class over the shared socket
             self.server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=self.ssl_context(),
-                                              server_class=_ReusePortServer)
+                                              server_class=balanced_server_class(listener))
             threading.Thread(target=self.server.serve_forever, name="scp-acceptor", daemon=True).start()
             self.ae._servers.append(self.server)  # noqa: SLF001 - as start_server does (shutdown removes it)
         else:
             self.server = self.ae.start_server(address, block=False, evt_handlers=handlers,
                                                ssl_context=self.ssl_context())
         log.info("scp_listening", ae_title=self.cfg.node.ae_title, host=self.cfg.node.host,
-                 port=self.server.server_address[1], tls=self.cfg.node.tls_enabled, shared_port=reuse_port)
+                 port=self.server.server_address[1], tls=self.cfg.node.tls_enabled,
+                 shared_listener=None if listener is None else f"{listener.index + 1}/{listener.processes}")
 
     @property
     def port(self) -> int:
@@ -312,6 +307,11 @@ class StorageSCP:
     def _on_conn_open(self, event: Any) -> None:
         event.assoc.acse = _PolicyACSE(event.assoc, self.association_policy)
 
+    def _on_conn_close(self, event: Any) -> None:
+        closed = getattr(self.server, "connection_closed", None)
+        if closed is not None:
+            closed()
+
     def _on_rejected(self, event: Any) -> None:
         pass  # logged by the policy
 
@@ -324,6 +324,8 @@ class StorageSCP:
             if self._closing.is_set():
                 return OUT_OF_RESOURCES
             self._inflight += 1
+        if self.activity is not None:
+            self.activity.mark()  # the worker holds back while the node receives
         try:
             return self.handle_store(event)
         finally:

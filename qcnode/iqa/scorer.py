@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -146,13 +146,17 @@ class Scorer:
                            for a, b, c in zip(s.tolist(), lo.tolist(), hi.tolist()))
         return out
 
-    def score_hu(self, slices: Sequence[np.ndarray], batch_size: int = 16) -> list[SliceQuality]:
-        """Score 2-D HU slices (any size; resampled to the model input); one result per slice."""
+    def score_hu(self, slices: Sequence[np.ndarray], batch_size: int = 16,
+                 between_batches: Callable[[], Any] | None = None) -> list[SliceQuality]:
+        """Score 2-D HU slices (any size; resampled to the model input); one result per slice.
+        ``between_batches`` is called after each batch (the worker's pacing)."""
         out: list[SliceQuality] = []
         step = max(1, int(batch_size))
         for i in range(0, len(slices), step):
             x = torch.stack([self.preprocess(h) for h in slices[i:i + step]])
             out.extend(self.score_tensors(x, step))
+            if between_batches is not None:
+                between_batches()
         return out
 
     def score_images(self, images: Sequence[np.ndarray], batch_size: int = 16) -> list[SliceQuality]:

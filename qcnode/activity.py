@@ -1,0 +1,94 @@
+"""Receiving goes first: the SCP marks when it last took a C-STORE, the worker paces itself by it.
+
+On a small host the scoring worker and the receiving processes share the same cores (on 2-vCPU
+machines often two hyper-threads of one core, where a busy sibling slows the other down even
+when the scheduler favours it). A PACS waiting for C-STORE responses should not wait for the
+model. So every SCP process writes ``time.monotonic()`` (one clock for all processes of the host)
+into an 8-byte memory-mapped file in the spool, and the worker, while that time is recent, keeps
+itself to a duty cycle (``worker.duty_while_receiving``): after each slice of work it sleeps long
+enough that it ran at most that fraction of the time. Scoring goes on during a burst, slower, and
+at full speed again once receiving stops. Processes on other hosts (a spool on shared storage)
+simply do not see each other's marks.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from pathlib import Path
+
+from qcnode.log import get_logger
+
+log = get_logger("qcnode.activity")
+
+ACTIVITY_FILE = ".receiving"  # in the spool root
+_SLOT = struct.Struct("d")
+
+
+class ReceiveActivity:
+    """The host-wide time of the last C-STORE (``mark`` by the SCP, ``seconds_since`` by the worker)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < _SLOT.size:
+                os.ftruncate(fd, _SLOT.size)
+            self._map = mmap.mmap(fd, _SLOT.size)
+        finally:
+            os.close(fd)
+
+    def mark(self, now: float | None = None) -> None:
+        """Record that a C-STORE is being received now."""
+        _SLOT.pack_into(self._map, 0, time.monotonic() if now is None else now)
+
+    def seconds_since(self, now: float | None = None) -> float:
+        """Seconds since the last mark (infinite when there was none, e.g. since boot)."""
+        (last,) = _SLOT.unpack_from(self._map, 0)
+        if not last > 0.0:  # 0 (never marked) or garbage
+            return float("inf")
+        return max(0.0, (time.monotonic() if now is None else now) - last)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+class Pacer:
+    """Keeps a background task at ``duty`` of the time while receiving was seen within ``window_s``.
+
+    Call ``pace()`` between small units of work (a decoded file, a model batch, a slice's physics).
+    It measures how long the task ran since the last pause and, while receiving is active, sleeps
+    ``busy * (1 - duty) / duty``. With ``duty >= 1`` or no activity it never sleeps.
+    """
+
+    def __init__(self, activity: ReceiveActivity | None, duty: float = 0.2, window_s: float = 1.0,
+                 max_sleep_s: float = 1.0):
+        self.activity = activity
+        self.duty = duty
+        self.window_s = window_s
+        self.max_sleep_s = max_sleep_s
+        self.slept_s = 0.0
+        self._since = time.monotonic()
+
+    def pace(self) -> float:
+        """Pause if due; returns the seconds slept."""
+        now = time.monotonic()
+        busy = now - self._since
+        if self.activity is None or self.duty >= 1.0 or self.activity.seconds_since(now) > self.window_s:
+            self._since = now
+            return 0.0
+        pause = min(self.max_sleep_s, busy * (1.0 - max(self.duty, 0.01)) / max(self.duty, 0.01))
+        time.sleep(pause)
+        self.slept_s += pause
+        self._since = time.monotonic()
+        return pause
+
+
+def open_activity(spool_root: str | os.PathLike[str]) -> ReceiveActivity | None:
+    """The spool's activity file, or None (logged) when it cannot be mapped."""
+    try:
+        return ReceiveActivity(Path(spool_root) / ACTIVITY_FILE)
+    except (OSError, ValueError) as exc:
+        log.warning("receive_activity_unavailable", error=f"{type(exc).__name__}: {exc}")
+        return None

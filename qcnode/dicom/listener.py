@@ -1,0 +1,109 @@
+"""One listening socket for all SCP processes of a node, with associations spread evenly over them.
+
+Receiving is CPU-bound Python, so ``serve`` may run several SCP processes (``node.scp_processes``).
+With SO_REUSEPORT the kernel assigns each connection to a process by a hash of its addresses, so
+four senders land 2/2 only 3 times in 8 (1/3 or 4/0 otherwise) and the busiest process caps the
+throughput. Instead the parent ``serve`` opens the listening socket once and hands it to its SCP
+children; every process publishes how many associations it holds in a small shared array and only
+accepts a waiting connection while no other process holds fewer (after ``ACCEPT_YIELD_S`` it
+accepts anyway, so a stalled process cannot hold a sender back). Works for port 0 as well.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import socket
+import threading
+import time
+from typing import Any
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+ACCEPT_YIELD_S = 0.25   # a busier process waits at most this long for a less busy one to accept
+_POLL_S = 0.002
+
+
+@dataclasses.dataclass
+class SharedListener:
+    """A listening socket plus the shared per-process association counts; ``index`` is this
+    process's slot. Picklable into spawned children (the socket is passed as a file descriptor)."""
+
+    sock: socket.socket
+    loads: Any            # multiprocessing RawArray("i", n)
+    index: int = 0
+
+    def for_process(self, index: int) -> "SharedListener":
+        """The same listener for the SCP process with slot ``index``."""
+        return dataclasses.replace(self, index=index)
+
+    @property
+    def processes(self) -> int:
+        return len(self.loads)
+
+
+def open_shared_listener(host: str, port: int, processes: int, backlog: int = 128) -> SharedListener:
+    """Bind and listen on ``host:port`` (non-blocking) for ``processes`` SCP processes."""
+    info = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+        sock.listen(backlog)
+        sock.setblocking(False)  # several processes accept: the losers must get EAGAIN, not block
+    except OSError:
+        sock.close()
+        raise
+    loads = multiprocessing.get_context("spawn").RawArray("i", max(1, processes))
+    return SharedListener(sock, loads)
+
+
+def balanced_server_class(listener: SharedListener) -> type[ThreadedAssociationServer]:
+    """A pynetdicom server class that serves ``listener`` (for ``AE.make_server(server_class=...)``)."""
+
+    class BalancedAssociationServer(ThreadedAssociationServer):
+        shared = listener
+
+        def server_bind(self) -> None:
+            self.socket.close()  # the fresh socket socketserver made: use the shared one instead
+            self.socket = self.shared.sock
+            self.server_address = self.socket.getsockname()
+            self._open = 0
+            self._open_lock = threading.Lock()
+            self._waiting_since: float | None = None
+
+        def server_activate(self) -> None:
+            pass  # already listening
+
+        def server_close(self) -> None:
+            self.socket.close()  # no shutdown(): that would stop the other processes' accepts too
+
+        def _publish(self, delta: int) -> None:
+            with self._open_lock:
+                self._open = max(0, self._open + delta)
+                self.shared.loads[self.shared.index] = self._open
+
+        def connection_closed(self) -> None:
+            """Call once per accepted connection when it closes (the SCP's EVT_CONN_CLOSE)."""
+            self._publish(-1)
+
+        def _my_turn(self) -> bool:
+            loads, me = self.shared.loads, self.shared.index
+            others = [loads[i] for i in range(len(loads)) if i != me]
+            return not others or loads[me] <= min(others)
+
+        def _handle_request_noblock(self) -> None:
+            now = time.monotonic()
+            if self._waiting_since is None:
+                self._waiting_since = now
+            if not self._my_turn() and now - self._waiting_since < ACCEPT_YIELD_S:
+                time.sleep(_POLL_S)  # a less busy process will take it; look again
+                return
+            self._waiting_since = None
+            super()._handle_request_noblock()  # accept() raises EAGAIN inside if another was faster
+
+        def get_request(self) -> tuple[socket.socket, Any]:
+            request = super().get_request()
+            self._publish(+1)
+            return request
+
+    return BalancedAssociationServer
