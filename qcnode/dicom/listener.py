@@ -11,6 +11,7 @@ accepts anyway, so a stalled process cannot hold a sender back). Works for port 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import multiprocessing
 import socket
 import threading
@@ -41,18 +42,27 @@ class SharedListener:
         return len(self.loads)
 
 
-def open_shared_listener(host: str, port: int, processes: int, backlog: int = 128) -> SharedListener:
-    """Bind and listen on ``host:port`` (non-blocking) for ``processes`` SCP processes."""
+def open_shared_listener(host: str, port: int, processes: int, backlog: int = 128,
+                         bind_wait_s: float = 10.0) -> SharedListener:
+    """Bind and listen on ``host:port`` (non-blocking) for ``processes`` SCP processes.
+
+    A port still held for a moment by the receiving children of a node that was just killed is
+    retried for up to ``bind_wait_s`` (they die with their parent, but not in the same instant)."""
     info = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(info[0], socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(info[4])
-        sock.listen(backlog)
-        sock.setblocking(False)  # several processes accept: the losers must get EAGAIN, not block
-    except OSError:
-        sock.close()
-        raise
+    deadline = time.monotonic() + bind_wait_s
+    while True:
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(info[4])
+            sock.listen(backlog)
+            sock.setblocking(False)  # several processes accept: the losers must get EAGAIN, not block
+            break
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     loads = multiprocessing.get_context("spawn").RawArray("i", max(1, processes))
     return SharedListener(sock, loads)
 
