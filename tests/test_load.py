@@ -43,6 +43,11 @@ def test_concurrent_associations_under_load(tmp_path, port, shared_ct):
     engine = None
     try:
         wait_port(port, 120, proc)
+        # the load starts once the worker is warm (model loaded), as on a node that has been running;
+        # at 2 cores and ~200 slices/s the whole load can otherwise be over before torch is imported
+        log_file = tmp_path / "var" / "qcnode.log"
+        wait_for(lambda: log_file.is_file() and '"model_loaded"' in log_file.read_text(), 180, interval=0.5,
+                 what="the worker's model loaded")
         engine = make_engine(cfg.database_url)
         sf = session_factory(engine)
         with RssSampler(proc.pid) as rss:
