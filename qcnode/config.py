@@ -268,6 +268,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"audit.time_of_day must be HH:MM (24 h), got {cfg.audit.time_of_day!r}")
     if cfg.audit.baseline_days < 1:
         raise ConfigError("audit.baseline_days must be at least 1")
+    if not 0.0 < cfg.worker.duty_while_receiving <= 1.0:
+        raise ConfigError("worker.duty_while_receiving must be in (0, 1] (1 = never hold back)")
+    if cfg.worker.receiving_window_seconds < 0:
+        raise ConfigError("worker.receiving_window_seconds must not be negative")
 
 
 SEND_RULES = {"sr", "series", "series:PASS", "series:WARN", "series:FAIL"}

@@ -108,3 +108,11 @@ def test_shared_listener_spreads_associations_evenly(tmp_path, port):
         for scp in scps:
             scp.stop(grace_seconds=2)
         engine.dispose()
+
+
+@pytest.mark.parametrize("worker", [{"duty_while_receiving": 0.0}, {"duty_while_receiving": 1.5},
+                                    {"receiving_window_seconds": -1.0}])
+def test_pacing_config_is_validated(tmp_path, port, worker):
+    from qcnode.config import ConfigError
+    with pytest.raises(ConfigError, match="worker."):
+        load_config(write_config(tmp_path, port, extra={"worker": worker}))
