@@ -116,3 +116,26 @@ def test_pacing_config_is_validated(tmp_path, port, worker):
     from qcnode.config import ConfigError
     with pytest.raises(ConfigError, match="worker."):
         load_config(write_config(tmp_path, port, extra={"worker": worker}))
+
+
+def test_fast_recv_reads_whole_pdus_and_stops_at_close():
+    """The SCP's association socket reads a PDU into one buffer: same bytes as pynetdicom's chunked recv."""
+    import os
+    import socket
+    import threading
+
+    from qcnode.dicom.scp import FastRecvSocket
+    a, b = socket.socketpair()
+    b.settimeout(10)
+    sock = object.__new__(FastRecvSocket)  # only .socket is used by recv()
+    sock.socket = b
+    payload = os.urandom(300_000)
+    sender = threading.Thread(target=lambda: (a.sendall(payload), a.close()))
+    sender.start()
+    first = sock.recv(6)
+    rest = sock.recv(len(payload) - 6 - 1000)
+    tail = sock.recv(5000)  # only 1000 bytes left before the peer closed: returns those
+    sender.join()
+    assert isinstance(rest, bytearray) and bytes(first + rest + tail) == payload and len(tail) == 1000
+    assert sock.recv(10) == bytearray()
+    b.close()
