@@ -80,6 +80,7 @@ def balanced_server_class(listener: SharedListener) -> type[ThreadedAssociationS
             self._open = 0
             self._open_lock = threading.Lock()
             self._waiting_since: float | None = None
+            self.shared.loads[self.shared.index] = 0  # a restarted process starts with a clean slot
 
         def server_activate(self) -> None:
             pass  # already listening
