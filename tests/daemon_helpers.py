@@ -113,6 +113,19 @@ def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | None = 
     raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
 
 
+def kill9(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGKILL ``serve`` and wait until its child processes (which die with it) are gone too, so that a
+    restart cannot meet the dying children's listening socket."""
+    import psutil
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout)
+    psutil.wait_procs(children, timeout=timeout)
+
+
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
     """Send ``sig`` to ``proc`` and wait for it to exit; returns the exit code."""
     if proc.poll() is None:

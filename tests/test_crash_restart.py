@@ -2,7 +2,6 @@
 series' SR is delivered exactly once."""
 from __future__ import annotations
 
-import signal
 import subprocess
 import time
 
@@ -10,8 +9,8 @@ import pytest
 from sqlalchemy import func, select
 
 from conftest import free_port
-from daemon_helpers import (STORESCU, Destination, checkpoint_for_tests, serve_process, stop_process, storescu,
-                            wait_for, wait_port, write_config)
+from daemon_helpers import (STORESCU, Destination, checkpoint_for_tests, kill9, serve_process, stop_process,
+                            storescu, wait_for, wait_port, write_config)
 from qcnode.config import load_config
 from qcnode.db.engine import make_engine, session_factory
 from qcnode.db.models import Instance, Job, SeriesResult, SliceScore
@@ -59,8 +58,7 @@ def test_kill_during_ingest(tmp_path, port, shared_ct):
             with sf() as s:
                 return s.scalar(select(func.count(Instance.id))) >= 10
         wait_for(some_stored, 60, interval=0.02, what="10 stored instances")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        kill9(proc)
         sender.wait(60)
         with sf() as s:
             acknowledged_before = s.scalar(select(func.count(Instance.id)))
@@ -93,8 +91,7 @@ def test_kill_during_scoring(tmp_path, port, shared_ct):
             with sf() as s:
                 return s.scalar(select(func.count(Job.id)).where(Job.status == "running"))
         wait_for(a_job_running, 120, interval=0.02, what="a running scoring job")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        kill9(proc)
         with sf() as s:
             assert s.scalar(select(func.count(Job.id)).where(Job.status == "running")) >= 1
             before = s.scalar(select(func.count(SeriesResult.id)))
