@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import pydicom
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
@@ -55,13 +57,34 @@ class CTSlice:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+# VRs whose value conversion cannot fail unless pydicom's reading validation is RAISE (text is
+# decoded with replacement, UIDs/dates stay strings, byte VRs stay bytes): skipped by the eager decode
+_LENIENT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "LO", "SH", "LT", "ST", "UC", "UT", "UR",
+                          "PN", "OB", "OD", "OF", "OL", "OV", "OW"})
+
+
+def decode_public_elements(ds: Dataset) -> None:
+    """Convert every public top-level element whose conversion can fail (numbers, sequences,
+    unknown/UN VRs); raises what pydicom raises. Private elements are kept as sent."""
+    strict = pydicom_config.settings.reading_validation_mode == pydicom_config.RAISE
+    for tag in list(ds.keys()):
+        if tag.is_private:
+            continue
+        vr = getattr(ds.get_item(tag), "VR", None)
+        if vr is None:  # implicit VR: the dictionary's
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = None
+        if strict or vr not in _LENIENT_VRS:
+            ds[tag]
+
+
 def read_dataset(path: str | Path, stop_before_pixels: bool = False) -> Dataset:
     """Read a DICOM file; raises UnreadableFile with a clear reason on any failure."""
     ds = _read(path, stop_before_pixels)
-    try:  # pydicom decodes lazily: decode the public top-level elements now, so that a bad VR or
-        for tag in list(ds.keys()):  # length is "unreadable" here, not an odd exception later
-            if not tag.is_private:
-                ds[tag]
+    try:  # pydicom decodes lazily: a bad VR or length is "unreadable" here, not an odd exception later
+        decode_public_elements(ds)
     except Exception as exc:  # noqa: BLE001
         raise UnreadableFile(f"cannot parse DICOM: {type(exc).__name__}: {exc}") from exc
     return ds

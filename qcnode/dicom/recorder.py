@@ -167,26 +167,24 @@ class InstanceRecorder:
     def _commit(self, batch: list[PendingInstance]) -> None:
         # the folder fsyncs run in a helper thread while this one runs the SQL; COMMIT waits for them
         dirs = {p.sync_dir for p in batch if p.sync_dir is not None}
-        synced: Future | None = None
+        synced: Future = Future()
         if dirs and self._dir_syncer is not None:
             synced = self._dir_syncer.submit(_fsync_dirs, dirs)
-        elif dirs:  # no helper thread (not started through record()): fsync here
-            synced = Future()
+        else:  # nothing to sync, or no helper thread (not started through record()): fsync here
             synced.set_result(_fsync_dirs(dirs))
 
         def renames_durable() -> None:
-            if synced is not None and synced.result():
+            if synced.result():
                 raise _FolderNotDurable()
         try:
             self._write(batch, before_commit=renames_durable)
-        except Exception as exc:  # noqa: BLE001 - the careful path: folder by folder, then record by record
-            if synced is not None:
-                synced.result()
+        except Exception as exc:  # noqa: BLE001 - careful path: drop records whose folder fsync failed (an fsync
+            # is not retried: after an error Linux may report a later one clean), then record by record
             if not isinstance(exc, _FolderNotDurable):
                 log.warning("record_batch_retry", records=len(batch), error=f"{type(exc).__name__}: {exc}")
                 self._study_ids.clear()
                 self._series_ids.clear()
-            self._write_each(self._sync_dirs(batch))
+            self._write_each(self._drop_not_durable(batch, synced.result()))
             return
         self._done(batch)
 
@@ -217,16 +215,9 @@ class InstanceRecorder:
             p.future.set_result(None)
 
     @staticmethod
-    def _sync_dirs(batch: list[PendingInstance]) -> list[PendingInstance]:
-        """fsync each folder of the batch once; records whose folder fails get the error."""
-        failed: dict[Path, BaseException] = {}
-        for d in {p.sync_dir for p in batch if p.sync_dir is not None}:
-            try:
-                fsync_dir(d)
-            except OSError as exc:
-                failed[d] = exc
-        if not failed:
-            return batch
+    def _drop_not_durable(batch: list[PendingInstance],
+                          failed: dict[Path, OSError]) -> list[PendingInstance]:
+        """The records whose folder fsync succeeded; the others get the fsync error."""
         ok = []
         for p in batch:
             if p.sync_dir in failed:

@@ -29,8 +29,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, cast
 
-from pydicom import config as pydicom_config
-from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.acse import ACSE
@@ -45,7 +43,7 @@ from qcnode.config import Config
 from qcnode.db.models import DoseReport, Instance, QuarantineRecord, Series, Study, utcnow
 from qcnode.dicom.dose import dose_fields, is_dose_sr, parse_dose_sr
 from qcnode.dicom.listener import SharedListener, balanced_server_class
-from qcnode.dicom.pixels import CT_IMAGE_CLASSES, skip_reason
+from qcnode.dicom.pixels import CT_IMAGE_CLASSES, decode_public_elements, skip_reason
 from qcnode.activity import open_activity
 from qcnode.dicom.recorder import InstanceRecorder, PendingInstance
 from qcnode.dicom.spool import InvalidUID, Spool, check_uid
@@ -161,29 +159,6 @@ def _int_or_none(value: Any) -> int | None:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
-
-
-# VRs whose value conversion cannot fail unless pydicom's reading validation is RAISE (text is
-# decoded with replacement, UIDs/dates stay strings, byte VRs stay bytes): skipped by the eager decode
-_LENIENT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "LO", "SH", "LT", "ST", "UC", "UT", "UR",
-                          "PN", "OB", "OD", "OF", "OL", "OV", "OW"})
-
-
-def _decode_public_elements(ds: Dataset) -> None:
-    """Convert every public top-level element whose conversion can fail (numbers, sequences,
-    unknown/UN VRs); raises what pydicom raises. Private elements are kept as sent."""
-    strict = pydicom_config.settings.reading_validation_mode == pydicom_config.RAISE
-    for tag in list(ds.keys()):
-        if tag.is_private:
-            continue
-        vr = getattr(ds.get_item(tag), "VR", None)
-        if vr is None:  # implicit VR: the dictionary's
-            try:
-                vr = dictionary_VR(tag)
-            except KeyError:
-                vr = None
-        if strict or vr not in _LENIENT_VRS:
-            ds[tag]
 
 
 def _check_native_pixel_length(ds: Dataset) -> None:
@@ -380,7 +355,7 @@ class StorageSCP:
                     ds.file_meta = FileMetaDataset()
                 ds.file_meta.TransferSyntaxUID = event.context.transfer_syntax
                 ds.SOPClassUID  # noqa: B018 - force parsing of the key elements
-                _decode_public_elements(ds)  # a bad VR or length is C210 here, not C004 later
+                decode_public_elements(ds)  # a bad VR or length is C210 here, not C004 later
             except Exception as exc:  # noqa: BLE001
                 raise Refused(CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}: {exc}") from exc
             self._store_dataset(ds, raw, info)

@@ -8,7 +8,6 @@ elsewhere when the lease expires), exit 0. The database is migrated on start.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import sys
