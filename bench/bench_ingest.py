@@ -87,6 +87,14 @@ def _load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" ({os.cpu_count()} CPUs)"
 
 
+def _host_cpu_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of the whole host since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
 def _jobs_running(cfg_path: Path) -> bool:
     from sqlalchemy import func, select
     from qcnode.config import load_config
@@ -157,6 +165,8 @@ def main() -> int:
             total = sum(len(g) for g in groups)
             print(f"before: {_load()}")
             cpu0 = _cpu_seconds(daemon)
+            host0 = _host_cpu_ticks()
+            senders0 = os.times()
             roles0 = _cpu_by_role(daemon, port)
             measuring.set()
             t0 = time.perf_counter()
@@ -167,6 +177,11 @@ def main() -> int:
             dt = time.perf_counter() - t0
             measuring.clear()
             cpu = _cpu_seconds(daemon) - cpu0
+            host1 = _host_cpu_ticks()
+            senders1 = os.times()
+            host_busy = (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
+            senders_cpu = (senders1.children_user + senders1.children_system
+                           - senders0.children_user - senders0.children_system)
             roles = {k: v - roles0.get(k, 0.0) for k, v in _cpu_by_role(daemon, port).items()}
             scoring = "" if args.no_worker else f", worker scoring: {_jobs_running(cfg)}"
             print(f"ingest: {total} slices of 512x512 over {args.parallel} associations in {dt:.2f} s "
@@ -174,6 +189,8 @@ def main() -> int:
             print(f"daemon CPU during the ingest: {cpu:.2f} s = {cpu * 1000 / total:.1f} ms/slice "
                   f"(all its processes{scoring}); by role: "
                   + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(roles.items())))
+            print(f"host CPU busy {host_busy:.0%} of {os.cpu_count()} cores during the ingest; "
+                  f"the storescu senders used {senders_cpu:.2f} s")
             print(f"associations per receiving process (most seen at once): {sorted(spread.values())}")
             print(f"after:  {_load()}")
             time.sleep(3)

@@ -124,3 +124,25 @@ def test_identical_resend_changes_nothing_and_a_changed_one_updates_the_row(db, 
         assert s.scalar(select(Instance.size_bytes)) == 99
         assert s.scalar(select(func.count(Instance.id))) == 1
     rec.close()
+
+
+def test_writer_waits_briefly_for_the_c_stores_in_flight(db, tmp_path):
+    """With two C-STOREs in flight, a record arriving 1 ms after the first joins its transaction;
+    with nothing else in flight the first is committed at once."""
+    _, sf = db
+    in_flight = [2]
+    rec = InstanceRecorder(sf, in_flight=lambda: in_flight[0], linger_s=0.5)
+    study, series = generate_uid(), generate_uid()
+    first, second = _pending(study, series, sync_dir=tmp_path), _pending(study, series, sync_dir=tmp_path)
+    late = threading.Timer(0.05, lambda: rec.record(second, timeout=60))
+    late.start()
+    t0 = time.monotonic()
+    rec.record(first, timeout=60)
+    late.join()
+    assert rec.batches == 1 and rec.records == 2
+    assert time.monotonic() - t0 < 0.45  # released when the second arrived, not at the linger limit
+    in_flight[0] = 1
+    t0 = time.monotonic()
+    rec.record(_pending(study, series, sync_dir=tmp_path), timeout=60)
+    assert time.monotonic() - t0 < 0.45 and rec.batches == 2
+    rec.close()

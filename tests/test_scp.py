@@ -184,3 +184,67 @@ def test_corrupt_and_non_ct_get_failures_and_quarantine(start_node, port, shared
         assert s.scalar(select(func.count(Instance.id))) == 0
     # the SCP keeps working
     assert storescu(port, copy_series(shared_ct / "ge_head", tmp_path / "g", n=1)).returncode == 0
+
+
+def test_part10_header_matches_pynetdicoms_encoder():
+    """The SCP's own File Meta encoder writes exactly what pynetdicom's encoded_dataset() writes."""
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from qcnode.dicom.scp import part10_header
+    for sop_class, sop_uid, syntax in [("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2"),
+                                       ("1.2.840.10008.5.1.4.1.1.2.1", generate_uid(), "1.2.840.10008.1.2.1"),
+                                       ("1.2", "1.23", "1.2.840.10008.1.2.4.50")]:
+        expected = b"\x00" * 128 + b"DICM" + encode_file_meta(
+            create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_uid, transfer_syntax=syntax))
+        assert part10_header(sop_class, sop_uid, syntax) == expected
+    assert part10_header("1.2.x", "1.2", "1.2.840.10008.1.2") is None  # not a UID: pynetdicom's encoder is used
+
+
+def test_associations_wait_for_events_instead_of_polling(start_node, port):
+    """The SCP's association threads block until something happens: request/response round trips
+    do not wait for the idle timeout, open idle associations hardly wake up, release works."""
+    import time
+
+    from qcnode.dicom.reactors import IDLE_WAIT_S, EventDrivenAssociation, EventDrivenDUL
+    scp, _, _ = start_node()
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="QCNODE")
+    assert assoc.is_established
+    (server_assoc,) = scp.ae.active_associations
+    assert isinstance(server_assoc, EventDrivenAssociation) and isinstance(server_assoc.dul, EventDrivenDUL)
+    before = (server_assoc.idle_timeouts, server_assoc.dul.idle_timeouts)
+    for _ in range(40):  # a lost wake-up would cost IDLE_WAIT_S on one side of each round trip
+        assert int(assoc.send_c_echo().Status) == 0
+    assert server_assoc.idle_timeouts - before[0] < 10
+    assert server_assoc.dul.idle_timeouts - before[1] < 10
+    before = (server_assoc.idle_timeouts, server_assoc.dul.idle_timeouts)
+    time.sleep(1.0)  # idle: pynetdicom's reactors would have polled ~1000 times each
+    woke = (server_assoc.idle_timeouts - before[0], server_assoc.dul.idle_timeouts - before[1])
+    assert all(n <= 2 / IDLE_WAIT_S for n in woke), woke
+    assoc.release()
+    assert assoc.is_released
+    _wait_no_associations(scp)
+
+
+def test_network_timeout_still_aborts_a_silent_association(start_node, port):
+    """pynetdicom's network timeout keeps working with the event-driven reactors."""
+    import time
+    scp, _, _ = start_node(node={"network_timeout": 0.5})
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="QCNODE")
+    assert assoc.is_established
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not assoc.is_established and (assoc.is_aborted or assoc.is_released)
+    _wait_no_associations(scp)
+
+
+def _wait_no_associations(scp: StorageSCP, timeout: float = 5.0) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while scp.ae.active_associations and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not scp.ae.active_associations

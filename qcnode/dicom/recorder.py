@@ -2,7 +2,8 @@
 
 The C-STORE handlers (one thread per association) write their file (temp file, fsync, rename)
 and hand a :class:`PendingInstance` to :meth:`InstanceRecorder.record`, which blocks until
-the record is committed. The writer thread takes everything queued so far, fsyncs each spool
+the record is committed. The writer thread takes everything queued so far (waiting up to
+``LINGER_S`` for C-STOREs the SCP is still handling, which doubles the batch under load), fsyncs each spool
 folder touched by the batch once (making the renames durable; in a helper thread, while the
 SQL runs), upserts the studies, series and instances of the whole batch in ONE transaction and
 commits once the folder fsyncs are done; only then are the handlers released to answer Success. Under load the batches grow by themselves, so the
@@ -37,6 +38,7 @@ from qcnode.log import get_logger
 log = get_logger("qcnode.recorder")
 
 MAX_BATCH = 128           # records per transaction at most
+LINGER_S = 0.003          # longest wait for the C-STOREs in flight to join a batch
 RECORD_TIMEOUT_S = 600.0  # a handler gives up waiting (the DB is locked for that long) -> failure status
 
 
@@ -97,9 +99,14 @@ def _group_by_keys(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 class InstanceRecorder:
     """The group-commit writer. ``record(p)`` blocks until ``p`` is committed (or raises)."""
 
-    def __init__(self, session_factory: Callable[[], Session], max_batch: int = MAX_BATCH):
+    def __init__(self, session_factory: Callable[[], Session], max_batch: int = MAX_BATCH,
+                 in_flight: Callable[[], int] | None = None, linger_s: float = LINGER_S):
+        """``in_flight``: how many C-STOREs are being handled now (queued ones included); the writer
+        waits up to ``linger_s`` for them to join a batch before committing it."""
         self.session_factory = session_factory
         self.max_batch = max_batch
+        self.in_flight = in_flight
+        self.linger_s = linger_s
         self._queue: queue.Queue[PendingInstance | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._dir_syncer: ThreadPoolExecutor | None = None
@@ -148,11 +155,19 @@ class InstanceRecorder:
             if item is None:
                 break
             batch = [item]
+            deadline = time.monotonic() + self.linger_s
             while len(batch) < self.max_batch:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    # another C-STORE is being handled: it will be queued within a few ms
+                    wait = deadline - time.monotonic()
+                    if self.in_flight is None or wait <= 0 or self.in_flight() <= len(batch):
+                        break
+                    try:
+                        nxt = self._queue.get(timeout=wait)
+                    except queue.Empty:
+                        break
                 if nxt is None:
                     stop = True
                     break

@@ -24,13 +24,15 @@ import datetime as dt
 import ipaddress
 import socket
 import ssl
+import struct
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, cast
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom import (ALL_TRANSFER_SYNTAXES, AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
+                        AllStoragePresentationContexts, evt)
 from pynetdicom.acse import ACSE
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage,
@@ -45,6 +47,7 @@ from qcnode.dicom.dose import dose_fields, is_dose_sr, parse_dose_sr
 from qcnode.dicom.listener import SharedListener, balanced_server_class
 from qcnode.dicom.pixels import CT_IMAGE_CLASSES, decode_public_elements, skip_reason
 from qcnode.activity import open_activity
+from qcnode.dicom.reactors import make_event_driven
 from qcnode.dicom.recorder import InstanceRecorder, PendingInstance
 from qcnode.dicom.spool import InvalidUID, Spool, check_uid
 from qcnode.log import get_logger
@@ -133,6 +136,48 @@ class _PolicyACSE(ACSE):
         super()._negotiate_as_acceptor()
 
 
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _meta_element(group_element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian File Meta element (UI/SH/UL with a 2-byte length)."""
+    return struct.pack("<HH", 0x0002, group_element) + vr + struct.pack("<H", len(value)) + value
+
+
+def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes | None:
+    """Preamble, "DICM" and File Meta Information for a received dataset, byte for byte what
+    pynetdicom's ``Event.encoded_dataset()`` writes before the dataset, at 1/30 of its cost.
+
+    None if a UID is not a valid DICOM UID (then the caller uses pynetdicom's own encoder)."""
+    try:
+        uids = [check_uid(u) for u in (sop_class_uid, sop_instance_uid, transfer_syntax_uid)]
+    except InvalidUID:
+        return None
+
+    def ui(text: str) -> bytes:
+        value = text.encode("ascii")
+        return value + b"\x00" if len(value) % 2 else value
+
+    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
+    body = b"".join((
+        struct.pack("<HH", 0x0002, 0x0001) + b"OB\x00\x00" + struct.pack("<L", 2) + b"\x00\x01",
+        _meta_element(0x0002, b"UI", ui(uids[0])),
+        _meta_element(0x0003, b"UI", ui(uids[1])),
+        _meta_element(0x0010, b"UI", ui(uids[2])),
+        _meta_element(0x0012, b"UI", ui(PYNETDICOM_IMPLEMENTATION_UID)),
+        _meta_element(0x0013, b"SH", version + b" " if len(version) % 2 else version)))
+    return _PREAMBLE + _meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body
+
+
+def encoded_dataset(event: Any) -> bytes:
+    """The received dataset as a DICOM Part 10 file (pynetdicom's ``Event.encoded_dataset()``)."""
+    req = event.request
+    header = part10_header(req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, event.context.transfer_syntax)
+    if header is None:
+        return cast(bytes, event.encoded_dataset())
+    return header + req.DataSet.getbuffer()
+
+
 def _clip(model: type, values: dict[str, Any]) -> dict[str, Any]:
     """Drop keys that are not columns of ``model``; cut strings to the column length."""
     out: dict[str, Any] = {}
@@ -198,10 +243,13 @@ class StorageSCP:
         self._lock = threading.Lock()
         self.server: Any = None
         self.ae = self._make_ae()
-        self.recorder = InstanceRecorder(session_factory)
+        self.recorder = InstanceRecorder(session_factory, in_flight=self._in_flight_now)
         self.activity = open_activity(spool.root)
         self.stored = 0
         self.refused = 0
+
+    def _in_flight_now(self) -> int:
+        return self._inflight
 
     # ---- setup ---------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -308,6 +356,7 @@ class StorageSCP:
         sock = event.assoc.dul.socket
         if type(sock) is AssociationSocket:
             sock.__class__ = FastRecvSocket
+        make_event_driven(event.assoc)  # no 1 ms polling in the association's two threads
 
     def _on_conn_close(self, event: Any) -> None:
         closed = getattr(self.server, "connection_closed", None)
@@ -348,7 +397,7 @@ class StorageSCP:
             if free < self.cfg.storage.min_free_disk_mb:
                 raise Refused(OUT_OF_RESOURCES, f"free disk {free:.0f} MiB below storage.min_free_disk_mb",
                               keep_copy=False)
-            raw = event.encoded_dataset()
+            raw = encoded_dataset(event)
             try:
                 ds = event.dataset
                 if getattr(ds, "file_meta", None) is None:

@@ -1,0 +1,228 @@
+"""Event-driven reactors for the SCP's associations (instead of pynetdicom's 1 ms polling).
+
+pynetdicom runs two threads per association, and both poll: the DUL reactor sleeps 1 ms whenever
+it finds nothing to do, the association reactor sleeps 1 ms before every look at its queues. Four
+idle associations cost ~20 % of a core that way, and each wake-up takes the GIL from the thread
+doing real work. Here the DUL thread instead blocks in ``select`` on its socket and on a wake-up
+socket pair (written when a primitive is queued for sending or the reactor is told to stop), and
+the association thread blocks on an Event that the DUL thread sets after each state-machine
+event. Both still wake at least every ``IDLE_WAIT_S`` so that pynetdicom's timers (ARTIM, network
+timeout) and flags set from elsewhere keep working as before.
+
+The loops are pynetdicom 3.0's ``DULServiceProvider.run_reactor`` and
+``Association._run_reactor`` (MIT licence) with only the waits changed. :func:`make_event_driven`
+switches an acceptor association to them before its threads start (``EVT_CONN_OPEN``); an
+association of any other shape is left as pynetdicom made it.
+"""
+from __future__ import annotations
+
+import queue
+import select
+import socket
+import threading
+import time
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import LOGGER as DUL_LOGGER, DULServiceProvider
+from pynetdicom.association import LOGGER as ASSOC_LOGGER
+from pynetdicom.pdu import A_ABORT_RQ
+
+IDLE_WAIT_S = 0.05  # longest wait without an event: the granularity of pynetdicom's timers here
+
+
+class EventDrivenDUL(DULServiceProvider):
+    """The DUL reactor, waiting in ``select`` on its socket and its wake-up pair."""
+
+    _wake_r: socket.socket
+    _wake_w: socket.socket
+    idle_timeouts: int  # waits that ended after IDLE_WAIT_S with nothing to do
+
+    def _setup_wakeup(self) -> None:
+        self.idle_timeouts = 0
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def wake(self) -> None:
+        """Make the reactor look at its queues and flags now."""
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or closed (the reactor has ended)
+            pass
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self.wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self.wake()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self.wake()
+            while self.is_alive():
+                time.sleep(0.001)
+            return True
+        return False
+
+    def _wait_for_work(self) -> None:
+        """Block until the socket has data, a wake-up arrives, or IDLE_WAIT_S passes."""
+        waitables: list[Any] = [self._wake_r]
+        assoc_socket = self.socket
+        if assoc_socket is not None and assoc_socket._is_connected and assoc_socket.socket is not None:  # noqa: SLF001
+            waitables.append(assoc_socket.socket)
+        try:
+            ready, _, _ = select.select(waitables, [], [], IDLE_WAIT_S)
+        except (OSError, ValueError):  # the socket closed under us: the loop's own check reports it
+            return
+        if not ready:
+            self.idle_timeouts += 1
+        if self._wake_r in ready:
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except OSError:  # drained
+                pass
+
+    def _wake_association(self) -> None:
+        wake = getattr(self.assoc, "wake", None)
+        if wake is not None:
+            wake()
+
+    def run(self) -> None:
+        # the Thread was made with target=<the original run_reactor>, bound before the class switch
+        self.run_reactor()
+
+    def run_reactor(self) -> None:
+        """pynetdicom's DUL loop, waiting in ``_wait_for_work`` instead of sleeping 1 ms."""
+        try:
+            self._run_reactor_loop()
+        finally:
+            self._wake_association()
+            for sock in (self._wake_r, self._wake_w):
+                sock.close()
+
+    def _run_reactor_loop(self) -> None:
+        self._idle_timer.start()
+        self.socket = cast(Any, self.socket)
+        idle = False
+        while True:
+            if not self.assoc._dul_ready.is_set():  # noqa: SLF001
+                self.assoc._dul_ready.set()  # noqa: SLF001
+            if idle:
+                self._wait_for_work()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:  # noqa: BLE001 - as pynetdicom: abort, bypassing the state machine
+                DUL_LOGGER.error("Exception in DUL.run(), aborting association")
+                DUL_LOGGER.exception(exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True  # noqa: SLF001
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            self.state_machine.do_action(event)
+            self._wake_association()  # it may have queued a DIMSE message or an ACSE primitive
+            idle = False
+
+
+class EventDrivenAssociation(Association):
+    """An acceptor association whose reactor waits on an Event set by its DUL thread."""
+
+    _wakeup: threading.Event
+    idle_timeouts: int  # waits that ended after IDLE_WAIT_S without a wake-up
+
+    def wake(self) -> None:
+        """Make the reactor look at its queues and flags now."""
+        self._wakeup.set()
+
+    def kill(self) -> None:
+        self._kill = True
+        self.wake()
+        super().kill()
+
+    def _run_reactor(self) -> None:
+        """pynetdicom's acceptor loop, waiting on the wake-up Event instead of sleeping 1 ms."""
+        self._is_paused = False
+        while not self._kill:
+            if not self._wakeup.wait(IDLE_WAIT_S):
+                self.idle_timeouts += 1
+            self._wakeup.clear()  # before looking: a wake-up after this point is not lost
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+                self._wakeup.set()  # look again at once: more may have arrived meanwhile
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                ASSOC_LOGGER.info("Association Released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                log_msg = "Association Aborted"
+                if self.acse.is_aborted("a-p-abort"):
+                    log_msg += " (A-P-ABORT)"
+                ASSOC_LOGGER.info(log_msg)
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                ASSOC_LOGGER.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
+def make_event_driven(assoc: Any) -> bool:
+    """Switch a not yet started acceptor association to the event-driven reactors.
+
+    Returns False (and changes nothing) for anything but a plain pynetdicom acceptor whose
+    threads have not started."""
+    dul = getattr(assoc, "dul", None)
+    if type(assoc) is not Association or type(dul) is not DULServiceProvider:
+        return False
+    if not assoc.is_acceptor or assoc.is_alive() or dul.is_alive():
+        return False
+    dul.__class__ = EventDrivenDUL
+    cast(EventDrivenDUL, dul)._setup_wakeup()  # noqa: SLF001
+    assoc.__class__ = EventDrivenAssociation
+    cast(EventDrivenAssociation, assoc)._wakeup = threading.Event()  # noqa: SLF001
+    cast(EventDrivenAssociation, assoc).idle_timeouts = 0
+    return True
