@@ -248,3 +248,40 @@ def _wait_no_associations(scp: StorageSCP, timeout: float = 5.0) -> None:
     while scp.ae.active_associations and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not scp.ae.active_associations
+
+
+def test_pdv_items_are_cut_from_the_p_data_tf_body():
+    import struct
+
+    from qcnode.dicom.reactors import InvalidPDU, split_pdv_items
+
+    def item(context_id: int, data: bytes) -> bytes:
+        return struct.pack(">LB", len(data) + 1, context_id) + data
+    body = item(1, b"\x03command") + item(3, b"\x02" + bytes(range(256)) * 10)
+    items = split_pdv_items(memoryview(body))
+    assert [(cid, bytes(data)) for cid, data in items] == [(1, b"\x03command"), (3, b"\x02" + bytes(range(256)) * 10)]
+    for bad in (b"", item(1, b"\x03x")[:-1], struct.pack(">LB", 1, 1),  # empty, truncated, no control header
+                item(1, b"\x03x") + b"\x00\x00"):                        # trailing bytes
+        with pytest.raises(InvalidPDU):
+            split_pdv_items(memoryview(bad))
+
+
+def test_malformed_p_data_tf_aborts_the_association_and_the_node_keeps_serving(start_node, port):
+    """A P-DATA-TF whose PDV item overruns the PDU is an invalid PDU (A-ABORT), not a crash."""
+    import struct
+    import time
+    scp, _, _ = start_node()
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="QCNODE")
+    assert assoc.is_established
+    body = struct.pack(">LB", 500, 1) + b"\x03" + b"\x00" * 20  # says 500 bytes, holds 22
+    assoc.dul.socket.send(struct.pack(">BBL", 0x04, 0, len(body)) + body)
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+    _wait_no_associations(scp)
+    again = ae.associate("127.0.0.1", port, ae_title="QCNODE")
+    assert again.is_established and int(again.send_c_echo().Status) == 0
+    again.release()

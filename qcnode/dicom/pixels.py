@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
@@ -63,21 +64,43 @@ _LENIENT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "LO", "SH", 
                           "PN", "OB", "OD", "OF", "OL", "OV", "OW"})
 
 
+# (tag, VR, byte order, implicit VR, raw value) of small elements that converted without error: the
+# same bytes convert the same way again, so the next slice of a series skips them (bounded size)
+_CONVERTED_OK: dict[tuple[Any, ...], None] = {}
+_CONVERTED_OK_MAX = 8192
+_CACHEABLE_BYTES = 256
+
+
 def decode_public_elements(ds: Dataset) -> None:
     """Convert every public top-level element whose conversion can fail (numbers, sequences,
-    unknown/UN VRs); raises what pydicom raises. Private elements are kept as sent."""
+    unknown/UN VRs); raises what pydicom raises. Private elements are kept as sent.
+
+    A small raw value already converted without error in this process (most header values repeat
+    from slice to slice of a series) is not converted again here; it converts on first use."""
     strict = pydicom_config.settings.reading_validation_mode == pydicom_config.RAISE
     for tag in list(ds.keys()):
         if tag.is_private:
             continue
-        vr = getattr(ds.get_item(tag), "VR", None)
+        elem = ds.get_item(tag)
+        vr = getattr(elem, "VR", None)
         if vr is None:  # implicit VR: the dictionary's
             try:
                 vr = dictionary_VR(tag)
             except KeyError:
                 vr = None
-        if strict or vr not in _LENIENT_VRS:
-            ds[tag]
+        if not strict and vr in _LENIENT_VRS:
+            continue
+        key = None
+        if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes) \
+                and len(elem.value) <= _CACHEABLE_BYTES:
+            key = (tag, vr, elem.is_little_endian, elem.is_implicit_VR, strict, elem.value)
+            if key in _CONVERTED_OK:
+                continue
+        ds[tag]
+        if key is not None:
+            if len(_CONVERTED_OK) >= _CONVERTED_OK_MAX:
+                _CONVERTED_OK.clear()
+            _CONVERTED_OK[key] = None
 
 
 def read_dataset(path: str | Path, stop_before_pixels: bool = False) -> Dataset:

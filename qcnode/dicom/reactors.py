@@ -9,6 +9,12 @@ the association thread blocks on an Event that the DUL thread sets after each st
 event. Both still wake at least every ``IDLE_WAIT_S`` so that pynetdicom's timers (ARTIM, network
 timeout) and flags set from elsewhere keep working as before.
 
+P-DATA-TF PDUs (the bulk of a C-STORE) are also read without pynetdicom's generic PDU decoder:
+their PDV items are cut out of the received buffer as memoryviews (no copies, no item objects)
+and handed to the DIMSE layer as the same P-DATA primitive pynetdicom would make; about 70 us
+less per 128 KiB PDU. Every other PDU goes through pynetdicom's decoder as before. (EVT_PDU_RECV
+is not fired for P-DATA-TF: only pynetdicom's debug logging listens to it.)
+
 The loops are pynetdicom 3.0's ``DULServiceProvider.run_reactor`` and
 ``Association._run_reactor`` (MIT licence) with only the waits changed. :func:`make_event_driven`
 switches an acceptor association to them before its threads start (``EVT_CONN_OPEN``); an
@@ -19,6 +25,7 @@ from __future__ import annotations
 import queue
 import select
 import socket
+import struct
 import threading
 import time
 from typing import Any, cast
@@ -27,9 +34,71 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dul import LOGGER as DUL_LOGGER, DULServiceProvider
 from pynetdicom.association import LOGGER as ASSOC_LOGGER
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
+from pynetdicom.pdu_items import PresentationDataValueItem
+from pynetdicom.pdu_primitives import P_DATA
 
 IDLE_WAIT_S = 0.05  # longest wait without an event: the granularity of pynetdicom's timers here
+
+
+_PDU_HEADER = struct.Struct(">BBL")
+_PDV_HEADER = struct.Struct(">LB")
+_KNOWN_PDU_TYPES = (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07)
+
+
+class InvalidPDU(ValueError):
+    """A P-DATA-TF PDU whose PDV items do not add up to its length."""
+
+
+def split_pdv_items(body: memoryview) -> list[tuple[int, memoryview]]:
+    """(presentation context ID, PDV data) of each item of a P-DATA-TF PDU body (PS3.8 9.3.5),
+    as views into ``body``; raises InvalidPDU if the items do not exactly fill it."""
+    items: list[tuple[int, memoryview]] = []
+    offset, end = 0, len(body)
+    while offset < end:
+        if end - offset < 6:
+            raise InvalidPDU(f"truncated PDV item at offset {offset} of {end}")
+        length, context_id = _PDV_HEADER.unpack_from(body, offset)
+        # length counts the context ID and the data; the data holds at least the control header
+        if length < 2 or offset + 4 + length > end:
+            raise InvalidPDU(f"PDV item length {length} at offset {offset} does not fit the PDU ({end} bytes)")
+        items.append((context_id, body[offset + 5:offset + 4 + length]))
+        offset += 4 + length
+    if not items:
+        raise InvalidPDU("P-DATA-TF PDU without PDV items")
+    return items
+
+
+class ReceivedPDataTF(P_DATA_TF):
+    """A received P-DATA-TF whose PDV data are views into the receive buffer."""
+
+    def __init__(self, items: list[tuple[int, memoryview]]):
+        self._items = items
+        self._item_objects: list[PresentationDataValueItem] | None = None
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def presentation_data_value_items(self) -> list[PresentationDataValueItem]:
+        """pynetdicom's item objects, made only if something asks (debug logging)."""
+        if self._item_objects is None:
+            self._item_objects = []
+            for context_id, data in self._items:
+                item = PresentationDataValueItem()
+                item.presentation_context_id = context_id
+                item.presentation_data_value = bytes(data)
+                self._item_objects.append(item)
+        return self._item_objects
+
+    @presentation_data_value_items.setter
+    def presentation_data_value_items(self, value: list[PresentationDataValueItem]) -> None:
+        if value:  # P_DATA_TF.__init__ assigns [] (nothing to keep)
+            self._item_objects = value
+
+    def to_primitive(self) -> P_DATA:
+        primitive = P_DATA()
+        primitive.presentation_data_value_list = []  # as pynetdicom: the setter checks only what it is given
+        primitive.presentation_data_value_list.extend(self._items)  # type: ignore[arg-type]
+        return primitive
 
 
 class EventDrivenDUL(DULServiceProvider):
@@ -87,6 +156,52 @@ class EventDrivenDUL(DULServiceProvider):
                     pass
             except OSError:  # drained
                 pass
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom's PDU reader (same events on the same errors), P-DATA-TF without its decoder."""
+        sock = cast(Any, self.socket)
+        try:
+            header = sock.recv(6)
+        except (OSError, TimeoutError) as exc:
+            DUL_LOGGER.error("Connection closed before the entire PDU was received")
+            DUL_LOGGER.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(header) != 6:
+            self.event_queue.put("Evt17")
+            return
+        pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
+        if pdu_type not in _KNOWN_PDU_TYPES:
+            DUL_LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            self.event_queue.put("Evt19")
+            return
+        try:
+            body = sock.recv(pdu_length)
+        except (OSError, TimeoutError) as exc:
+            DUL_LOGGER.error("Connection closed before the entire PDU was received")
+            DUL_LOGGER.exception(exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            DUL_LOGGER.error(f"The received PDU is shorter than expected ({6 + len(body)} of "
+                             f"{6 + pdu_length} bytes received)")
+            self.event_queue.put("Evt17")
+            return
+        try:
+            if pdu_type == 0x04:
+                # (no EVT_PDU_RECV: only pynetdicom's debug logging listens to it, and it knows
+                # P_DATA_TF objects only; the node binds EVT_C_STORE etc.)
+                pdu: Any = ReceivedPDataTF(split_pdv_items(memoryview(body)))
+                event = "Evt10"
+            else:
+                pdu, event = self._decode_pdu(bytearray(header) + body)
+            self.event_queue.put(event)
+        except Exception as exc:  # noqa: BLE001 - as pynetdicom: an undecodable PDU is Evt19
+            DUL_LOGGER.error("Unable to decode the received PDU data")
+            DUL_LOGGER.exception(exc)
+            self.event_queue.put("Evt19")
+            return
+        self._recv_pdu.put(pdu)
 
     def _wake_association(self) -> None:
         wake = getattr(self.assoc, "wake", None)
