@@ -15,7 +15,10 @@ MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
 
 
 def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL, a busy timeout and foreign keys, its file owner-only."""
+    """Create an engine; SQLite gets WAL, a busy timeout and foreign keys, its file owner-only.
+
+    SQLite runs with synchronous=FULL: a commit fsyncs the WAL, so an instance answered with Success
+    is still recorded after a power loss (NORMAL would only survive a crash of the process)."""
     if url.startswith("sqlite:///") and ":memory:" not in url:
         db_path = Path(url[len("sqlite:///"):])
         db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,7 +31,7 @@ def make_engine(url: str) -> Engine:
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.close()
