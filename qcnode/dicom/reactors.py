@@ -1,4 +1,5 @@
-"""Event-driven reactors for the SCP's associations (instead of pynetdicom's 1 ms polling).
+"""The SCP's receive path inside pynetdicom: one-buffer socket reads, event-driven reactors
+(instead of pynetdicom's 1 ms polling) and P-DATA-TF without copies.
 
 pynetdicom runs two threads per association, and both poll: the DUL reactor sleeps 1 ms whenever
 it finds nothing to do, the association reactor sleeps 1 ms before every look at its queues. Four
@@ -16,9 +17,9 @@ less per 128 KiB PDU. Every other PDU goes through pynetdicom's decoder as befor
 is not fired for P-DATA-TF: only pynetdicom's debug logging listens to it.)
 
 The loops are pynetdicom 3.0's ``DULServiceProvider.run_reactor`` and
-``Association._run_reactor`` (MIT licence) with only the waits changed. :func:`make_event_driven`
-switches an acceptor association to them before its threads start (``EVT_CONN_OPEN``); an
-association of any other shape is left as pynetdicom made it.
+``Association._run_reactor`` (MIT licence) with only the waits changed. :func:`use_fast_receive`
+switches an acceptor association to them, and its socket to :class:`FastRecvSocket`, before its
+threads start (``EVT_CONN_OPEN``); an association of any other shape is left as pynetdicom made it.
 """
 from __future__ import annotations
 
@@ -31,14 +32,36 @@ import time
 from typing import Any, cast
 
 from pynetdicom import evt
-from pynetdicom.association import Association
+from pynetdicom.association import LOGGER as ASSOC_LOGGER, Association
 from pynetdicom.dul import LOGGER as DUL_LOGGER, DULServiceProvider
-from pynetdicom.association import LOGGER as ASSOC_LOGGER
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import AssociationSocket
 
 IDLE_WAIT_S = 0.05  # longest wait without an event: the granularity of pynetdicom's timers here
+
+
+class FastRecvSocket(AssociationSocket):
+    """pynetdicom's association socket, reading a PDU with as few ``recv`` calls as the kernel allows.
+
+    pynetdicom reads PDUs 4096 bytes per ``recv`` (about 130 calls, each a poll + recv, for one
+    512x512 slice); this reads straight into one buffer of the requested size. Same result, same
+    errors; about a quarter of the receive CPU per slice is saved."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = cast(socket.socket, self.socket)
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        nr_read = 0
+        while nr_read < nr_bytes:
+            n = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if not n:  # connection closed: what was read so far, as pynetdicom's recv() returns
+                del view
+                del buf[nr_read:]
+                return buf
+            nr_read += n
+        return buf
 
 
 _PDU_HEADER = struct.Struct(">BBL")
@@ -163,9 +186,7 @@ class EventDrivenDUL(DULServiceProvider):
         try:
             header = sock.recv(6)
         except (OSError, TimeoutError) as exc:
-            DUL_LOGGER.error("Connection closed before the entire PDU was received")
-            DUL_LOGGER.exception(exc)
-            self.event_queue.put("Evt17")
+            self._connection_lost(exc)
             return
         if len(header) != 6:
             self.event_queue.put("Evt17")
@@ -178,9 +199,7 @@ class EventDrivenDUL(DULServiceProvider):
         try:
             body = sock.recv(pdu_length)
         except (OSError, TimeoutError) as exc:
-            DUL_LOGGER.error("Connection closed before the entire PDU was received")
-            DUL_LOGGER.exception(exc)
-            self.event_queue.put("Evt17")
+            self._connection_lost(exc)
             return
         if len(body) != pdu_length:
             DUL_LOGGER.error(f"The received PDU is shorter than expected ({6 + len(body)} of "
@@ -194,7 +213,7 @@ class EventDrivenDUL(DULServiceProvider):
                 pdu: Any = ReceivedPDataTF(split_pdv_items(memoryview(body)))
                 event = "Evt10"
             else:
-                pdu, event = self._decode_pdu(bytearray(header) + body)
+                pdu, event = self._decode_pdu(header + body)
             self.event_queue.put(event)
         except Exception as exc:  # noqa: BLE001 - as pynetdicom: an undecodable PDU is Evt19
             DUL_LOGGER.error("Unable to decode the received PDU data")
@@ -202,6 +221,11 @@ class EventDrivenDUL(DULServiceProvider):
             self.event_queue.put("Evt19")
             return
         self._recv_pdu.put(pdu)
+
+    def _connection_lost(self, exc: BaseException) -> None:
+        DUL_LOGGER.error("Connection closed before the entire PDU was received")
+        DUL_LOGGER.exception(exc)
+        self.event_queue.put("Evt17")  # transport connection closed
 
     def _wake_association(self) -> None:
         wake = getattr(self.assoc, "wake", None)
@@ -267,6 +291,10 @@ class EventDrivenAssociation(Association):
     _wakeup: threading.Event
     idle_timeouts: int  # waits that ended after IDLE_WAIT_S without a wake-up
 
+    def _setup_wakeup(self) -> None:
+        self.idle_timeouts = 0
+        self._wakeup = threading.Event()
+
     def wake(self) -> None:
         """Make the reactor look at its queues and flags now."""
         self._wakeup.set()
@@ -325,8 +353,9 @@ class EventDrivenAssociation(Association):
                 return
 
 
-def make_event_driven(assoc: Any) -> bool:
-    """Switch a not yet started acceptor association to the event-driven reactors.
+def use_fast_receive(assoc: Any) -> bool:
+    """Switch a not yet started acceptor association to :class:`FastRecvSocket` and the
+    event-driven reactors (call it from ``EVT_CONN_OPEN``).
 
     Returns False (and changes nothing) for anything but a plain pynetdicom acceptor whose
     threads have not started."""
@@ -335,9 +364,10 @@ def make_event_driven(assoc: Any) -> bool:
         return False
     if not assoc.is_acceptor or assoc.is_alive() or dul.is_alive():
         return False
+    if type(dul.socket) is AssociationSocket:  # a TLS or custom socket is kept as it is
+        dul.socket.__class__ = FastRecvSocket
     dul.__class__ = EventDrivenDUL
     cast(EventDrivenDUL, dul)._setup_wakeup()  # noqa: SLF001
     assoc.__class__ = EventDrivenAssociation
-    cast(EventDrivenAssociation, assoc)._wakeup = threading.Event()  # noqa: SLF001
-    cast(EventDrivenAssociation, assoc).idle_timeouts = 0
+    cast(EventDrivenAssociation, assoc)._setup_wakeup()  # noqa: SLF001
     return True

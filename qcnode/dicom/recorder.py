@@ -3,12 +3,12 @@
 The C-STORE handlers (one thread per association) write their file (temp file, fsync, rename)
 and hand a :class:`PendingInstance` to :meth:`InstanceRecorder.record`, which blocks until
 the record is committed. The writer thread takes everything queued so far (waiting up to
-``LINGER_S`` for C-STOREs the SCP is still handling, which doubles the batch under load), fsyncs each spool
-folder touched by the batch once (making the renames durable; in a helper thread, while the
-SQL runs), upserts the studies, series and instances of the whole batch in ONE transaction and
-commits once the folder fsyncs are done; only then are the handlers released to answer Success. Under load the batches grow by themselves, so the
-per-instance cost of the folder fsync and of the commit shrinks, and the handlers never
-compete for the SQLite write lock.
+``LINGER_S`` for C-STOREs the SCP is still handling), fsyncs each spool folder touched by the
+batch once (making the renames durable; in a helper thread, while the SQL runs), upserts the
+studies, series and instances of the whole batch in ONE transaction and commits once the folder
+fsyncs are done; only then are the handlers released to answer Success. Under load the batches
+grow by themselves, so the per-instance cost of the folder fsync and of the commit shrinks, and
+the handlers never compete for the SQLite write lock.
 
 Study and series ids are cached in-process after a commit. Several SCP processes may share one
 database: every insert is an upsert on the unique UID, and a failing batch (for instance a

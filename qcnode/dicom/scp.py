@@ -22,32 +22,29 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import socket
 import ssl
 import struct
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, cast
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import (ALL_TRANSFER_SYNTAXES, AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
                         AllStoragePresentationContexts, evt)
 from pynetdicom.acse import ACSE
-from pynetdicom.transport import AssociationSocket
 from pynetdicom.sop_class import (Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage,
                                   Verification, XRayRadiationDoseSRStorage)
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian)
 from sqlalchemy.orm import Session
 
+from qcnode.activity import open_activity
 from qcnode.config import Config
 from qcnode.db.models import DoseReport, Instance, QuarantineRecord, Series, Study, utcnow
 from qcnode.dicom.dose import dose_fields, is_dose_sr, parse_dose_sr
 from qcnode.dicom.listener import SharedListener, balanced_server_class
 from qcnode.dicom.pixels import CT_IMAGE_CLASSES, decode_public_elements, skip_reason
-from qcnode.activity import open_activity
-from qcnode.dicom.reactors import make_event_driven
+from qcnode.dicom.reactors import use_fast_receive
 from qcnode.dicom.recorder import InstanceRecorder, PendingInstance
 from qcnode.dicom.spool import InvalidUID, Spool, check_uid
 from qcnode.log import get_logger
@@ -90,28 +87,6 @@ class Refused(Exception):
         self.status = status
         self.reason = reason
         self.keep_copy = keep_copy
-
-
-class FastRecvSocket(AssociationSocket):
-    """pynetdicom's association socket, reading a PDU with as few ``recv`` calls as the kernel allows.
-
-    pynetdicom reads PDUs 4096 bytes per ``recv`` (about 130 calls, each a poll + recv, for one
-    512x512 slice); this reads straight into one buffer of the requested size. Same result, same
-    errors; about a quarter of the receive CPU per slice is saved."""
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        sock = cast(socket.socket, self.socket)
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
-        nr_read = 0
-        while nr_read < nr_bytes:
-            n = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
-            if not n:  # connection closed: what was read so far, as pynetdicom's recv() returns
-                del view
-                del buf[nr_read:]
-                return buf
-            nr_read += n
-        return buf
 
 
 class _PolicyACSE(ACSE):
@@ -353,10 +328,7 @@ class StorageSCP:
 
     def _on_conn_open(self, event: Any) -> None:
         event.assoc.acse = _PolicyACSE(event.assoc, self.association_policy)
-        sock = event.assoc.dul.socket
-        if type(sock) is AssociationSocket:
-            sock.__class__ = FastRecvSocket
-        make_event_driven(event.assoc)  # no 1 ms polling in the association's two threads
+        use_fast_receive(event.assoc)  # one-buffer reads, no 1 ms polling, P-DATA without copies
 
     def _on_conn_close(self, event: Any) -> None:
         closed = getattr(self.server, "connection_closed", None)
