@@ -35,6 +35,32 @@ def test_evaluate_writes_metrics_plot_and_baseline(tmp_path, capsys):
     assert len((out / "predictions.csv").read_text().splitlines()) == 13
 
 
+def test_evaluate_reports_the_labels_ceiling(tmp_path, capsys):
+    import csv
+
+    from qcnode.iqa.simulate import expected_reader_mean
+    data = make_tiny_dataset(tmp_path / "test", n_sources=3, size=64, split="test")
+    model = write_untrained_checkpoint(tmp_path / "m.pt", MDIQAConfig.from_dict({**MDIQAConfig().to_dict(),
+                                                                               **TINY_CONFIG}))
+    args = ["evaluate", "--model", str(model), "--data", str(data), "--no-baseline"]
+    assert qcnode_main(args) == 0
+    assert "label_ceiling" not in json.loads(capsys.readouterr().out)  # meta.csv lacks the reader inputs
+    with (data / "meta.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for i, row in enumerate(rows):  # labels = the reader model's expectation, except one image
+        row.update(streak_index=0.5 * (i % 3), anatomy="body")
+        row["label"] = round(expected_reader_mean(float(row["noise_hu"]), row["streak_index"], "body"), 3)
+    rows[0]["label"] = 4.0 - float(rows[0]["label"])
+    with (data / "meta.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (data / "test.json").write_text(json.dumps({r["file"]: float(r["label"]) for r in rows}))
+    assert qcnode_main(args) == 0
+    ceiling = json.loads(capsys.readouterr().out)["label_ceiling"]["metrics"]
+    assert ceiling["n"] == 12 and 2.0 < ceiling["overall"] < 3.0 - 1e-6
+
+
 def test_evaluate_missing_model_and_data(tmp_path):
     data = make_tiny_dataset(tmp_path / "test", n_sources=1, size=32, split="test")
     assert qcnode_main(["evaluate", "--model", str(tmp_path / "none.pt"), "--data", str(data)]) == 1

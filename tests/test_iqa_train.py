@@ -12,7 +12,7 @@ from qcnode.cli import main as qcnode_main
 from qcnode.iqa.data import cache_labeled, load_labeled
 from qcnode.iqa.network import MDIQA, MDIQAConfig
 from qcnode.iqa.scorer import Scorer, read_checkpoint
-from qcnode.iqa.train import TrainOptions, loss_fn, train
+from qcnode.iqa.train import TrainOptions, dose_order_partners, loss_fn, rank_loss, soft_score, train
 
 torch.set_num_threads(1)
 CFG = {**MDIQAConfig().to_dict(), **TINY_CONFIG}
@@ -95,3 +95,69 @@ def test_cli_train_bad_arguments(tmp_path):
     (tmp_path / "d").mkdir()
     assert qcnode_main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "m.pt"),
                         "--set", "head=bogus"]) == 2
+
+
+def test_dose_order_partners_follow_dose_and_views():
+    meta = [{"source_id": "a", "dose_fraction": "1.0", "views": "720"},   # 0: best of a
+            {"source_id": "a", "dose_fraction": "0.5", "views": "720"},   # 1
+            {"source_id": "a", "dose_fraction": "1.0", "views": "180"},   # 2: fewer views
+            {"source_id": "a", "dose_fraction": "0.5", "views": "180"},   # 3: worst of a
+            {"source_id": "b", "dose_fraction": "0.1", "views": "720"},   # 4: another slice
+            {"file": "no-meta.tif"}]                                      # 5: no order known
+    partners = dose_order_partners(meta)
+    assert sorted(partners[0]) == [(1, True), (2, True), (3, True)]
+    assert sorted(partners[3]) == [(0, False), (1, False), (2, False)]
+    # 1 (less dose, more views) and 2 (more dose, fewer views): no known order
+    assert sorted(partners[1]) == [(0, False), (3, True)]
+    assert partners[4] == [] and partners[5] == []
+
+
+def test_rank_loss_orders_pairs():
+    better, worse = torch.tensor([2.0, 1.0]), torch.tensor([1.0, 1.05])
+    assert rank_loss(better, worse, 0.1).item() == pytest.approx((0.0 + 0.15) / 2)
+    assert rank_loss(torch.empty(0), torch.empty(0), 0.1).item() == 0.0
+    # a few steps on the ranking loss alone put every higher-dose image of the tiny set above its partner
+    torch.manual_seed(0)
+    cfg = MDIQAConfig.from_dict(CFG)
+    model = MDIQA(cfg).train()
+    # four images that differ only in their noise level, and no labels
+    x = torch.rand(4, 1, 64, 64) * 0.02 + 0.5
+    x = x + torch.randn(4, 1, 64, 64) * torch.tensor([0.001, 0.004, 0.016, 0.064]).reshape(4, 1, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(40):
+        s = soft_score(model, model(x))
+        loss = rank_loss(s[:3], s[1:], 0.2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        s = soft_score(model, model(x))
+    assert bool((s[:3] > s[1:] + 0.05).all()), s
+
+
+def test_training_with_dose_order_ranking(tiny_data, tmp_path, capsys):
+    summary = train(_opts(tiny_data, tmp_path / "r.pt", epochs=1, rank_weight=1.0, calibrate=False))
+    err = capsys.readouterr().err
+    assert "dose-order ranking on" in err and "have ordered partners" in err
+    assert summary["options"]["rank_weight"] == 1.0
+    assert np.isfinite(summary["history"][0]["train_loss"])
+
+
+def test_ranking_without_meta_is_off(tmp_path, capsys):
+    root = make_tiny_dataset(tmp_path / "train", n_sources=3, size=64)
+    (root / "meta.csv").unlink()
+    train(TrainOptions(data=str(root), out=str(tmp_path / "m.pt"), config=CFG, epochs=1, batch_size=8,
+                       val_fraction=0.4, threads=1, rank_weight=1.0, calibrate=False))
+    assert "gives no source/dose/views groups: off" in capsys.readouterr().err
+
+
+def test_cli_rank_options_reach_the_checkpoint(tiny_data, tmp_path):
+    out = tmp_path / "r.pt"
+    argv = ["train", "--data", str(tiny_data / "train"), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+            "--threads", "1", "--val-fraction", "0.4", "--no-calibrate", "--rank-weight", "2.5", "--rank-margin", "0.05"]
+    for k, v in TINY_CONFIG.items():
+        argv += ["--set", f"{k}={json.dumps(v)}"]
+    assert qcnode_main(argv) == 0
+    options = read_checkpoint(out)["meta"]["options"]
+    assert options["rank_weight"] == 2.5 and options["rank_margin"] == 0.05

@@ -234,3 +234,12 @@ def test_tissue_free_skull_phantoms_planned_seeded_and_labelled():
         assert rows[(1.0, 720)]["label"] >= 3.4  # full dose, all views: a good image
         assert rows[(0.1, 180)]["label"] < rows[(1.0, 720)]["label"]
         assert sum(rows[(0.1, v)]["label"] for v in (720, 180)) < sum(rows[(1.0, v)]["label"] for v in (720, 180))
+
+
+def test_expected_reader_mean_is_the_exact_expectation():
+    rng = np.random.default_rng(1)
+    for noise, streak, anatomy in [(5.0, 0.0, "body"), (12.0, 1.5, "head"), (30.0, 4.0, "body")]:
+        monte_carlo = np.mean([np.mean(simulate.reader_scores(noise, streak, anatomy, rng)) for _ in range(20000)])
+        assert simulate.expected_reader_mean(noise, streak, anatomy) == pytest.approx(monte_carlo, abs=0.02)
+    by_noise = [simulate.expected_reader_mean(n, 0.0, "body") for n in (2, 8, 16, 32, 64)]
+    assert all(a > b for a, b in zip(by_noise, by_noise[1:])) and 0.0 <= by_noise[-1] < by_noise[0] <= 4.0

@@ -75,6 +75,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pseudo-max-std", type=float, default=0.3, help="max teacher disagreement (score SD)")
     p.add_argument("--pseudo-keep", type=float, default=0.8, help="keep this fraction with the narrowest intervals")
     p.add_argument("--pseudo-weight", type=float, default=1.0, help="loss weight of pseudo-labeled images")
+    p.add_argument("--rank-weight", type=float, default=0.0,
+                   help="weight of the dose-order ranking loss (needs meta.csv with source_id, dose_fraction, "
+                        "views, as `qcnode simulate` writes; 0 = off)")
+    p.add_argument("--rank-margin", type=float, default=0.1,
+                   help="score points the higher-dose image of a pair must lead by (default 0.1)")
     p.set_defaults(func=run_train)
 
     p = subparsers.add_parser(
@@ -135,7 +140,8 @@ def run_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, threads=args.threads, max_images=args.max_images, resume=args.resume,
         calibrate=not args.no_calibrate, unlabeled=str(args.unlabeled) if args.unlabeled else None,
         teachers=[str(t) for t in args.teachers], pseudo_max_std=args.pseudo_max_std,
-        pseudo_keep=args.pseudo_keep, pseudo_weight=args.pseudo_weight, command=command)
+        pseudo_keep=args.pseudo_keep, pseudo_weight=args.pseudo_weight, rank_weight=args.rank_weight,
+        rank_margin=args.rank_margin, command=command)
     try:
         if args.unlabeled is None:
             train(base)

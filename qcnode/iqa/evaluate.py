@@ -10,6 +10,11 @@ GNL means lower quality, so the baseline's prediction is -GNL):
   maximum), noise-only (full views), per anatomy;
 * dose monotonicity: for every source slice and view count with >= 3 dose levels, Kendall tau
   between dose fraction and the prediction (1 = the score falls whenever dose falls);
+* the labels' ceiling, when meta.csv carries the reader model's inputs (``noise_hu``,
+  ``streak_index``, ``anatomy``, as ``qcnode simulate`` writes): the same metrics for an oracle
+  that predicts the expected mean reader score from the true measures
+  (``qcnode.iqa.simulate.expected_reader_mean``). The readers' per-image jitter and the rounding
+  keep even the oracle below a perfect 3.0; no model can be expected to beat it;
 * a predicted-vs-label scatter plot (PNG) and a per-image predictions CSV.
 """
 from __future__ import annotations
@@ -73,6 +78,19 @@ def dose_monotonicity(meta: list[dict[str, str]], pred: np.ndarray) -> dict[str,
             "min_tau": float(a.min()), "fraction_tau_ge_0.9": float(np.mean(a >= 0.9 - 1e-9))}
 
 
+def reader_oracle(meta: list[dict[str, str]]) -> np.ndarray | None:
+    """The reader-model oracle's prediction per image (None without the needed meta columns)."""
+    from qcnode.iqa.simulate import expected_reader_mean
+
+    oracle = []
+    for m in meta:
+        noise, streak = meta_value(m, "noise_hu"), meta_value(m, "streak_index")
+        if not (math.isfinite(noise) and math.isfinite(streak) and m.get("anatomy")):
+            return None
+        oracle.append(expected_reader_mean(noise, streak, m["anatomy"]))
+    return np.asarray(oracle) if oracle else None
+
+
 def _subgroups(meta: list[dict[str, str]]) -> dict[str, np.ndarray]:
     if not any(meta):
         return {}
@@ -133,6 +151,11 @@ def evaluate(model: str | Path | None, data: str | Path, out_dir: str | Path | N
         result["baseline"] = {"name": "global noise level (mode of local SD in soft tissue, HU); prediction = -GNL",
                               "n_undefined": int(np.isnan(gnl).sum()),
                               "metrics": _metrics_or_none(-gnl, label)}
+    oracle = reader_oracle(ds.meta)
+    if oracle is not None:
+        result["label_ceiling"] = {"name": "reader-model oracle: expected mean reader score from the true "
+                                           "noise_hu and streak_index (meta.csv)",
+                                   "metrics": _metrics_or_none(oracle, label)}
     groups = _subgroups(ds.meta)
     result["subgroups"] = {}
     for name, mask in groups.items():
@@ -141,6 +164,8 @@ def evaluate(model: str | Path | None, data: str | Path, out_dir: str | Path | N
         entry = {"n": int(mask.sum()), "model": _metrics_or_none(pred[mask], label[mask], low[mask], high[mask])}
         if gnl is not None:
             entry["baseline"] = _metrics_or_none(-gnl[mask], label[mask])
+        if oracle is not None:
+            entry["label_ceiling"] = _metrics_or_none(oracle[mask], label[mask])
         result["subgroups"][name] = entry
     if any(ds.meta):
         result["dose_monotonicity"] = {"model": dose_monotonicity(ds.meta, pred),

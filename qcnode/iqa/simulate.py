@@ -260,17 +260,38 @@ def soft_tissue_mask(reference_hu: np.ndarray, body: np.ndarray | None = None) -
     return tissue
 
 
+def _reader_judgement(r: Reader, noise_hu: float, streak_index: float, anatomy: str) -> float:
+    """A reader's score before the per-image jitter and the rounding (see the module docstring)."""
+    seen_noise = noise_hu * (HEAD_NOISE_WEIGHT if anatomy == "head" else 1.0)
+    en = math.log(max(seen_noise, r.noise_tolerance_hu) / r.noise_tolerance_hu) / math.log(r.noise_step)
+    es = math.log(max(streak_index, r.streak_tolerance_hu) / r.streak_tolerance_hu) / math.log(r.streak_step)
+    return 4.0 + r.bias - math.hypot(en, es)
+
+
 def reader_scores(noise_hu: float, streak_index: float, anatomy: str, rng: np.random.Generator,
                   readers: Sequence[Reader] = READERS) -> list[int]:
     """Integer 0-4 scores of the simulated readers for one image (see the module docstring)."""
-    seen_noise = noise_hu * (HEAD_NOISE_WEIGHT if anatomy == "head" else 1.0)
     scores = []
     for r in readers:
-        en = math.log(max(seen_noise, r.noise_tolerance_hu) / r.noise_tolerance_hu) / math.log(r.noise_step)
-        es = math.log(max(streak_index, r.streak_tolerance_hu) / r.streak_tolerance_hu) / math.log(r.streak_step)
-        q = 4.0 + r.bias - math.hypot(en, es) + r.jitter * float(rng.standard_normal())
+        q = _reader_judgement(r, noise_hu, streak_index, anatomy) + r.jitter * float(rng.standard_normal())
         scores.append(int(min(4, max(0, round(q)))))
     return scores
+
+
+def expected_reader_mean(noise_hu: float, streak_index: float, anatomy: str,
+                         readers: Sequence[Reader] = READERS) -> float:
+    """The expected mean reader score of an image (exact over the readers' jitter, before the label's
+    rounding to 0.2): what an oracle that knows the image's true noise and streak measures would
+    predict. ``qcnode evaluate`` reports its agreement with the labels as the labels' ceiling."""
+    from scipy.stats import norm
+
+    total = 0.0
+    for r in readers:
+        q = _reader_judgement(r, noise_hu, streak_index, anatomy)
+        # P(round(q + jitter Z) >= k) for k = 1..4; clipping to [0, 4] folds the tails into 0 and 4
+        total += sum(float(norm.sf((k - 0.5 - q) / r.jitter)) if r.jitter > 0 else float(q >= k - 0.5)
+                     for k in range(1, 5))
+    return total / len(readers)
 
 
 def mean_label(scores: Sequence[int]) -> float:

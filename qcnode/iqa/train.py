@@ -12,6 +12,15 @@
   the score readout is untouched) is fitted on the validation split so that 90 % of validation
   labels fall inside the 5-95 % interval; stored as ``interval_temperature`` in the config.
 * Semi-supervised: optional extra (pseudo-labeled) images and labels, see ``qcnode.iqa.semi``.
+* Dose-order ranking (``rank_weight`` > 0; RankIQA-style, needs meta.csv with ``source_id``,
+  ``dose_fraction`` and ``views``, as ``qcnode simulate`` writes): half of each batch are anchors,
+  the other half one partner each from the same source slice whose quality order is known by
+  construction (dose and views both at least as high, one of them higher, is better). A hinge
+  ``max(0, margin - (s_better - s_worse))`` on the differentiable score (mean over heads of the
+  expected bin centre) is added to the KL. The reader labels cannot teach this order where the
+  readers do not see the difference (noise below their tolerance, e.g. in air-filled heads), so
+  without it the score of such slices need not fall with dose. An epoch keeps its number of
+  steps (so its cost); each image is an anchor about every other epoch and a partner in between.
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ import numpy as np
 import torch
 
 from qcnode.iqa import heads
-from qcnode.iqa.data import augment, cache_labeled, group_split, load_labeled
+from qcnode.iqa.data import augment, cache_labeled, group_split, load_labeled, meta_value
 from qcnode.iqa.metrics import all_metrics
 from qcnode.iqa.network import MDIQA, MDIQAConfig
 from qcnode.iqa.scorer import save_checkpoint
@@ -58,6 +67,8 @@ class TrainOptions:
     pseudo_max_std: float = 0.3
     pseudo_keep: float = 0.8
     pseudo_weight: float = 1.0
+    rank_weight: float = 0.0       # weight of the dose-order ranking loss (0 = off)
+    rank_margin: float = 0.1       # score points the better image of a pair must lead by
     command: str = ""
 
 
@@ -87,6 +98,66 @@ def loss_fn(model: MDIQA, out: torch.Tensor, labels: torch.Tensor, weights: torc
     if weights is None:
         return per.mean()
     return (per * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def soft_score(model: MDIQA, out: torch.Tensor) -> torch.Tensor:
+    """A differentiable score per sample: mean over heads of the expected bin centre (monotone in
+    the readout score of each head); the regression output itself for the plain-regression head."""
+    if not model.is_distribution:
+        return out[:, 0]
+    cfg = model.config
+    centers = heads.bin_centers(cfg.n_bins, cfg.score_range, device=out.device)
+    return (torch.softmax(out, dim=-1) * centers).sum(-1).mean(-1)
+
+
+def rank_loss(better: torch.Tensor, worse: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean hinge max(0, margin - (better - worse)) over pairs (0 for no pairs)."""
+    if better.numel() == 0:
+        return better.sum()
+    return torch.relu(margin - (better - worse)).mean()
+
+
+def dose_order_partners(meta: list[dict[str, Any]]) -> list[list[tuple[int, bool]]]:
+    """For each image: (index, anchor_is_better) of the images of the same source slice whose quality
+    order is known by construction (dose fraction and view count both >= or both <=, not both equal).
+    Images without ``source_id``/``dose_fraction``/``views`` in their meta row get no partners."""
+    by_source: dict[str, list[tuple[int, float, float]]] = {}
+    for i, row in enumerate(meta):
+        sid, dose, views = row.get("source_id"), meta_value(row, "dose_fraction"), meta_value(row, "views")
+        if sid and math.isfinite(dose) and math.isfinite(views):
+            by_source.setdefault(sid, []).append((i, dose, views))
+    partners: list[list[tuple[int, bool]]] = [[] for _ in meta]
+    for members in by_source.values():
+        for i, di, vi in members:
+            for j, dj, vj in members:
+                if (di, vi) == (dj, vj):
+                    continue
+                if di >= dj and vi >= vj:
+                    partners[i].append((j, True))
+                elif di <= dj and vi <= vj:
+                    partners[i].append((j, False))
+    return partners
+
+
+def _pair_batch(anchors: torch.Tensor, partners: list[list[tuple[int, bool]]], n: int,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Anchors + one partner each (a random image where an anchor has none); returns (batch
+    indices, positions of the better images, positions of the worse images) within the batch."""
+    h = anchors.numel()
+    chosen, better, worse = [], [], []
+    draws = torch.rand(h, generator=gen).tolist()
+    fill = torch.randint(0, n, (h,), generator=gen).tolist()
+    for k, a in enumerate(anchors.tolist()):
+        options = partners[a] if a < len(partners) else []
+        if not options:
+            chosen.append(fill[k])
+            continue
+        j, anchor_better = options[min(len(options) - 1, int(draws[k] * len(options)))]
+        chosen.append(j)
+        better.append(k if anchor_better else h + k)
+        worse.append(h + k if anchor_better else k)
+    idx = torch.cat([anchors, torch.as_tensor(chosen, dtype=anchors.dtype)])
+    return idx, torch.as_tensor(better, dtype=torch.long), torch.as_tensor(worse, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -177,6 +248,18 @@ def train(opts: TrainOptions, extra_x: torch.Tensor | None = None, extra_y: np.n
     n = x_tr.shape[0]
     if n == 0:
         raise ValueError(f"{opts.data}: no training images")
+    partners: list[list[tuple[int, bool]]] = []
+    if opts.rank_weight > 0:
+        position = {i: p for p, i in enumerate(tr_idx)}  # dataset index -> row of x_tr
+        by_image = dose_order_partners(ds.meta)
+        partners = [[(position[j], better) for j, better in by_image[i] if j in position] for i in tr_idx]
+        n_pairs = sum(len(p) for p in partners)
+        if n_pairs:
+            progress(f"train: dose-order ranking on (weight {opts.rank_weight}, margin {opts.rank_margin}): "
+                     f"{sum(1 for p in partners if p)} of {len(tr_idx)} images have ordered partners")
+        else:
+            progress("train: dose-order ranking requested, but meta.csv gives no source/dose/views groups: off")
+            partners = []
 
     model = MDIQA(cfg)
     model.train()
@@ -215,10 +298,17 @@ def train(opts: TrainOptions, extra_x: torch.Tensor | None = None, extra_y: np.n
         perm = torch.randperm(n, generator=gen)
         t_ep, run_loss = time.time(), 0.0
         for b in range(steps_per_epoch):
-            ib = perm[b * opts.batch_size:(b + 1) * opts.batch_size]
+            if partners:
+                half = max(1, opts.batch_size // 2)
+                ib, better, worse = _pair_batch(perm[(b * half) % n:(b * half) % n + half], partners, n, gen)
+            else:
+                ib = perm[b * opts.batch_size:(b + 1) * opts.batch_size]
             xb = augment(x_tr[ib], generator=gen)
             out = model(xb)
             loss = loss_fn(model, out, y_tr[ib], w_tr[ib])
+            if partners:
+                s_b = soft_score(model, out)
+                loss = loss + opts.rank_weight * rank_loss(s_b[better], s_b[worse], opts.rank_margin)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
