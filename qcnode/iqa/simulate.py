@@ -283,14 +283,13 @@ def expected_reader_mean(noise_hu: float, streak_index: float, anatomy: str,
     """The expected mean reader score of an image (exact over the readers' jitter, before the label's
     rounding to 0.2): what an oracle that knows the image's true noise and streak measures would
     predict. ``qcnode evaluate`` reports its agreement with the labels as the labels' ceiling."""
-    from scipy.stats import norm
-
     total = 0.0
     for r in readers:
         q = _reader_judgement(r, noise_hu, streak_index, anatomy)
-        # P(round(q + jitter Z) >= k) for k = 1..4; clipping to [0, 4] folds the tails into 0 and 4
-        total += sum(float(norm.sf((k - 0.5 - q) / r.jitter)) if r.jitter > 0 else float(q >= k - 0.5)
-                     for k in range(1, 5))
+        # P(round(q + jitter Z) >= k) for k = 1..4 (the normal survival function, via erfc);
+        # clipping to [0, 4] folds the tails into 0 and 4
+        total += sum(0.5 * math.erfc((k - 0.5 - q) / (r.jitter * math.sqrt(2.0))) if r.jitter > 0
+                     else float(q >= k - 0.5) for k in range(1, 5))
     return total / len(readers)
 
 
