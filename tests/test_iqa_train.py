@@ -161,3 +161,12 @@ def test_cli_rank_options_reach_the_checkpoint(tiny_data, tmp_path):
     assert qcnode_main(argv) == 0
     options = read_checkpoint(out)["meta"]["options"]
     assert options["rank_weight"] == 2.5 and options["rank_margin"] == 0.05
+
+
+def test_cli_negative_rank_options_are_refused(tiny_data, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    for flag in ("--rank-weight", "--rank-margin"):
+        assert qcnode_main(["train", "--data", str(tiny_data / "train"), "--out", str(out), "--epochs", "1",
+                            flag, "-1"]) == 2
+        assert "must be >= 0" in capsys.readouterr().err
+    assert not out.exists()

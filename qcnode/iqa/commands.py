@@ -124,6 +124,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.unlabeled is not None and not args.unlabeled.exists():
         _err(f"qcnode train: unlabeled folder not found: {args.unlabeled}")
         return EXIT_ARGS
+    if args.rank_weight < 0 or args.rank_margin < 0:
+        _err(f"qcnode train: --rank-weight and --rank-margin must be >= 0 "
+             f"(got {args.rank_weight} and {args.rank_margin})")
+        return EXIT_ARGS
     missing = [str(t) for t in args.teachers if not t.is_file()]
     if missing:
         _err(f"qcnode train: teacher checkpoint(s) not found: {', '.join(missing)}")
