@@ -243,3 +243,23 @@ def test_expected_reader_mean_is_the_exact_expectation():
         assert simulate.expected_reader_mean(noise, streak, anatomy) == pytest.approx(monte_carlo, abs=0.02)
     by_noise = [simulate.expected_reader_mean(n, 0.0, "body") for n in (2, 8, 16, 32, 64)]
     assert all(a > b for a, b in zip(by_noise, by_noise[1:])) and 0.0 <= by_noise[-1] < by_noise[0] <= 4.0
+
+
+def test_default_real_sources_hold_three_real_heads_for_training(shared_ct):
+    """The default real sources: the shared GE head series and pydicom's bundled CT slices (CT_small
+    and two JPEG 2000 heads from other scanners) train; the Philips phantom is the test series; the
+    localizer is left out; every source decodes to a square HU image."""
+    from qcnode.iqa.sim_commands import TEST_SERIES
+    sources = simulate.default_real_sources(shared_ct)
+    series = {s[1] for s in sources}
+    assert {"ge_head", "philips_head_phantom", "pydicom_ct_small", "pydicom_head_j2k_a",
+            "pydicom_head_j2k_b"} <= series
+    assert not any("localizer" in s[0] for s in sources)
+    train_heads = {s[1] for s in sources if s[2] == "head" and s[1] not in TEST_SERIES}
+    assert train_heads == {"ge_head", "pydicom_head_j2k_a", "pydicom_head_j2k_b"}
+    for sid, ser, anatomy, path in sources:
+        if ser.startswith("pydicom_head"):
+            spec = simulate.SourceSpec(sid, "real", anatomy, ser, "train", path=path, variants=[(1.0, 720)])
+            im = simulate.load_source(spec, 128)
+            assert im.hu.shape == (128, 128)
+            assert im.hu.min() >= -1000.0 and im.hu.max() > 300.0  # air clamped; skull present

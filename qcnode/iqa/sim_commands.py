@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="procedural phantoms in unlabeled, 3 random dose/view variants each (default 100)")
     p.add_argument("--sources", type=Path, nargs="*", default=None,
                    help="folders/files of normal-dose CT for the train split (default: ../shared/data/ct "
-                        "GE head + pydicom CT_small; the Philips head phantom series goes to test)")
+                        "GE head + pydicom's CT slices (CT_small, two JPEG 2000 heads); the Philips head phantom "
+                        "series goes to test)")
     p.add_argument("--test-sources", type=Path, nargs="*", default=None,
                    help="folders/files of normal-dose CT for the test split (with --sources)")
     p.add_argument("--no-real", action="store_true", help="phantoms only")

@@ -159,6 +159,13 @@ def load_source(spec: SourceSpec, size: int) -> SourceImage:
     return SourceImage(hu, px, "real")
 
 
+# Real CT slices bundled with pydicom (on every machine): (series, file). Two are 512x512 heads from
+# other scanners (JPEG 2000; 693_J2KI is lossy), which give the training more than one real head.
+PYDICOM_REAL_SLICES = (("pydicom_ct_small", "CT_small.dcm"),
+                       ("pydicom_head_j2k_a", "J2K_pixelrep_mismatch.dcm"),
+                       ("pydicom_head_j2k_b", "693_J2KI.dcm"))
+
+
 def default_real_sources(shared_ct: Path | None) -> list[tuple[str, str, str, str]]:
     """(source_id, series, anatomy, path) of the default real slices (localizers skipped)."""
     from qcnode.dicom.pixels import UnreadableFile, read_dataset, skip_reason
@@ -167,13 +174,14 @@ def default_real_sources(shared_ct: Path | None) -> list[tuple[str, str, str, st
     if shared_ct is not None and shared_ct.is_dir():
         for series_dir in sorted(p for p in shared_ct.iterdir() if p.is_dir()):
             files += [(series_dir.name, f) for f in sorted(series_dir.glob("*.dcm"))]
-    try:
-        from pydicom.data import get_testdata_file
-        ct_small = get_testdata_file("CT_small.dcm")
-        if ct_small:
-            files.append(("pydicom_ct_small", Path(ct_small)))
-    except Exception:  # noqa: BLE001 - pydicom test data is optional
-        pass
+    for series, name in PYDICOM_REAL_SLICES:
+        try:
+            from pydicom.data import get_testdata_file
+            found = get_testdata_file(name, download=False)
+        except Exception:  # noqa: BLE001 - pydicom test data is optional
+            found = None
+        if found:
+            files.append((series, Path(str(found))))
     for series, f in files:
         try:
             ds = read_dataset(f)
