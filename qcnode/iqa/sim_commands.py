@@ -84,7 +84,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             real_test = simulate.real_sources_from_dirs(args.test_sources or [])
         else:
             if not DEFAULT_SHARED_CT.is_dir():
-                print(f"qcnode simulate: {DEFAULT_SHARED_CT} not found; using pydicom's CT_small only",
+                print(f"qcnode simulate: {DEFAULT_SHARED_CT} not found; using pydicom's bundled CT slices only",
                       file=sys.stderr)
             for src in simulate.default_real_sources(DEFAULT_SHARED_CT):
                 (real_test if src[1] in TEST_SERIES else real_train).append(src)

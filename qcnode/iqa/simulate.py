@@ -174,9 +174,9 @@ def default_real_sources(shared_ct: Path | None) -> list[tuple[str, str, str, st
     if shared_ct is not None and shared_ct.is_dir():
         for series_dir in sorted(p for p in shared_ct.iterdir() if p.is_dir()):
             files += [(series_dir.name, f) for f in sorted(series_dir.glob("*.dcm"))]
+    from pydicom.data import get_testdata_file
     for series, name in PYDICOM_REAL_SLICES:
         try:
-            from pydicom.data import get_testdata_file
             found = get_testdata_file(name, download=False)
         except Exception:  # noqa: BLE001 - pydicom test data is optional
             found = None
