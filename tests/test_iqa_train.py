@@ -170,3 +170,26 @@ def test_cli_negative_rank_options_are_refused(tiny_data, tmp_path, capsys):
                             flag, "-1"]) == 2
         assert "must be >= 0" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_separate_validation_folder(tiny_data, tmp_path, capsys):
+    """--val-data: every --data image trains, the folder validates (best epoch, calibration); a folder
+    sharing an anatomy group with the training data is refused with nothing written."""
+    val = make_tiny_dataset(tmp_path / "val", n_sources=3, size=64, seed=9, split="val")
+    out = tmp_path / "m.pt"
+    argv = ["train", "--data", str(tiny_data / "train"), "--out", str(out), "--epochs", "1", "--batch-size", "8",
+            "--threads", "1", "--val-data", str(val)]
+    for k, v in CFG.items():
+        argv += ["--set", f"{k}={json.dumps(v)}"]
+    assert qcnode_main(argv) == 0
+    meta = read_checkpoint(out)["meta"]
+    assert meta["n_train"] == len(load_labeled(tiny_data / "train")) and meta["n_val"] == len(load_labeled(val))
+    assert meta["options"]["val_data"] == str(val) and "validation" in meta
+    out2 = tmp_path / "bad.pt"
+    argv[argv.index("--out") + 1] = str(out2)
+    argv[argv.index("--val-data") + 1] = str(tiny_data / "train")
+    assert qcnode_main(argv) == 2
+    assert "shares" in capsys.readouterr().err and not out2.exists()
+    argv[argv.index("--val-data") + 1] = str(tmp_path / "missing")
+    assert qcnode_main(argv) == 2
+    assert "validation folder not found" in capsys.readouterr().err

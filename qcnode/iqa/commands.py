@@ -64,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.1, help="anatomy groups held out for validation")
+    p.add_argument("--val-data", type=Path, default=None,
+                   help="separate labeled folder for validation (best epoch, interval calibration); all of "
+                        "--data then trains and --val-fraction is ignored. Must share no anatomy group with --data")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--max-images", type=int, default=0, help="train on a seeded subset (0 = all)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.state.pt if present")
@@ -121,6 +124,9 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.data.is_dir():
         _err(f"qcnode train: data folder not found: {args.data}")
         return EXIT_ARGS
+    if args.val_data is not None and not args.val_data.is_dir():
+        _err(f"qcnode train: validation folder not found: {args.val_data}")
+        return EXIT_ARGS
     if args.unlabeled is not None and not args.unlabeled.exists():
         _err(f"qcnode train: unlabeled folder not found: {args.unlabeled}")
         return EXIT_ARGS
@@ -141,7 +147,7 @@ def run_train(args: argparse.Namespace) -> int:
     base = TrainOptions(
         data=str(args.data), out=str(args.out), config=cfg.to_dict(), epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-        val_fraction=args.val_fraction, threads=args.threads, max_images=args.max_images, resume=args.resume,
+        val_fraction=args.val_fraction, val_data=str(args.val_data) if args.val_data else None, threads=args.threads, max_images=args.max_images, resume=args.resume,
         calibrate=not args.no_calibrate, unlabeled=str(args.unlabeled) if args.unlabeled else None,
         teachers=[str(t) for t in args.teachers], pseudo_max_std=args.pseudo_max_std,
         pseudo_keep=args.pseudo_keep, pseudo_weight=args.pseudo_weight, rank_weight=args.rank_weight,

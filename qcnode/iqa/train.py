@@ -58,6 +58,7 @@ class TrainOptions:
     warmup_epochs: float = 0.5
     seed: int = 0
     val_fraction: float = 0.1
+    val_data: str | None = None    # separate labeled folder for validation (then all of ``data`` trains)
     threads: int = 2
     max_images: int = 0            # 0 = all; else a seeded subset (short ablation runs)
     resume: bool = False
@@ -228,18 +229,36 @@ def train(opts: TrainOptions, extra_x: torch.Tensor | None = None, extra_y: np.n
     if opts.max_images and opts.max_images < len(ds):
         idx_all = sorted(random.Random(opts.seed).sample(idx_all, opts.max_images))
     groups = [ds.groups()[i] for i in idx_all]
-    tr_rel, va_rel = group_split(groups, opts.val_fraction, opts.seed)
-    tr_idx = [idx_all[i] for i in tr_rel]
-    va_idx = [idx_all[i] for i in va_rel]
-    progress(f"train: {len(ds)} labeled images in {opts.data}; using {len(tr_idx)} train / {len(va_idx)} "
-             f"validation (split by anatomy, {len(set(groups))} groups)")
+    val_ds = load_labeled(opts.val_data) if opts.val_data else None
+    if val_ds is not None:
+        # Only meta.csv source ids name anatomy; without them groups are file names, which may repeat.
+        shared = sorted({m.get("source_id") for m in ds.meta if m.get("source_id")}
+                        & {m.get("source_id") for m in val_ds.meta if m.get("source_id")})
+        if shared:
+            raise ValueError(f"{opts.val_data} shares {len(shared)} anatomy group(s) with {opts.data} "
+                             f"(e.g. {shared[0]}); validation must be held out")
+        tr_idx, va_idx = idx_all, []
+        progress(f"train: {len(ds)} labeled images in {opts.data}, all for training; {len(val_ds)} validation "
+                 f"images in {opts.val_data}")
+    else:
+        tr_rel, va_rel = group_split(groups, opts.val_fraction, opts.seed)
+        tr_idx = [idx_all[i] for i in tr_rel]
+        va_idx = [idx_all[i] for i in va_rel]
+        progress(f"train: {len(ds)} labeled images in {opts.data}; using {len(tr_idx)} train / {len(va_idx)} "
+                 f"validation (split by anatomy, {len(set(groups))} groups)")
     t0 = time.time()
-    x_all = cache_labeled(ds, cfg.input_size, cfg.window_hu,
-                          progress=lambda n: n % 500 == 0 and progress(f"train: preprocessed {n}/{len(ds)}"))
+
+    def cache(d):
+        return cache_labeled(d, cfg.input_size, cfg.window_hu,
+                             progress=lambda n: n % 500 == 0 and progress(f"train: preprocessed {n}/{len(d)}"))
+    x_all = cache(ds)
     progress(f"train: preprocessed {len(ds)} images to {cfg.input_size}x{cfg.input_size} in {time.time() - t0:.1f} s")
     x_tr, y_tr = x_all[tr_idx], torch.from_numpy(ds.labels[tr_idx])
     w_tr = torch.ones(len(tr_idx))
-    x_va, y_va = x_all[va_idx], ds.labels[va_idx]
+    if val_ds is not None:
+        x_va, y_va = cache(val_ds), val_ds.labels
+    else:
+        x_va, y_va = x_all[va_idx], ds.labels[va_idx]
     if extra_x is not None and extra_y is not None and len(extra_y):
         x_tr = torch.cat([x_tr, extra_x])
         y_tr = torch.cat([y_tr, torch.as_tensor(extra_y, dtype=torch.float32)])
@@ -325,7 +344,7 @@ def train(opts: TrainOptions, extra_x: torch.Tensor | None = None, extra_y: np.n
                          f"{rate:.1f} img/s ETA {eta / 60:.1f} min")
         rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": run_loss / steps_per_epoch,
                                "seconds": round(time.time() - t_ep, 1)}
-        if len(va_idx) >= 3:
+        if len(y_va) >= 3:
             val_out = predict_raw(model, x_va)
             rec["val_loss"] = float(loss_fn(model, val_out, torch.from_numpy(y_va)))
             rec["val"] = evaluate_outputs(model, val_out, y_va)
@@ -337,7 +356,7 @@ def train(opts: TrainOptions, extra_x: torch.Tensor | None = None, extra_y: np.n
                                                                  for k, v in _flat(rec).items()}))
         if not math.isfinite(best) or score > best:
             best = score
-            summary = _summary(opts, cfg, history, len(tr_idx), len(va_idx), extra_info, t_start)
+            summary = _summary(opts, cfg, history, len(tr_idx), len(y_va), extra_info, t_start)
             save_checkpoint(model, cfg, out_path, summary)
             progress(f"train: saved best checkpoint {out_path} (validation overall {score:.4f})")
         torch.save({"model": model.state_dict(), "optim": optim.state_dict(), "sched": sched.state_dict(),
@@ -348,7 +367,7 @@ def train(opts: TrainOptions, extra_x: torch.Tensor | None = None, extra_y: np.n
     from qcnode.iqa.scorer import model_from_checkpoint, read_checkpoint
     best_model, cfg = model_from_checkpoint(read_checkpoint(out_path), out_path)
     summary = dict(read_checkpoint(out_path).get("meta") or {})
-    if opts.calibrate and len(va_idx) >= 10 and best_model.is_distribution:
+    if opts.calibrate and len(y_va) >= 10 and best_model.is_distribution:
         val_out = predict_raw(best_model, x_va)
         t, raw, fin = fit_interval_temperature(best_model, val_out, y_va)
         cfg.interval_temperature = t
