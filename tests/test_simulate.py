@@ -139,7 +139,7 @@ def test_plan_keeps_objects_out_of_two_splits():
     for a, b in [("train", "test"), ("train", "unlabeled"), ("test", "unlabeled")]:
         assert not ids[a] & ids[b]
         assert not seeds[a] & seeds[b]
-    assert sum(len(s.variants) for s in splits["train"]) == (2 + 30 + 30 // 12) * 6  # real, phantoms, end-of-range
+    assert sum(len(s.variants) for s in splits["train"]) == 32 * 6
     assert {s.anatomy for s in splits["test"] if s.kind == "phantom"} == {"head", "body"}
     # File numbers are contiguous per split.
     for specs in splits.values():
@@ -234,39 +234,6 @@ def test_tissue_free_skull_phantoms_planned_seeded_and_labelled():
         assert rows[(1.0, 720)]["label"] >= 3.4  # full dose, all views: a good image
         assert rows[(0.1, 180)]["label"] < rows[(1.0, 720)]["label"]
         assert sum(rows[(0.1, v)]["label"] for v in (720, 180)) < sum(rows[(1.0, v)]["label"] for v in (720, 180))
-
-
-def test_end_of_range_objects_come_last_and_leave_the_other_objects_unchanged(monkeypatch):
-    """Each split ends with count // 12 end-of-range objects (air with a holder or table); adding them
-    changed no other object, file number or variant of a plan."""
-    kw = dict(doses=[1, 0.1], views=[720, 180], train_phantoms=30, test_phantoms=12, unlabeled_phantoms=10, seed=2)
-    splits = simulate.plan(**kw)
-    for split, count in (("train", 30), ("test", 12), ("unlabeled", 10)):
-        specs = splits[split]
-        assert len(specs) == count + count // 12, split
-        ends = specs[count:]
-        assert [s.phantom for s in ends] == ["end_head", "end_body"][:len(ends)]
-        assert all(s.anatomy == s.phantom[4:] for s in ends)
-        assert not any(s.phantom.startswith("end_") for s in specs[:count])
-    monkeypatch.setattr(simulate, "END_OF_RANGE_EVERY", 10 ** 9)
-    without = simulate.plan(**kw)
-    for split in splits:
-        assert [vars(s) for s in without[split]] == [vars(s) for s in splits[split][:len(without[split])]]
-
-
-def test_end_of_range_phantoms_are_mostly_air_seeded_and_labelled_good_at_full_dose():
-    for kind in ("end_head", "end_body"):
-        a, b = make_phantom(kind, 31, 128), make_phantom(kind, 31, 128)
-        assert np.array_equal(a.hu, b.hu) and a.region == "end_of_range" and a.anatomy == kind[4:]
-        assert not np.array_equal(a.hu, make_phantom(kind, 32, 128).hu)
-        assert np.mean(a.hu < -700) > 0.85, kind  # air and foam pads
-    assert all((make_phantom("end_head", s, 128).hu > 0).any() for s in range(8))  # always a holder
-    spec = simulate.SourceSpec("phantom:end_head:41", "phantom", "head", "phantom_end_head", "train", seed=41,
-                               variants=[(1.0, 720), (0.1, 720)], phantom="end_head")
-    rows = {r["dose_fraction"]: r for *_, r in simulate.simulate_sources([spec], 96)}
-    assert rows[1.0]["region"] == "end_of_range"
-    assert rows[0.1]["noise_hu"] > 1.5 * rows[1.0]["noise_hu"]
-    assert rows[1.0]["label"] >= 3.4
 
 
 def test_expected_reader_mean_is_the_exact_expectation():

@@ -11,10 +11,6 @@ Besides patient-like heads there are head *phantom* objects without soft tissue,
 Philips head phantom: "skull_air" (a bone ring around air, with a few thin plastic inserts,
 rods or a resolution plate; vertex slices are small thick rings) and "skull_water" (the same
 ring filled with water, with low- and high-contrast rods). Both have anatomy "head".
-
-"end_head" and "end_body" are the slices just beyond the ends of a scan range (above the vertex,
-below the feet or shoulders): mostly air with the head holder or the table, sometimes a small
-piece of the patient (a vertex cap, a shoulder or a foot). Region "end_of_range".
 """
 from __future__ import annotations
 
@@ -34,8 +30,7 @@ class Phantom:
     pixel_spacing_mm: float
     anatomy: str
     seed: int
-    region: str  # head: "cerebrum"/"skull_base"/"skull_air"/"skull_water"; body: "abdomen"/"thorax";
-    # either: "end_of_range"
+    region: str  # head: "cerebrum"/"skull_base"/"skull_air"/"skull_water"; body: "abdomen"/"thorax"
 
 
 class _Canvas:
@@ -81,7 +76,7 @@ class _Canvas:
         return img.astype(np.float32)
 
 
-PHANTOM_KINDS = ("head", "body", "skull_air", "skull_water", "end_head", "end_body")
+PHANTOM_KINDS = ("head", "body", "skull_air", "skull_water")
 
 
 def make_phantom(kind: str, seed: int, size: int = 256) -> Phantom:
@@ -92,16 +87,7 @@ def make_phantom(kind: str, seed: int, size: int = 256) -> Phantom:
         return body_phantom(seed, size)
     if kind in ("skull_air", "skull_water"):
         return skull_phantom(seed, size, filled=kind == "skull_water")
-    if kind in ("end_head", "end_body"):
-        return end_of_range_phantom(seed, size, anatomy=kind[4:])
     raise ValueError(f"phantom kind must be one of {', '.join(PHANTOM_KINDS)}, not {kind!r}")
-
-
-def _table(cv: _Canvas, rng: np.random.Generator, cx: float, top_y: float, fov: float) -> None:
-    """Patient table: two carbon-fibre skins around a foam core, curved slightly, top at ``top_y``."""
-    cv.fill(rng.uniform(150, 400), cx, top_y + 400, 260, 400 + rng.uniform(8, 14), 0)
-    cv.fill(rng.uniform(-900, -800), cx, top_y + 400, 257, 400 + rng.uniform(5, 9), 0)
-    cv.rect(AIR_HU, -fov, fov, top_y + 18, fov)
 
 
 def _head_cradle(cv: _Canvas, rng: np.random.Generator, cx: float, cy: float, ax: float, ay: float) -> None:
@@ -110,55 +96,6 @@ def _head_cradle(cv: _Canvas, rng: np.random.Generator, cx: float, cy: float, ax
     cv.fill(rng.uniform(80, 250), cx, hy - 55, ax + 22, 60, 0)
     cv.fill(AIR_HU, cx, hy - 60, ax + 17, 60, 0)
     cv.fill(rng.uniform(-900, -750), cx, hy - 62, ax + 12, 58, 0)
-
-
-def _holder_shell(cv: _Canvas, rng: np.random.Generator, cx: float, cy: float, ax: float, ay: float) -> None:
-    """U-shaped plastic holder shell around the sides and back of a head of semi-axes ``ax``, ``ay``."""
-    gap, wall = rng.uniform(8, 25), rng.uniform(1.2, 3.0)
-    ux, uy, uc = ax + gap, ay + gap, cy + rng.uniform(5, 20)
-    lower = np.broadcast_to(cv.y > uc - uy * rng.uniform(0.1, 0.6), cv.img.shape)
-    shell = cv.mask(cx, uc, ux, uy) & ~cv.mask(cx, uc, ux - wall, uy - wall) & lower
-    cv.img[shell] = rng.uniform(100, 350)
-
-
-def end_of_range_phantom(seed: int, size: int = 256, anatomy: str = "head") -> Phantom:
-    """A slice just beyond the end of a scan range: mostly air with the head holder (``anatomy``
-    "head") or the table ("body"); sometimes a small piece of the patient (a vertex cap of scalp
-    and bone; a shoulder tip, hand or foot of soft tissue with a little bone)."""
-    rng = np.random.default_rng([seed, 23])
-    cx, cy = rng.uniform(-8, 8), rng.uniform(-12, 4)
-    if anatomy == "head":
-        fov = float(rng.uniform(220, 260))
-        cv = _Canvas(size, fov)
-        ax, ay = rng.uniform(66, 80), rng.uniform(84, 100)
-        holder = rng.random()
-        if holder < 0.7:
-            _head_cradle(cv, rng, cx, cy, ax, ay)
-        if holder > 0.4:
-            _holder_shell(cv, rng, cx, cy, ax, ay)
-        if rng.random() < 0.4:  # vertex cap: a small disc of scalp around a thin bone cap
-            r = rng.uniform(6, 30)
-            e = rng.uniform(0.7, 1.3)
-            cap_y = cy + rng.uniform(-0.3, 0.3) * ay
-            cv.fill(rng.uniform(20, 60), cx, cap_y, r, r * e, rng.uniform(0, 180))
-            if r > 10:
-                cv.fill(rng.uniform(700, 1400), cx, cap_y, r - 4, (r - 4) * e, rng.uniform(0, 180))
-    elif anatomy == "body":
-        fov = float(rng.uniform(360, 500))
-        cv = _Canvas(size, fov)
-        top = rng.uniform(60, 140)
-        if rng.random() < 0.85:
-            _table(cv, rng, cx, top, fov)
-        for _ in range(int(rng.integers(0, 3))):  # shoulder tips, hands or feet
-            px, py = cx + rng.uniform(-140, 140), top - rng.uniform(10, 60)
-            rx, ry = rng.uniform(8, 35), rng.uniform(8, 30)
-            cv.fill(rng.uniform(-100, 60), px, py, rx, ry, rng.uniform(0, 180))
-            if rng.random() < 0.6:
-                cv.fill(rng.uniform(300, 900), px, py, rx * 0.35, ry * 0.35, rng.uniform(0, 180))
-    else:
-        raise ValueError(f"anatomy must be 'head' or 'body', not {anatomy!r}")
-    hu = cv.finish(rng, texture_hu=rng.uniform(0.0, 2.0), blur_px=rng.uniform(0.3, 0.7))
-    return Phantom(hu, fov / size, anatomy, int(seed), "end_of_range")
 
 
 def skull_phantom(seed: int, size: int = 256, filled: bool = False) -> Phantom:
@@ -177,8 +114,12 @@ def skull_phantom(seed: int, size: int = 256, filled: bool = False) -> Phantom:
     ax, ay = rng.uniform(62, 74) * scale, rng.uniform(80, 96) * scale
     cx, cy = rng.uniform(-8, 8), rng.uniform(-12, 4)
     skull = rng.uniform(6, 14) if vertex else rng.uniform(3.5, 8)
-    if rng.random() < 0.6:
-        _holder_shell(cv, rng, cx, cy, ax / scale, ay / scale)
+    if rng.random() < 0.6:  # U-shaped plastic holder shell around the sides and back of the head
+        gap, wall = rng.uniform(8, 25), rng.uniform(1.2, 3.0)
+        ux, uy, uc = ax / scale + gap, ay / scale + gap, cy + rng.uniform(5, 20)
+        lower = np.broadcast_to(cv.y > uc - uy * rng.uniform(0.1, 0.6), cv.img.shape)
+        shell = cv.mask(cx, uc, ux, uy) & ~cv.mask(cx, uc, ux - wall, uy - wall) & lower
+        cv.img[shell] = rng.uniform(100, 350)
     if rng.random() < 0.6:
         _head_cradle(cv, rng, cx, cy, ax, ay)
     skin = rng.uniform(1, 3) if rng.random() < 0.3 else 0.0
@@ -294,8 +235,11 @@ def body_phantom(seed: int, size: int = 256) -> Phantom:
     cv = _Canvas(size, fov)
     cx, cy = rng.uniform(-8, 8), rng.uniform(-15, 0)
     contrast = rng.random() < 0.6
-    if rng.random() < 0.75:
-        _table(cv, rng, cx, cy + ay + rng.uniform(4, 12), fov)
+    if rng.random() < 0.75:  # table: two carbon-fibre skins around a foam core, curved slightly
+        ty = cy + ay + rng.uniform(4, 12)
+        cv.fill(rng.uniform(150, 400), cx, ty + 400, 260, 400 + rng.uniform(8, 14), 0)
+        cv.fill(rng.uniform(-900, -800), cx, ty + 400, 257, 400 + rng.uniform(5, 9), 0)
+        cv.rect(AIR_HU, -fov, fov, ty + 18, fov)
     fat = rng.uniform(6, 38)
     body = cv.fill(rng.uniform(-60, -20), cx, cy, ax, ay)  # skin
     cv.fill(rng.uniform(-115, -85), cx, cy, ax - 2, ay - 2)  # subcutaneous fat

@@ -41,9 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="dose fractions, comma-separated (default 1,0.5,0.25,0.1)")
     p.add_argument("--views", type=_ints, default=[720, 360, 180],
                    help="view counts over 180 degrees, at most 720 (default 720,360,180)")
-    p.add_argument("--train-phantoms", type=int, default=156,
-                   help="procedural phantoms in train (default 156); every split also gets one end-of-range "
-                        "object (air with the head holder or table) per 12 phantoms")
+    p.add_argument("--train-phantoms", type=int, default=156, help="procedural phantoms in train (default 156)")
     p.add_argument("--test-phantoms", type=int, default=40, help="procedural phantoms in test (default 40)")
     p.add_argument("--unlabeled-phantoms", type=int, default=100,
                    help="procedural phantoms in unlabeled, 3 random dose/view variants each (default 100)")

@@ -77,10 +77,6 @@ HEAD_NOISE_WEIGHT = 1.6
 SPLIT_CODES = {"train": 1, "test": 2, "unlabeled": 3}
 # Head phantom number k (per split) is a tissue-free head phantom when k % 8 is a key: 25 % of the heads.
 SKULL_PHANTOM_CYCLE = {2: "skull_air", 6: "skull_water"}
-# One end-of-range object (the air beyond a scan range: holder or table, maybe a vertex cap or a
-# foot; alternating end_head / end_body) per this many phantoms of a split, from seed stream 11.
-END_OF_RANGE_EVERY = 12
-END_OF_RANGE_STREAM = 11
 READER_COLUMNS = [f"reader_{i}" for i in range(1, 6)]
 
 
@@ -414,8 +410,7 @@ def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, t
     Phantom seeds are drawn from one SeedSequence stream per split, so train, test and unlabeled
     phantoms never share a seed. Phantoms alternate head/body; among the head phantoms every
     fourth is a tissue-free head phantom object (SKULL_PHANTOM_CYCLE: "skull_air", then
-    "skull_water", alternating), so every split with enough phantoms holds some of each. After
-    them come ``count // END_OF_RANGE_EVERY`` end-of-range objects per split (extra to the count).
+    "skull_water", alternating), so every split with enough phantoms holds some of each.
     """
     doses = sorted({float(d) for d in doses}, reverse=True)
     views = sorted({int(v) for v in views}, reverse=True)
@@ -432,13 +427,15 @@ def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, t
     counts = {"train": train_phantoms, "test": test_phantoms, "unlabeled": unlabeled_phantoms}
     used_seeds: set[int] = set()
     for split, count in counts.items():
+        seeds = np.random.SeedSequence([seed, SPLIT_CODES[split]]).generate_state(count, dtype=np.uint32)
         var_rng = np.random.default_rng([seed, SPLIT_CODES[split], 7])
-
-        def add(raw_seed: int, kind: str, anatomy: str) -> None:
-            s = int(raw_seed)
+        for i, s in enumerate(seeds):
+            s = int(s)
             while s in used_seeds:  # vanishingly rare; keeps objects disjoint across splits regardless
                 s = (s + 1) % (2 ** 32)
             used_seeds.add(s)
+            anatomy = "head" if i % 2 == 0 else "body"
+            kind = SKULL_PHANTOM_CYCLE.get((i // 2) % 8, "head") if anatomy == "head" else "body"
             if split == "unlabeled":
                 lo = math.log(min(doses))
                 variants = [(round(float(math.exp(var_rng.uniform(lo, 0.0))), 4), int(var_rng.choice(views)))
@@ -448,18 +445,6 @@ def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, t
                 variants = list(grid)
             splits[split].append(SourceSpec(f"phantom:{kind}:{s}", "phantom", anatomy, f"phantom_{kind}", split,
                                             seed=s, variants=variants, phantom=kind))
-
-        seeds = np.random.SeedSequence([seed, SPLIT_CODES[split]]).generate_state(count, dtype=np.uint32)
-        for i, s in enumerate(seeds):
-            anatomy = "head" if i % 2 == 0 else "body"
-            add(s, SKULL_PHANTOM_CYCLE.get((i // 2) % 8, "head") if anatomy == "head" else "body", anatomy)
-        # End-of-range objects come last, from their own seed stream, so adding them left the objects
-        # above (and their file numbers) unchanged.
-        end_seeds = np.random.SeedSequence([seed, SPLIT_CODES[split], END_OF_RANGE_STREAM]).generate_state(
-            count // END_OF_RANGE_EVERY, dtype=np.uint32)
-        for i, s in enumerate(end_seeds):
-            anatomy = "head" if i % 2 == 0 else "body"
-            add(s, f"end_{anatomy}", anatomy)
     for specs in splits.values():
         index = 0
         for spec in specs:
