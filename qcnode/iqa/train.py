@@ -205,6 +205,11 @@ def fit_interval_temperature(model: MDIQA, out: torch.Tensor, labels: np.ndarray
     return t, raw, final
 
 
+def _source_ids(ds) -> set[str]:
+    """The meta.csv source ids (anatomy objects) of a labeled data set."""
+    return {m["source_id"] for m in ds.meta if m.get("source_id")}
+
+
 def _state_path(out: Path) -> Path:
     return out.with_name(out.name + ".state.pt")
 
@@ -228,19 +233,20 @@ def train(opts: TrainOptions, extra_x: torch.Tensor | None = None, extra_y: np.n
     idx_all = list(range(len(ds)))
     if opts.max_images and opts.max_images < len(ds):
         idx_all = sorted(random.Random(opts.seed).sample(idx_all, opts.max_images))
-    groups = [ds.groups()[i] for i in idx_all]
-    val_ds = load_labeled(opts.val_data) if opts.val_data else None
-    if val_ds is not None:
+    if opts.val_data:
+        val_src = load_labeled(opts.val_data)  # validation source: another folder, or ds itself below
         # Only meta.csv source ids name anatomy; without them groups are file names, which may repeat.
-        shared = sorted({m.get("source_id") for m in ds.meta if m.get("source_id")}
-                        & {m.get("source_id") for m in val_ds.meta if m.get("source_id")})
+        shared = sorted(_source_ids(ds) & _source_ids(val_src))
         if shared:
             raise ValueError(f"{opts.val_data} shares {len(shared)} anatomy group(s) with {opts.data} "
                              f"(e.g. {shared[0]}); validation must be held out")
-        tr_idx, va_idx = idx_all, []
-        progress(f"train: {len(ds)} labeled images in {opts.data}, all for training; {len(val_ds)} validation "
+        tr_idx, va_idx = idx_all, list(range(len(val_src)))
+        progress(f"train: {len(ds)} labeled images in {opts.data}, all for training; {len(val_src)} validation "
                  f"images in {opts.val_data}")
     else:
+        val_src = ds
+        all_groups = ds.groups()
+        groups = [all_groups[i] for i in idx_all]
         tr_rel, va_rel = group_split(groups, opts.val_fraction, opts.seed)
         tr_idx = [idx_all[i] for i in tr_rel]
         va_idx = [idx_all[i] for i in va_rel]
@@ -255,10 +261,8 @@ def train(opts: TrainOptions, extra_x: torch.Tensor | None = None, extra_y: np.n
     progress(f"train: preprocessed {len(ds)} images to {cfg.input_size}x{cfg.input_size} in {time.time() - t0:.1f} s")
     x_tr, y_tr = x_all[tr_idx], torch.from_numpy(ds.labels[tr_idx])
     w_tr = torch.ones(len(tr_idx))
-    if val_ds is not None:
-        x_va, y_va = cache(val_ds), val_ds.labels
-    else:
-        x_va, y_va = x_all[va_idx], ds.labels[va_idx]
+    x_va = (x_all if val_src is ds else cache(val_src))[va_idx]
+    y_va = val_src.labels[va_idx]
     if extra_x is not None and extra_y is not None and len(extra_y):
         x_tr = torch.cat([x_tr, extra_x])
         y_tr = torch.cat([y_tr, torch.as_tensor(extra_y, dtype=torch.float32)])
