@@ -14,7 +14,12 @@ P-DATA-TF PDUs (the bulk of a C-STORE) are also read without pynetdicom's generi
 their PDV items are cut out of the received buffer as memoryviews (no copies, no item objects)
 and handed to the DIMSE layer as the same P-DATA primitive pynetdicom would make; about 70 us
 less per 128 KiB PDU. Every other PDU goes through pynetdicom's decoder as before. (EVT_PDU_RECV
-is not fired for P-DATA-TF: only pynetdicom's debug logging listens to it.)
+is not fired for P-DATA-TF: only pynetdicom's debug logging listens to it.) A P-DATA-TF that
+carries a plain C-STORE-RQ is served right in the DUL thread by :mod:`qcnode.dicom.direct_store`
+when the SCP passes its handler; everything else goes on to pynetdicom's DIMSE layer.
+
+Every socket read first asks the kernel for immediate ACKs (:func:`request_quick_ack`): with
+delayed ACKs about one C-STORE in 13 from DCMTK's storescu stalled 40 ms.
 
 The loops are pynetdicom 3.0's ``DULServiceProvider.run_reactor`` and
 ``Association._run_reactor`` (MIT licence) with only the waits changed. :func:`use_fast_receive`
@@ -29,7 +34,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 from pynetdicom import evt
 from pynetdicom.association import LOGGER as ASSOC_LOGGER, Association
@@ -39,7 +44,28 @@ from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
+from qcnode.dicom.direct_store import DirectStore
+
 IDLE_WAIT_S = 0.05  # longest wait without an event: the granularity of pynetdicom's timers here
+
+
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
+def request_quick_ack(sock: Any) -> None:
+    """Ask the kernel to acknowledge what arrives on ``sock`` at once instead of delaying the ACK.
+
+    Linux falls back to delayed ACKs (up to 40 ms) on a connection that looks interactive, and
+    resets this flag as it pleases, so it is set again before each read. Without it about one
+    C-STORE in 13 from DCMTK's storescu stalled 40 ms in the middle of its data set: the sender
+    held its last small segment until our ACK came (Nagle) while we waited for that segment.
+    Measured: one association 103 -> 147 slices/s, four 153-187 -> 214-280 slices/s."""
+    if _TCP_QUICKACK is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+    except OSError:  # not TCP (a socket pair in tests), or closed: the read reports it
+        pass
 
 
 class FastRecvSocket(AssociationSocket):
@@ -47,10 +73,12 @@ class FastRecvSocket(AssociationSocket):
 
     pynetdicom reads PDUs 4096 bytes per ``recv`` (about 130 calls, each a poll + recv, for one
     512x512 slice); this reads straight into one buffer of the requested size. Same result, same
-    errors; about a quarter of the receive CPU per slice is saved."""
+    errors; about a quarter of the receive CPU per slice is saved. Each read first asks for
+    immediate ACKs (:func:`request_quick_ack`)."""
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
+        request_quick_ack(sock)
         buf = bytearray(nr_bytes)
         view = memoryview(buf)
         nr_read = 0
@@ -130,9 +158,11 @@ class EventDrivenDUL(DULServiceProvider):
     _wake_r: socket.socket
     _wake_w: socket.socket
     idle_timeouts: int  # waits that ended after IDLE_WAIT_S with nothing to do
+    direct_store: DirectStore | None  # serves plain C-STOREs in this thread (None: all via pynetdicom)
 
     def _setup_wakeup(self) -> None:
         self.idle_timeouts = 0
+        self.direct_store = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -210,7 +240,12 @@ class EventDrivenDUL(DULServiceProvider):
             if pdu_type == 0x04:
                 # (no EVT_PDU_RECV: only pynetdicom's debug logging listens to it, and it knows
                 # P_DATA_TF objects only; the node binds EVT_C_STORE etc.)
-                pdu: Any = ReceivedPDataTF(split_pdv_items(memoryview(body)))
+                items = split_pdv_items(memoryview(body))
+                if self.direct_store is not None:
+                    items = self.direct_store.feed(items)  # plain C-STOREs are served right here
+                    if not items:
+                        return
+                pdu: Any = ReceivedPDataTF(items)
                 event = "Evt10"
             else:
                 pdu, event = self._decode_pdu(header + body)
@@ -353,9 +388,10 @@ class EventDrivenAssociation(Association):
                 return
 
 
-def use_fast_receive(assoc: Any) -> bool:
+def use_fast_receive(assoc: Any, store_handler: Callable[[Any], int] | None = None) -> bool:
     """Switch a not yet started acceptor association to :class:`FastRecvSocket` and the
-    event-driven reactors (call it from ``EVT_CONN_OPEN``).
+    event-driven reactors (call it from ``EVT_CONN_OPEN``). With ``store_handler`` (the node's
+    ``EVT_C_STORE`` handler) plain C-STOREs are served in the DUL thread (:mod:`direct_store`).
 
     Returns False (and changes nothing) for anything but a plain pynetdicom acceptor whose
     threads have not started."""
@@ -368,6 +404,8 @@ def use_fast_receive(assoc: Any) -> bool:
         dul.socket.__class__ = FastRecvSocket
     dul.__class__ = EventDrivenDUL
     cast(EventDrivenDUL, dul)._setup_wakeup()  # noqa: SLF001
+    if store_handler is not None:
+        cast(EventDrivenDUL, dul).direct_store = DirectStore(dul, store_handler)
     assoc.__class__ = EventDrivenAssociation
     cast(EventDrivenAssociation, assoc)._setup_wakeup()  # noqa: SLF001
     return True

@@ -222,6 +222,7 @@ class StorageSCP:
         self.activity = open_activity(spool.root)
         self.stored = 0
         self.refused = 0
+        self.direct_stores = 0  # C-STOREs served in the DUL thread (qcnode.dicom.direct_store)
 
     def _in_flight_now(self) -> int:
         return self._inflight
@@ -328,7 +329,8 @@ class StorageSCP:
 
     def _on_conn_open(self, event: Any) -> None:
         event.assoc.acse = _PolicyACSE(event.assoc, self.association_policy)
-        use_fast_receive(event.assoc)  # one-buffer reads, no 1 ms polling, P-DATA without copies
+        # one-buffer reads, no 1 ms polling, P-DATA without copies, plain C-STOREs served in the DUL thread
+        use_fast_receive(event.assoc, store_handler=self._on_direct_store)
 
     def _on_conn_close(self, event: Any) -> None:
         closed = getattr(self.server, "connection_closed", None)
@@ -342,6 +344,11 @@ class StorageSCP:
         return SUCCESS
 
     # ---- C-STORE -------------------------------------------------------------------------------
+    def _on_direct_store(self, event: Any) -> int:
+        with self._lock:
+            self.direct_stores += 1
+        return self._on_store(event)
+
     def _on_store(self, event: Any) -> int:
         with self._lock:
             if self._closing.is_set():
