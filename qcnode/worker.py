@@ -120,12 +120,15 @@ class Worker:
                            cfg.worker.receiving_window_seconds)
 
     def load_scorer(self) -> Any:
-        """Load the checkpoint of ``model.checkpoint`` once (torch imported here, not at import)."""
+        """Load the checkpoint of ``model.checkpoint`` once (torch imported here, not at import), and
+        highdicom's tables of the standard for the SRs."""
         if self.scorer is None:
+            from qcnode.dicom.sr import load_standard_tables
             from qcnode.iqa.scorer import Scorer
             path = self.cfg.path(self.cfg.model.checkpoint)
             self.scorer = Scorer.load(str(path), self.cfg.model.device, self.cfg.model.threads)
             log.info("model_loaded", checkpoint=str(path), model_version=self.scorer.version)
+            load_standard_tables()  # what the first SR would otherwise wait for
         return self.scorer
 
     # ---- loop ----------------------------------------------------------------------------------

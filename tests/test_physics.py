@@ -101,6 +101,40 @@ def test_global_noise_level_recovers_known_noise(sigma):
     assert gnl == pytest.approx(sigma, rel=0.10)
 
 
+def _gnl_by_definition(hu: np.ndarray, spacing: tuple[float, float]) -> float | None:
+    """The global noise level exactly as documented: soft-tissue windows are those whose local mean
+    is 0-100 HU and whose minimum and maximum stay within TISSUE_WINDOW_RANGE_HU."""
+    from scipy import ndimage
+    img = np.asarray(hu, dtype=np.float32)
+    window = physics.noise_window_px(spacing)
+    mean, std = physics.local_std(img, window)
+    low, high = physics.TISSUE_WINDOW_RANGE_HU
+    tissue = (mean >= 0.0) & (mean <= 100.0)
+    tissue &= ndimage.minimum_filter(img, size=window, mode="nearest") >= low
+    tissue &= ndimage.maximum_filter(img, size=window, mode="nearest") <= high
+    values = std[tissue]
+    if values.size < max(200, 0.01 * img.size):
+        return None
+    hi = float(np.percentile(values, 90))
+    hist, edges = np.histogram(values, bins=200, range=(0.0, hi * 1.5))
+    k = int(ndimage.gaussian_filter1d(hist.astype(np.float64), 2.0).argmax())
+    return float(0.5 * (edges[k] + edges[k + 1]))
+
+
+def test_global_noise_level_matches_its_definition(shared_ct):
+    """The fast air/bone exclusion (one uint8 max filter) gives what the min/max definition gives,
+    on real slices with noise and on noise images that cross both limits everywhere."""
+    from qcnode.dicom.pixels import load_slices
+    rng = np.random.default_rng(4)
+    cases = [(sl.hu + rng.normal(0, s, sl.hu.shape).astype(np.float32), sl.pixel_spacing_mm)
+             for path in sorted((shared_ct / "ge_head").glob("*.dcm"))[::7]
+             for sl in load_slices(path) for s in (0.0, 20.0)]
+    cases += [(rng.normal(50.0, 300.0, (300, 200)).astype(np.float32), (0.5, 0.5)) for _ in range(3)]
+    cases += [(np.full((64, 64), v, np.float32), (1.0, 1.0)) for v in physics.TISSUE_WINDOW_RANGE_HU]
+    for hu, spacing in cases:
+        assert physics.global_noise_level(hu, spacing) == _gnl_by_definition(hu, spacing)
+
+
 def test_global_noise_level_none_without_soft_tissue():
     rng = np.random.default_rng(2)
     air = -1000.0 + rng.normal(0, 5, (256, 256)).astype(np.float32)

@@ -93,3 +93,18 @@ def test_worker_scores_series_once(tmp_path, port, shared_ct):
     with sf() as s:
         assert spool.abspath(s.scalars(select(SeriesResult)).one().sr_path).read_bytes() == sr_bytes
     engine.dispose()
+
+
+def test_worker_start_loads_highdicoms_tables(tmp_path, port):
+    """The worker reads highdicom's tables of the standard (about a second) when it loads its model,
+    so that the first series' SR does not wait for them."""
+    from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
+    cfg = load_config(write_config(tmp_path, port, checkpoint=checkpoint_for_tests(tmp_path)))
+    tables = (get_sop_class_iod_map, get_iod_module_map, get_module_attribute_map)
+    for table in tables:
+        table.cache_clear()
+    upgrade(cfg.database_url)
+    worker = Worker(cfg, session_factory(make_engine(cfg.database_url)),
+                    Spool(cfg.path(cfg.storage.spool_dir), cfg.path(cfg.storage.quarantine_dir)))
+    worker.load_scorer()
+    assert [t.cache_info().currsize for t in tables] == [1, 1, 1]

@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import highdicom as hd
-from highdicom._standard_utils import is_multiframe_image
+from highdicom._standard_utils import (get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map,
+                                       is_multiframe_image)
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
@@ -168,13 +169,17 @@ def build_series_sr(source_headers: Sequence[Dataset], slices: Sequence[dict[str
     algorithm = hd.sr.AlgorithmIdentification(name=name, version=version)
     groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
     referenced: list[str] = []
+    multiframe_by_class: dict[str, bool] = {}  # highdicom's IOD look-up takes ~10 ms: once per SOP class
     for i, s in enumerate(slices):
         uid = str(s["sop_instance_uid"])
         header = headers.get(uid)
         if header is None:
             raise SRBuildError(f"slice {uid} has no source header")
         frame = s.get("frame")  # 1-based; only meaningful for multi-frame objects
-        multiframe = is_multiframe_image(header)  # by IOD (e.g. Enhanced CT), as highdicom checks
+        sop_class = str(header.SOPClassUID)
+        if sop_class not in multiframe_by_class:  # by IOD (e.g. Enhanced CT), as highdicom checks
+            multiframe_by_class[sop_class] = is_multiframe_image(header)
+        multiframe = multiframe_by_class[sop_class]
         frames = [int(frame)] if frame is not None and multiframe else None
         score = _ds_value(s["score"])
         measurement = hd.sr.Measurement(
@@ -271,6 +276,16 @@ def _summary_group(summary: dict[str, Any], algorithm: hd.sr.AlgorithmIdentifica
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(
             name=VERDICT, value=VERDICT_CODES[str(summary["verdict"])])],
     )
+
+
+def load_standard_tables() -> None:
+    """Load highdicom's tables of the DICOM standard (IODs, modules, attributes) now.
+
+    highdicom reads them lazily, once per process, which takes about a second on a small host:
+    the worker calls this at start so that the first series' SR does not wait for it."""
+    get_sop_class_iod_map()
+    get_iod_module_map()
+    get_module_attribute_map()
 
 
 def sr_bytes(sr: Dataset) -> bytes:

@@ -175,8 +175,10 @@ def global_noise_level(hu: np.ndarray, pixel_spacing_mm: float | Sequence[float]
     window = noise_window_px(pixel_spacing_mm, kernel_mm)
     mean, std = local_std(img, window)
     tissue = (mean >= SOFT_TISSUE_HU[0]) & (mean <= SOFT_TISSUE_HU[1])
-    tissue &= ndimage.minimum_filter(img, size=window, mode="nearest") >= TISSUE_WINDOW_RANGE_HU[0]
-    tissue &= ndimage.maximum_filter(img, size=window, mode="nearest") <= TISSUE_WINDOW_RANGE_HU[1]
+    # no air or bone anywhere in the window: one max filter over the out-of-range pixels (uint8),
+    # the same as minimum >= low and maximum <= high over the window, at a fifth of the cost
+    outside = (img < TISSUE_WINDOW_RANGE_HU[0]) | (img > TISSUE_WINDOW_RANGE_HU[1])
+    tissue &= ndimage.maximum_filter(outside.view(np.uint8), size=window, mode="nearest") == 0
     values = std[tissue]
     if values.size < max(200, min_fraction * img.size):
         return None
