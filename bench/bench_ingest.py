@@ -4,7 +4,7 @@ ingest starts once a scoring job is running). Prints slices/s acknowledged, the 
 used per slice, its resident memory (all its processes) and the load average (the host is shared:
 compare runs made under similar load). storescu runs with its defaults: it sends PDUs of
 min(128 KiB, the node's node.max_pdu_size), its own -pdu option only sets what it receives. Usage:
-    .venv/bin/python bench/bench_ingest.py [--slices 320] [--parallel 4] [--no-worker]
+    .venv/bin/python bench/bench_ingest.py [--slices 320] [--parallel 4] [--no-worker] [--reference]
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+from bench_reference_scp import prepare, run_once as run_reference  # noqa: E402 - same slices as the reference
 from conftest import SHARED_CT, free_port  # noqa: E402
 from daemon_helpers import (STORESCU, checkpoint_for_tests, copy_series, serve_process, stop_process,  # noqa: E402
                             storescu, wait_for, wait_port, write_config)
@@ -44,9 +45,9 @@ def _cpu_seconds(proc: psutil.Process) -> float:
     return total
 
 
-def _cpu_by_role(proc: psutil.Process, port: int) -> dict[str, float]:
-    """CPU seconds per kind of daemon process: SCP (listens on ``port``), worker, other."""
-    out: dict[str, float] = {}
+def _cpu_by_role(proc: psutil.Process, port: int) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU seconds per kind of daemon process: SCP (listens on ``port``), worker, other."""
+    out: dict[str, tuple[float, float]] = {}
     for p in _tree(proc):
         try:
             t = p.cpu_times()
@@ -55,7 +56,8 @@ def _cpu_by_role(proc: psutil.Process, port: int) -> dict[str, float]:
             role = "scp" if listens else ("worker" if p.memory_info().rss > 400 * 2**20 else "other")
         except psutil.Error:
             continue
-        out[role] = out.get(role, 0.0) + t.user + t.system
+        user, system = out.get(role, (0.0, 0.0))
+        out[role] = (user + t.user, system + t.system)
     return out
 
 
@@ -116,20 +118,19 @@ def main() -> int:
     ap.add_argument("--scp-processes", type=int, default=None,
                     help="node.scp_processes for the run (default: config default)")
     ap.add_argument("--max-pdu", type=int, default=None, help="node.max_pdu_size for the run")
+    ap.add_argument("--reference", action="store_true",
+                    help="first send the same slices to a bare pynetdicom SCP (bench_reference_scp.py), "
+                         "for a same-host comparison")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="qcnode-bench-") as td:
         tmp = Path(td)
-        src = sorted(SHARED_CT.glob("*/*.dcm"))
-        src = [p for p in src if "localizer" not in p.name]
         print(f"preparing {args.slices} slices of 512x512 with fresh UIDs ...", flush=True)
-        groups: list[list[Path]] = [[] for _ in range(args.parallel)]
-        per = -(-args.slices // args.parallel)
-        for g in range(args.parallel):
-            while len(groups[g]) < per:
-                for folder in ("ge_head", "philips_head_phantom"):
-                    groups[g] += copy_series(SHARED_CT / folder, tmp / f"g{g}_{len(groups[g])}",
-                                             n=per - len(groups[g]), pattern="I*.dcm" if "philips" in folder
-                                             else "*.dcm")
+        groups = prepare(tmp, args.slices, args.parallel)
+        if args.reference:
+            (tmp / "reference").mkdir()
+            n, dt, cpu = run_reference(groups, tmp / "reference")
+            print(f"reference (bare pynetdicom, write only, no fsync or database): {n} slices in {dt:.2f} s "
+                  f"= {n / dt:.0f} slices/s; SCP CPU {cpu * 1000 / max(n, 1):.1f} ms/slice", flush=True)
         warm = copy_series(SHARED_CT / "ge_head", tmp / "warm")
         port = free_port()
         extra = {"series": {"stable_seconds": 0.5}, "logging": {"level": "warning"}}
@@ -182,13 +183,14 @@ def main() -> int:
             host_busy = (host1[0] - host0[0]) / max(1, host1[1] - host0[1])
             senders_cpu = (senders1.children_user + senders1.children_system
                            - senders0.children_user - senders0.children_system)
-            roles = {k: v - roles0.get(k, 0.0) for k, v in _cpu_by_role(daemon, port).items()}
+            roles = {k: (u - roles0.get(k, (0.0, 0.0))[0], s - roles0.get(k, (0.0, 0.0))[1])
+                     for k, (u, s) in _cpu_by_role(daemon, port).items()}
             scoring = "" if args.no_worker else f", worker scoring: {_jobs_running(cfg)}"
             print(f"ingest: {total} slices of 512x512 over {args.parallel} associations in {dt:.2f} s "
                   f"= {total / dt:.0f} slices/s acknowledged (storescu exit codes {rcs})")
             print(f"daemon CPU during the ingest: {cpu:.2f} s = {cpu * 1000 / total:.1f} ms/slice "
                   f"(all its processes{scoring}); by role: "
-                  + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(roles.items())))
+                  + ", ".join(f"{k} {u + s:.2f} s (user {u:.2f}, system {s:.2f})" for k, (u, s) in sorted(roles.items())))
             print(f"host CPU busy {host_busy:.0%} of {os.cpu_count()} cores during the ingest; "
                   f"the storescu senders used {senders_cpu:.2f} s")
             print(f"associations per receiving process (most seen at once): {sorted(spread.values())}")

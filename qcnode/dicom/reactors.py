@@ -59,7 +59,8 @@ def request_quick_ack(sock: Any) -> None:
     resets this flag as it pleases, so it is set again before each read. Without it about one
     C-STORE in 13 from DCMTK's storescu stalled 40 ms in the middle of its data set: the sender
     held its last small segment until our ACK came (Nagle) while we waited for that segment.
-    Measured: one association 103 -> 147 slices/s, four 153-187 -> 214-280 slices/s."""
+    Measured (bench_ingest --no-worker, interleaved with and without it, a slow host): one
+    association 60/56 -> 67/66 slices/s, four 124/110/105 -> 139/114/122 slices/s."""
     if _TCP_QUICKACK is None:
         return
     try:
