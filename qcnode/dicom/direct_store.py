@@ -127,12 +127,11 @@ class DirectStore:
 
     ``feed(items)`` is given the PDV items of each received P-DATA-TF; it returns the items it
     did not take (all of them when pynetdicom must handle the PDU), which the caller hands to
-    pynetdicom as usual. ``stores`` counts the C-STOREs served here."""
+    pynetdicom as usual."""
 
     def __init__(self, dul: Any, handler: Callable[[Any], int]):
         self.dul = dul
         self.handler = handler
-        self.stores = 0
         self._command: StoreCommand | None = None
         self._request_primitive: C_STORE | None = None
         self._context: Any = None
@@ -212,7 +211,6 @@ class DirectStore:
         except Exception:  # noqa: BLE001 - as pynetdicom: the peer gets 0xC211
             log.exception("store_handler_error", sop_instance_uid=command.sop_instance_uid)
             status = HANDLER_ERROR
-        self.stores += 1
         if not assoc.is_established:  # aborted meanwhile (e.g. shutdown): nothing to answer
             return
         self.dul.socket.send(encode_store_response(context.context_id, command.message_id,

@@ -1,6 +1,8 @@
 """CT dose and noise physics per slice: patient outline, water-equivalent diameter, SSDE, global noise.
 
-Pure numpy/scipy and fast (a few ms on a 512x512 slice), so the worker can call it for every slice.
+Pure numpy/scipy and cheap enough for the worker to call on every slice: on a 512x512 slice about
+15 ms for the noise level and 12-18 ms for the outline and water-equivalent diameter on the slow 2-core
+host of 2026-12-01 (the model takes about 25 ms a slice there).
 
 - ``patient_mask``: the patient outline with the table removed (threshold, opening, largest
   connected component, holes filled).
