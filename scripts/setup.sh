@@ -13,7 +13,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extras=""
 [ "$want_test" = 1 ] && extras="[test]"
-stamp=".venv/.qcnode-installed$( [ "$want_test" = 1 ] && echo -test)"
+stamp=".venv/.qcnode-installed"
+if [ "$want_test" = 1 ]; then
+  stamp="$stamp-test"
+fi
 sum=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sum" ]; then
   echo "[setup] installing qcnode$extras into .venv (first time: torch is a large download)"
