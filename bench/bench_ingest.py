@@ -21,7 +21,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from bench_reference_scp import prepare, run_once as run_reference  # noqa: E402 - same slices as the reference
+from bench_reference_scp import describe, prepare, run_once as run_reference  # noqa: E402 - same slices as the reference
 from conftest import SHARED_CT, free_port  # noqa: E402
 from daemon_helpers import (STORESCU, checkpoint_for_tests, copy_series, serve_process, stop_process,  # noqa: E402
                             storescu, wait_for, wait_port, write_config)
@@ -128,9 +128,7 @@ def main() -> int:
         groups = prepare(tmp, args.slices, args.parallel)
         if args.reference:
             (tmp / "reference").mkdir()
-            n, dt, cpu = run_reference(groups, tmp / "reference")
-            print(f"reference (bare pynetdicom, write only, no fsync or database): {n} slices in {dt:.2f} s "
-                  f"= {n / dt:.0f} slices/s; SCP CPU {cpu * 1000 / max(n, 1):.1f} ms/slice", flush=True)
+            print(describe(*run_reference(groups, tmp / "reference")), flush=True)
         warm = copy_series(SHARED_CT / "ge_head", tmp / "warm")
         port = free_port()
         extra = {"series": {"stable_seconds": 0.5}, "logging": {"level": "warning"}}

@@ -19,7 +19,8 @@ from sqlalchemy import func, select
 
 from daemon_helpers import copy_series, storescu
 from qcnode.db.models import Instance
-from qcnode.dicom.direct_store import encode_store_response, parse_store_command
+from qcnode.dicom.direct_store import (StoreCommand, _store_response_size, encode_store_response,
+                                         parse_store_command)
 from test_scp import start_node  # noqa: F401 - the fixture
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -63,6 +64,8 @@ def test_store_response_matches_pynetdicoms_encoder(status, sop_uid):
     pdu = P_DATA_TF()
     pdu.from_primitive(pdata)
     assert encode_store_response(5, 65535, CT, sop_uid, status) == pdu.encode()
+    # the size checked against the peer's maximum PDU before a C-STORE is taken, computed without encoding
+    assert _store_response_size(StoreCommand(65535, CT, sop_uid, 2, True)) == len(pdu.encode())
 
 
 @pytest.mark.parametrize("move_ae", [None, "MOVER"])

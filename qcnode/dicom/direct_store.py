@@ -122,6 +122,12 @@ def encode_store_response(context_id: int, message_id: int, sop_class_uid: str, 
     return struct.pack(">BBL", 0x04, 0x00, len(pdv)) + pdv
 
 
+def _store_response_size(command: StoreCommand) -> int:
+    """Bytes of the C-STORE-RSP P-DATA-TF PDU for ``command`` (whatever its status), without encoding it:
+    the PDU and PDV headers (12), the group length (12), four 2-byte elements (40) and the two UIDs."""
+    return 64 + sum(8 + len(_uid_value(uid)) for uid in (command.sop_class_uid, command.sop_instance_uid))
+
+
 class DirectStore:
     """Serves plain C-STORE-RQs of one acceptor association inside its DUL thread.
 
@@ -172,9 +178,7 @@ class DirectStore:
         if uid_to_service_class(command.sop_class_uid) is not StorageServiceClass:
             return False
         maximum = assoc.requestor.maximum_length
-        response_size = len(encode_store_response(context_id, command.message_id, command.sop_class_uid,
-                                                  command.sop_instance_uid, 0))
-        if maximum and response_size > maximum:
+        if maximum and _store_response_size(command) > maximum:
             return False
         try:
             request = self._request(command)  # the UIDs must pass pynetdicom's validation, as there
