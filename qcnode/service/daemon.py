@@ -23,6 +23,7 @@ from qcnode.db.engine import alembic_config, make_engine, session_factory, upgra
 from qcnode.dicom.series import run_tracker as run_tracker_loop
 from qcnode.dicom.spool import Spool
 from qcnode.log import configure_logging, get_logger
+from qcnode.service.memory import keep_freed_buffers
 
 log = get_logger("qcnode.daemon")
 
@@ -113,14 +114,16 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
     """
     os.umask(0o077)  # database, spool, quarantine, logs: owner-only (0600 files, 0700 folders)
     _fast_dicom_reading()
-    if run_scp:
-        # many association threads hand work to each other (reactor -> handler -> group-commit writer):
-        # a 1 ms GIL switch interval (Python's default is 5 ms) cut receive latency, +15-20 % slices/s
-        sys.setswitchinterval(SCP_GIL_SWITCH_INTERVAL_S)
     configure_logging(cfg.logging.level, cfg.path(cfg.logging.file) if cfg.logging.file else None)
     run_worker = cfg.worker.enabled if run_worker is None else run_worker
     worker_process = cfg.worker.separate_process if worker_process is None else worker_process
     child_worker = bool(run_scp and run_worker and worker_process)
+    if run_scp:
+        # many association threads hand work to each other (reactor -> handler -> group-commit writer):
+        # a 1 ms GIL switch interval (Python's default is 5 ms) cut receive latency, +15-20 % slices/s
+        sys.setswitchinterval(SCP_GIL_SWITCH_INTERVAL_S)
+        if not run_worker or child_worker:  # scoring in this process would be slower with them
+            log.debug("malloc_thresholds", set=keep_freed_buffers())
     n_scp = (scp_processes if scp_processes is not None else _scp_process_count(cfg)) if run_scp else 0
     stop = stop or threading.Event()
     url = cfg.database_url
