@@ -5,6 +5,9 @@ transaction (the worker commits it with the result). ``OutboxSender.run_once`` c
 with a lease (``qcnode.db.queue.claim_rows``: FOR UPDATE SKIP LOCKED on PostgreSQL, BEGIN
 IMMEDIATE on SQLite), sends them with the C-STORE SCU and records the outcome: ``delivered``,
 or back to ``pending`` with exponential back-off, or ``dead`` after ``outbox.max_attempts``.
+The lease is renewed while a send runs (``LeaseKeeper``), so a slow destination never gets the
+same payload twice. A delivery whose series has since received new instances is not sent: it is
+marked ``superseded`` (the next round's result brings its own SR and routing by its own verdict).
 Status lives in SQL: ``SELECT destination, kind, status, attempts, last_error FROM deliveries``.
 """
 from __future__ import annotations
@@ -18,8 +21,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from qcnode.config import Config, Destination
-from qcnode.db.models import Delivery, Instance, SeriesResult, utcnow
-from qcnode.db.queue import claim_rows
+from qcnode.db.models import Delivery, Instance, Series, SeriesResult, utcnow
+from qcnode.db.queue import LeaseKeeper, claim_rows
 from qcnode.dicom.scu import DeliveryError, send_datasets
 from qcnode.log import get_logger
 
@@ -28,6 +31,7 @@ log = get_logger(__name__)
 KIND_SR = "sr"
 KIND_SERIES = "series"
 SENDING = "sending"
+SUPERSEDED = "superseded"
 
 
 def payload_kinds(destination: Destination, verdict: str) -> list[str]:
@@ -69,7 +73,7 @@ def enqueue(session: Session, series_result: SeriesResult, cfg: Config) -> list[
 
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
     """Delay before the next try after ``attempts`` failed tries: initial * 2**(attempts-1), capped."""
-    return float(min(initial * 2 ** max(attempts - 1, 0), maximum))
+    return float(min(initial * 2.0 ** min(max(attempts - 1, 0), 64), maximum))
 
 
 class OutboxSender:
@@ -100,10 +104,14 @@ class OutboxSender:
             return claimed
 
     # -- payloads ---------------------------------------------------------------------------
-    def _payload(self, session: Session, kind: str, series_result_id: int) -> list[Path]:
+    def _payload(self, session: Session, kind: str, series_result_id: int) -> list[Path] | None:
+        """Files to send; None when the result is superseded (its series received new instances)."""
         result = session.get(SeriesResult, series_result_id)
         if result is None:
             raise DeliveryError(f"series result {series_result_id} no longer exists")
+        series = session.get(Series, result.series_id)
+        if series is not None and (series.version != result.version or series.status == "receiving"):
+            return None
         if kind == KIND_SR:
             if not result.sr_path:
                 raise DeliveryError(f"series result {series_result_id} has no SR file yet")
@@ -117,20 +125,25 @@ class OutboxSender:
         raise DeliveryError(f"unknown delivery kind {kind!r}")
 
     # -- one delivery -----------------------------------------------------------------------
-    def _finish(self, delivery_id: int, error: str | None, dead: bool = False) -> dict[str, Any]:
+    def _finish(self, delivery_id: int, error: str | None, dead: bool = False,
+                superseded: bool = False) -> dict[str, Any]:
         """Record the outcome if we still hold the lease; returns fields for the log line."""
         with self.session_factory() as session:
-            d = session.get(Delivery, delivery_id)
+            d = session.get(Delivery, delivery_id, with_for_update=True)
             if d is None or d.lease_owner != self.owner or d.status != SENDING:
                 session.commit()
                 return {"outcome": "lease_lost"}
             d.lease_owner = None
             d.lease_expires_at = None
-            if error is None:
+            if superseded:
+                d.status = SUPERSEDED
+                d.last_error = "not sent: the series received new instances; the next result is sent instead"
+                info: dict[str, Any] = {"outcome": SUPERSEDED}
+            elif error is None:
                 d.status = "delivered"
                 d.delivered_at = utcnow()
                 d.last_error = None
-                info: dict[str, Any] = {"outcome": "delivered"}
+                info = {"outcome": "delivered"}
             else:
                 d.last_error = error[:4000]
                 if dead or d.attempts >= self.cfg.outbox.max_attempts:
@@ -151,7 +164,7 @@ class OutboxSender:
                   "series_result_id": series_result_id, "attempt": attempts}
         dest = self.destinations.get(dest_name)
         error: str | None = None
-        dead = False
+        dead = superseded = False
         n = 0
         if dest is None:
             error, dead = f"destination {dest_name!r} is no longer configured", True
@@ -161,14 +174,19 @@ class OutboxSender:
             try:
                 with self.session_factory() as session:
                     paths = self._payload(session, kind, series_result_id)
-                n = len(paths)
-                send_datasets(dest, paths, self.cfg.node.ae_title, self.cfg.outbox.send_timeout_seconds,
-                              base_dir=self.cfg.base_dir)
+                if paths is None:
+                    superseded = True
+                else:
+                    n = len(paths)
+                    with LeaseKeeper(self.session_factory, Delivery, delivery_id, self.owner,
+                                     self.cfg.outbox.lease_seconds):
+                        send_datasets(dest, paths, self.cfg.node.ae_title, self.cfg.outbox.send_timeout_seconds,
+                                      base_dir=self.cfg.base_dir)
             except DeliveryError as exc:
                 error = str(exc)
             except Exception as exc:  # noqa: BLE001 - any failure is recorded, never lost
                 error = f"{type(exc).__name__}: {exc}"
-        info = self._finish(delivery_id, error, dead)
+        info = self._finish(delivery_id, error, dead, superseded)
         if error is None:
             log.info("delivery_attempt", **fields, instances=n, **info)
         else:

@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session
 from qcnode.activity import Pacer, open_activity
 from qcnode.config import Config, VerdictConfig
 from qcnode.db.models import (DoseReport, Instance, Job, Series, SeriesResult, SliceScore, Study)
-from qcnode.db.queue import (JOB_SCORE_SERIES, as_utc, claim_job, complete_job, fail_job, make_owner,
-                             release_dead_local_leases, renew_lease)
+from qcnode.db.queue import (JOB_SCORE_SERIES, LeaseKeeper, LeaseLost, as_utc, claim_job, complete_job, fail_job,
+                             make_owner, release_dead_local_leases)
 from qcnode.dicom.pixels import SkipSlice, UnreadableFile, iter_slices, read_dataset
 from qcnode.dicom.spool import Spool
 from qcnode.log import get_logger
@@ -158,18 +158,22 @@ class Worker:
                 return False
             job_id, attempts = job.id, job.attempts
         try:
-            self.process(job_id)
+            with LeaseKeeper(self.session_factory, Job, job_id, self.owner, w.lease_seconds) as lease:
+                self.process(job_id, lease)
+        except LeaseLost:  # another worker runs this job now: leave it alone
+            log.warning("job_abandoned", job_id=job_id, attempt=attempts, reason="lease lost")
         except Exception as exc:  # noqa: BLE001 - recorded on the job; retried with back-off
             err = f"{type(exc).__name__}: {exc}"
             with self.session_factory() as s:
                 status = fail_job(s, job_id, err + "\n" + traceback.format_exc(limit=5), w.max_attempts,
-                                  retry_delay_seconds=min(2.0 ** attempts, 300.0))
+                                  retry_delay_seconds=min(2.0 ** min(attempts, 16), 300.0), owner=self.owner)
             log.error("job_failed", job_id=job_id, attempt=attempts, status=status, error=err)
         return True
 
     # ---- one job -------------------------------------------------------------------------------
-    def process(self, job_id: int) -> None:
-        """Score the series of ``job_id`` and commit its results (idempotent)."""
+    def process(self, job_id: int, lease: LeaseKeeper | None = None) -> None:
+        """Score the series of ``job_id`` and commit its results (idempotent). ``lease`` (kept by
+        the caller) is checked between chunks and before the results are stored."""
         with self.session_factory() as s:
             job = s.get(Job, job_id)
             series = s.get(Series, job.series_id)
@@ -246,16 +250,16 @@ class Worker:
                     res.ssde.append(ssde)
                     res.frames.append(frame)
                     self.pacer.pace()
-            with self.session_factory() as s:
-                if not renew_lease(s, Job, job_id, self.owner, self.cfg.worker.lease_seconds):
-                    log.warning("lease_lost", job_id=job_id)
-                s.commit()
+            if lease is not None:
+                lease.check()
         n_skipped += len(newly_skipped)
         results = [r for r in results if r.scores]
         if not results:
             self._finish_without_result(job_id, ctx["series_id"], version, "no slice could be scored",
                                         newly_skipped)
             return
+        if lease is not None:
+            lease.check()
         self._store(job_id, version, ctx, scorer, results, headers, n_skipped, newly_skipped, dlp)
 
     def _slices_for_sr(self, results: list[_InstanceResult]) -> list[dict[str, Any]]:
@@ -286,10 +290,24 @@ class Worker:
         sr = build_series_sr(headers, slices, summary, model_info, version, content_datetime=ctx["created_at"])
         sr_uid = str(sr.SOPInstanceUID)
         sr_rel = Spool.sr_relpath(ctx["study_uid"], ctx["series_uid"], sr_uid)
-        self.spool.write(sr_rel, sr_bytes(sr))
         all_noise = [x for r in results for x in r.noise]
         with self.session_factory() as s:
             job = s.get(Job, job_id)
+            # first (it locks the series row): an instance that arrived while this round was being
+            # scored has reopened the series, and the next round, not this one, gets delivered
+            if s.execute(update(Series).where(Series.id == ctx["series_id"], Series.version == version,
+                                              Series.status == "stable").values(status="scored")).rowcount != 1:
+                s.rollback()
+                stored = s.scalar(select(SeriesResult.id).where(SeriesResult.series_id == ctx["series_id"],
+                                                                SeriesResult.version == version))
+                complete_job(s, s.get(Job, job_id), note="result already stored by another worker" if stored
+                             else "superseded: the series received new instances")
+                s.commit()
+                if stored is None:
+                    log.info("job_superseded", job_id=job_id, series_id=ctx["series_id"], version=version,
+                             stage="after scoring")
+                return
+            self.spool.write(sr_rel, sr_bytes(sr))  # only the round that is stored writes its SR
             try:
                 result = SeriesResult(
                     series_id=ctx["series_id"], version=version, model_version=model_version,
@@ -313,8 +331,6 @@ class Worker:
                 self._mark_skipped(s, newly_skipped)
                 outbox.enqueue(s, result, self.cfg)
                 complete_job(s, job)
-                s.execute(update(Series).where(Series.id == ctx["series_id"], Series.version == version,
-                                               Series.status == "stable").values(status="scored"))
                 s.commit()
             except IntegrityError:  # another worker stored this round first (our lease had expired)
                 s.rollback()

@@ -155,10 +155,12 @@ def echoscu(port: int, aet: str = "ECHOSCU") -> subprocess.CompletedProcess:
 class Destination:
     """A pynetdicom Storage SCP on 127.0.0.1 that keeps every received dataset (a test PACS)."""
 
-    def __init__(self, port: int, ae_title: str = "DEST"):
+    def __init__(self, port: int, ae_title: str = "DEST", delay_s: float = 0.0):
+        """``delay_s``: how long each C-STORE takes here (a slow PACS)."""
         from pynetdicom import AE, AllStoragePresentationContexts, evt
         self.port = port
         self.ae_title = ae_title
+        self.delay_s = delay_s
         self.received: list[pydicom.Dataset] = []
         self._lock = threading.Lock()
         self._ae = AE(ae_title=ae_title)
@@ -168,6 +170,8 @@ class Destination:
         self._server = None
 
     def _on_store(self, event: Any) -> int:
+        if self.delay_s:
+            time.sleep(self.delay_s)
         ds = event.dataset
         ds.file_meta = event.file_meta
         with self._lock:

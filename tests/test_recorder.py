@@ -2,6 +2,7 @@
 of a bad record, idempotent resends. Real SQLite database migrated with Alembic."""
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 import threading
 import time
@@ -12,6 +13,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from qcnode.db.engine import make_engine, session_factory, upgrade
+from qcnode.db.queue import as_utc
 from qcnode.db.models import Instance, Series, Study, utcnow
 from qcnode.dicom.recorder import InstanceRecorder, PendingInstance
 
@@ -156,3 +158,21 @@ def test_sqlite_commits_are_power_loss_durable(db):
     with sf() as s:
         assert s.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
         assert s.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_newest_arrival_never_moves_back(db, tmp_path):
+    """Receiving processes commit in any order: a batch received earlier but committed later (e.g.
+    after a lock wait) must not move the series' last arrival back, or the tracker would call the
+    series quiet too early."""
+    _, sf = db
+    rec = InstanceRecorder(sf)
+    study, series = generate_uid(), generate_uid()
+    later = _pending(study, series, sync_dir=tmp_path)
+    earlier = _pending(study, series, sync_dir=tmp_path)
+    earlier.received_at = later.received_at - dt.timedelta(seconds=30)
+    rec.record(later)
+    rec.record(earlier)
+    with sf() as s:
+        assert as_utc(s.scalar(select(Series.last_received_at))) == later.received_at
+        assert s.scalar(select(Series.instance_count)) == 2
+    rec.close()

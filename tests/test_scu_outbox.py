@@ -108,7 +108,8 @@ def _seed(cfg: Config, ct_files: list[Path], verdict: str = "FAIL", version: int
     write_sr(sr, spool / sr_rel)
     with sf() as s:
         study = Study(study_instance_uid=str(headers[0].StudyInstanceUID))
-        series = Series(series_instance_uid=str(headers[0].SeriesInstanceUID), study=study)
+        series = Series(series_instance_uid=str(headers[0].SeriesInstanceUID), study=study,
+                        status="scored", version=version)  # as the worker leaves it
         s.add_all([study, series])
         s.flush()
         for f, h in zip(ct_files, headers):

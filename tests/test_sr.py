@@ -1,6 +1,7 @@
 """The per-series DICOM SR (highdicom TID 1500): content, read-back, determinism, bad input."""
 from __future__ import annotations
 
+import datetime as dt
 import copy
 import shutil
 import subprocess
@@ -148,3 +149,14 @@ def test_sr_needs_slices_and_model(ge_headers):
     slices = slice_scores(ge_headers[:1])
     with pytest.raises(SRBuildError, match="name and a version"):
         build_series_sr(ge_headers[:1], slices, summary_for(slices), {"name": "x"}, 1)
+
+
+def test_sr_times_are_marked_utc(ge_headers, tmp_path):
+    """DICOM reads dates and times without an offset as local time: the SR says they are UTC, and a
+    content time given in another zone is converted."""
+    cest = dt.timezone(dt.timedelta(hours=2))
+    sr, _ = _build(ge_headers[:2], when=dt.datetime(2026, 6, 1, 1, 30, tzinfo=cest))
+    back = pydicom.dcmread(write_sr(sr, tmp_path / "sr.dcm"))
+    assert back.TimezoneOffsetFromUTC == "+0000"
+    assert (back.ContentDate, back.ContentTime[:4]) == ("20260531", "2330")
+    assert (back.InstanceCreationDate, back.InstanceCreationTime) == (back.ContentDate, back.ContentTime)

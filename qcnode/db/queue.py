@@ -12,8 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
+import threading
 import uuid
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import psutil
 from sqlalchemy import and_, or_, select, update
@@ -21,6 +22,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from qcnode.db.models import Job, utcnow
+from qcnode.log import get_logger
+
+log = get_logger("qcnode.queue")
 
 T = TypeVar("T")
 
@@ -28,8 +32,17 @@ JOB_SCORE_SERIES = "score_series"
 
 
 def make_owner(role: str) -> str:
-    """A lease owner id ``host:pid:role:random`` (the pid lets a restart release dead leases)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{role}:{uuid.uuid4().hex[:8]}"
+    """A lease owner id ``host:pid:role:random:start`` (pid and process start time let a restart
+    release dead leases, also when the new process got the old pid, as in a restarted container)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{role}:{uuid.uuid4().hex[:8]}:{_start_time(os.getpid())}"
+
+
+def _start_time(pid: int) -> int | None:
+    """When process ``pid`` started (centiseconds since the epoch), None if it does not exist."""
+    try:
+        return round(psutil.Process(pid).create_time() * 100)
+    except psutil.Error:
+        return None
 
 
 def as_utc(value: dt.datetime | None) -> dt.datetime | None:
@@ -75,12 +88,68 @@ def renew_lease(session: Session, model: type, row_id: int, owner: str, lease_se
     return res.rowcount == 1
 
 
-def _pid_alive(pid: int) -> bool:
-    """True when process ``pid`` exists and is not a zombie (a killed child not yet reaped)."""
+class LeaseLost(Exception):
+    """Another owner holds the row now (our lease expired): stop working on it, record nothing."""
+
+
+class LeaseKeeper:
+    """Keeps the lease of a claimed row while the work on it runs: a thread renews it every third of
+    ``lease_seconds``, so a long job or a slow send never outlives its lease and gets claimed
+    twice. ``lost`` turns True once a renewal finds the row in another owner's hands; ``check()``
+    then raises LeaseLost. Use as a context manager around the work."""
+
+    def __init__(self, session_factory: Callable[[], Session], model: type, row_id: int, owner: str,
+                 lease_seconds: float):
+        self.session_factory = session_factory
+        self.model = model
+        self.row_id = row_id
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{model.__name__}-{row_id}", daemon=True)
+
+    def __enter__(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def check(self) -> None:
+        """Raise LeaseLost if another owner took the row."""
+        if self.lost:
+            raise LeaseLost(f"{self.model.__name__} {self.row_id}: lease taken over by another owner")
+
+    def _run(self) -> None:
+        while not self._stop.wait(max(self.lease_seconds / 3.0, 0.05)):
+            try:
+                with self.session_factory() as session:
+                    held = renew_lease(session, self.model, self.row_id, self.owner, self.lease_seconds)
+                    session.commit()
+            except Exception as exc:  # noqa: BLE001 - a DB hiccup: try again at the next tick
+                log.warning("lease_renewal_failed", table=self.model.__name__, row_id=self.row_id,
+                            error=f"{type(exc).__name__}: {exc}")
+                continue
+            if not held:
+                self.lost = True
+                log.warning("lease_lost", table=self.model.__name__, row_id=self.row_id)
+                return
+
+
+def _owner_alive(lease_owner: str) -> bool:
+    """True when the local process that took this lease still runs: its pid exists, is not a zombie
+    (a killed child not yet reaped) and, where the owner id records it, started when it did."""
+    parts = str(lease_owner).split(":")
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
+        pid = int(parts[1])
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return False
+    except (IndexError, ValueError, psutil.Error):
         return False
+    started = parts[4] if len(parts) > 4 else ""
+    return not started.isdigit() or abs(int(started) - (_start_time(pid) or -10**12)) <= 1
 
 
 def release_dead_local_leases(session: Session, model: type, running_status: str = "running") -> int:
@@ -92,11 +161,7 @@ def release_dead_local_leases(session: Session, model: type, running_status: str
         m.status == running_status, m.lease_owner.like(host + "%"))).all()
     dead = []
     for row_id, lease_owner in rows:
-        try:
-            pid = int(str(lease_owner).split(":")[1])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if not _owner_alive(lease_owner):
             dead.append(row_id)
     if dead:
         session.execute(update(model).where(m.id.in_(dead)).values(lease_expires_at=utcnow()
@@ -156,14 +221,20 @@ def complete_job(session: Session, job: Job, note: str | None = None) -> None:
 
 
 def fail_job(session: Session, job_id: int, error: str, max_attempts: int,
-             retry_delay_seconds: float) -> str:
+             retry_delay_seconds: float, owner: str | None = None) -> str:
     """Record a failed attempt: back to pending after a delay, or ``failed`` after max_attempts.
 
+    With ``owner``, only while that owner still holds the job (a worker whose lease expired must
+    not reset the job another worker runs now): else nothing changes and "lease_lost" is returned.
     Commits. Returns the new status.
     """
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id, with_for_update=True)
     if job is None:
+        session.commit()
         return "missing"
+    if owner is not None and job.lease_owner != owner:
+        session.commit()
+        return "lease_lost"
     job.last_error = error[:4000]
     job.lease_owner = None
     job.lease_expires_at = None

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy import Connection, bindparam, case, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -61,9 +61,13 @@ class PendingInstance:
 
 _INSTANCES = Instance.__table__
 _SERIES = Series.__table__
-# the series touched by a batch: receiving again, newest arrival, instance count
+# the series touched by a batch: receiving again, newest arrival (never earlier than one another
+# receiving process committed first), instance count
+_WHEN = bindparam("when", type_=_SERIES.c.last_received_at.type)
+_NEWEST_ARRIVAL = case((or_(_SERIES.c.last_received_at.is_(None), _SERIES.c.last_received_at < _WHEN), _WHEN),
+                       else_=_SERIES.c.last_received_at)
 _TOUCH_SERIES = (update(_SERIES).where(_SERIES.c.id == bindparam("sid"))
-                 .values(status="receiving", last_received_at=bindparam("when"),
+                 .values(status="receiving", last_received_at=_NEWEST_ARRIVAL,
                          instance_count=select(func.count(_INSTANCES.c.id))
                          .where(_INSTANCES.c.series_id == bindparam("sid")).scalar_subquery()))
 

@@ -157,6 +157,8 @@ def build_series_sr(source_headers: Sequence[Dataset], slices: Sequence[dict[str
     if not name or not version:
         raise SRBuildError("model_info needs a name and a version")
     when = content_datetime or dt.datetime.now(dt.timezone.utc)
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.timezone.utc)  # naive values are taken as UTC already
 
     headers = {str(h.SOPInstanceUID): _evidence_header(h) for h in source_headers}
     first = headers[str(source_headers[0].SOPInstanceUID)]
@@ -247,6 +249,7 @@ def build_series_sr(source_headers: Sequence[Dataset], slices: Sequence[dict[str
     # highdicom stamps its own creation times with now(): pin them for byte-identical retries
     sr.InstanceCreationDate = sr.ContentDate
     sr.InstanceCreationTime = sr.ContentTime
+    sr.TimezoneOffsetFromUTC = "+0000"  # every date and time above is UTC (DICOM's default is local time)
     for item in sr.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = str(sr.ContentDate) + str(sr.ContentTime)
