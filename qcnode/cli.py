@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from qcnode.config import ConfigError
+
 # Each module has ``register(subparsers)``; it must not import torch at module level.
 COMMAND_MODULES = (
     "qcnode.iqa.sim_commands",  # simulate
@@ -38,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except ConfigError as exc:  # any command: one line, no traceback
+        name = " ".join(n for n in (args.command, getattr(args, "db_command", None)) if n)
+        print(f"qcnode {name}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

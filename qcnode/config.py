@@ -1,13 +1,17 @@
 """Configuration: one TOML file (``config.toml``), every key with a default.
 
-Relative paths in the file are resolved against the directory of the file.
+Relative paths in the file are resolved against the directory of the file; the default
+``model.checkpoint`` (when neither the file nor the environment sets it) is the shipped model.
 Environment variables ``QCNODE__SECTION__KEY=value`` override single keys
-(for example ``QCNODE__STORAGE__DATABASE_URL=postgresql://...``); values are
-parsed as TOML scalars when possible, else taken as strings.
+(for example ``QCNODE__STORAGE__DATABASE_URL=postgresql://...``): a string key takes the value as
+it is, a list key a TOML array or a comma-separated list, other keys a TOML value (``true``, ``8``).
+The array sections (``[[destinations]]``, ``[[audit.reference_levels]]``) cannot be overridden.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -15,6 +19,9 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config.toml"
+DEFAULT_CHECKPOINT = PROJECT_ROOT / "models" / "mdiqa-default.pt"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DEVICE_RE = re.compile(r"cpu|mps|cuda(:\d+)?")  # what torch's .to(device) takes here
 
 
 class ConfigError(ValueError):
@@ -57,7 +64,7 @@ class SeriesConfig:
 
 @dataclass
 class ModelConfig:
-    checkpoint: str = "models/mdiqa-default.pt"
+    checkpoint: str = str(DEFAULT_CHECKPOINT)
     batch_size: int = 16
     device: str = "cpu"
     threads: int = 0
@@ -180,7 +187,10 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         if key in _LIST_TYPES:
             if not isinstance(value, list):
                 raise ConfigError(f"{where}{key} must be an array of tables")
-            kwargs[key] = [_build(_LIST_TYPES[key], v, f"{where}{key}[].") for v in value]
+            for i, item in enumerate(value):
+                if not isinstance(item, dict):
+                    raise ConfigError(f"{where}{key}[{i}] must be a table, got {item!r}")
+            kwargs[key] = [_build(_LIST_TYPES[key], v, f"{where}{key}[{i}].") for i, v in enumerate(value)]
         elif is_dataclass(default):
             if not isinstance(value, dict):
                 raise ConfigError(f"[{where}{key}] must be a table")
@@ -215,6 +225,7 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
 
 
 def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> None:
+    defaults = Config()
     for key, raw in environ.items():
         if not key.startswith("QCNODE__"):
             continue
@@ -222,11 +233,28 @@ def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> None:
         if len(parts) != 2:
             raise ConfigError(f"environment override {key} must be QCNODE__SECTION__KEY")
         section, name = parts
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
-        data.setdefault(section, {})[name] = value
+        table_default = getattr(defaults, section, None)
+        default = getattr(table_default, name, None)
+        if isinstance(table_default, list) or (name in _LIST_TYPES and default is not None):
+            where = section if section in _LIST_TYPES else f"{section}.{name}"
+            raise ConfigError(f"{where} cannot be overridden from the environment ({key}); edit the file")
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        table[name] = _env_value(raw, default)
+
+
+def _env_value(raw: str, default: Any) -> Any:
+    """An env string as the type of ``default``: strings verbatim, lists also comma-separated."""
+    if isinstance(default, str):
+        return raw
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    if isinstance(default, list) and not isinstance(value, list):
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    return value
 
 
 def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
@@ -238,7 +266,7 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     if cfg_path.is_file():
         try:
             data = tomllib.loads(cfg_path.read_text())
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{cfg_path}: {exc}") from exc
     _env_overrides(data, dict(os.environ) if environ is None else environ)
     cfg = _build(Config, data, "")
@@ -247,31 +275,69 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     return cfg
 
 
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _is_ae_title(value: Any) -> bool:
+    return isinstance(value, str) and 1 <= len(value.strip()) <= 16
+
+
+def _is_network(value: Any) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return isinstance(value, str)
+
+
 def _validate(cfg: Config) -> None:
-    if not (1 <= len(cfg.node.ae_title) <= 16):
-        raise ConfigError("node.ae_title must be 1-16 characters")
-    if not (0 < cfg.node.port < 65536):
-        raise ConfigError("node.port must be 1-65535")
-    if not 0 <= cfg.node.scp_processes <= 64:
-        raise ConfigError("node.scp_processes must be 0 (one per CPU core) to 64")
-    if cfg.node.max_pdu_size != 0 and cfg.node.max_pdu_size < 4096:
-        raise ConfigError("node.max_pdu_size must be 0 (unlimited) or at least 4096 bytes")
+    node, outbox, v = cfg.node, cfg.outbox, cfg.verdict
+    _check(_is_ae_title(node.ae_title), "node.ae_title must be 1-16 characters")
+    _check(0 < node.port < 65536, "node.port must be 1-65535")
+    _check(node.max_associations >= 1, "node.max_associations must be at least 1")
+    _check(0 <= node.scp_processes <= 64, "node.scp_processes must be 0 (one per CPU core) to 64")
+    _check(node.max_pdu_size == 0 or node.max_pdu_size >= 4096,
+           "node.max_pdu_size must be 0 (unlimited) or at least 4096 bytes")
+    for a in node.allowed_ae_titles:
+        _check(_is_ae_title(a), f"node.allowed_ae_titles: {a!r} is not a 1-16 character AE title")
+    for n in node.allowed_ips:
+        _check(_is_network(n), f"node.allowed_ips: {n!r} is not an IP address or network (e.g. 10.0.0.0/8)")
+    _check(not node.tls_enabled or bool(node.tls_cert and node.tls_key),
+           "node.tls_enabled needs node.tls_cert and node.tls_key (PEM files)")
+    _check(cfg.series.stable_seconds >= 0, "series.stable_seconds must not be negative")
+    _check(cfg.model.batch_size >= 1, "model.batch_size must be at least 1")
+    _check(bool(DEVICE_RE.fullmatch(cfg.model.device)),
+           f"model.device must be cpu, cuda, cuda:N or mps, got {cfg.model.device!r}")
+    _check(v.warn_mean_below >= v.fail_mean_below,
+           "verdict.warn_mean_below must not be below verdict.fail_mean_below (WARN is the milder verdict)")
+    _check(v.warn_fraction_below <= v.fail_fraction_below,
+           "verdict.warn_fraction_below must not be above verdict.fail_fraction_below (WARN is the milder verdict)")
+    _check(cfg.worker.max_attempts >= 1, "worker.max_attempts must be at least 1")
+    _check(cfg.worker.lease_seconds > 0, "worker.lease_seconds must be positive")
+    _check(0.0 < cfg.worker.duty_while_receiving <= 1.0,
+           "worker.duty_while_receiving must be in (0, 1] (1 = never hold back)")
+    _check(cfg.worker.receiving_window_seconds >= 0, "worker.receiving_window_seconds must not be negative")
+    _check(1 <= outbox.max_attempts <= 100, "outbox.max_attempts must be 1-100")
+    _check(outbox.lease_seconds > 0, "outbox.lease_seconds must be positive")
+    _check(0 < outbox.backoff_initial_seconds <= outbox.backoff_max_seconds,
+           "outbox.backoff_initial_seconds and outbox.backoff_max_seconds must be positive, initial <= max")
+    _check(cfg.logging.level.lower() in LOG_LEVELS,
+           f"logging.level must be one of {', '.join(LOG_LEVELS)}, got {cfg.logging.level!r}")
     names = [d.name for d in cfg.destinations]
-    if len(set(names)) != len(names) or any(not n for n in names):
-        raise ConfigError("every [[destinations]] needs a unique, non-empty name")
+    _check(len(set(names)) == len(names) and all(names), "every [[destinations]] needs a unique, non-empty name")
     for d in cfg.destinations:
+        _check(_is_ae_title(d.ae_title), f"destination {d.name}: ae_title must be 1-16 characters")
+        _check(bool(d.host.strip()), f"destination {d.name}: host must not be empty")
+        _check(0 < d.port < 65536, f"destination {d.name}: port must be 1-65535")
         for rule in d.send:
-            if rule not in SEND_RULES:
-                raise ConfigError(f"destination {d.name}: unknown send rule {rule!r}; use one of {sorted(SEND_RULES)}")
+            _check(isinstance(rule, str) and rule in SEND_RULES,
+                   f"destination {d.name}: unknown send rule {rule!r}; use one of {sorted(SEND_RULES)}")
     hh, _, mm = cfg.audit.time_of_day.partition(":")
-    if not (hh.isdigit() and mm.isdigit() and 0 <= int(hh) < 24 and 0 <= int(mm) < 60):
-        raise ConfigError(f"audit.time_of_day must be HH:MM (24 h), got {cfg.audit.time_of_day!r}")
-    if cfg.audit.baseline_days < 1:
-        raise ConfigError("audit.baseline_days must be at least 1")
-    if not 0.0 < cfg.worker.duty_while_receiving <= 1.0:
-        raise ConfigError("worker.duty_while_receiving must be in (0, 1] (1 = never hold back)")
-    if cfg.worker.receiving_window_seconds < 0:
-        raise ConfigError("worker.receiving_window_seconds must not be negative")
+    _check(hh.isdigit() and mm.isdigit() and 0 <= int(hh) < 24 and 0 <= int(mm) < 60,
+           f"audit.time_of_day must be HH:MM (24 h), got {cfg.audit.time_of_day!r}")
+    _check(cfg.audit.baseline_days >= 1, "audit.baseline_days must be at least 1")
 
 
 SEND_RULES = {"sr", "series", "series:PASS", "series:WARN", "series:FAIL"}

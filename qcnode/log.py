@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Any, TextIO
 
 import structlog
+
+from qcnode.config import LOG_LEVELS, ConfigError
 
 # Normalised (lower-case, no separators) keys that are never written to a log line.
 PHI_KEYS = {"patientname", "patientid", "patientsname", "patientbirthdate", "patientbirthname",
@@ -20,8 +23,7 @@ PHI_KEYS = {"patientname", "patientid", "patientsname", "patientbirthdate", "pat
             "patient", "dataset", "ds"}
 REDACTED = "[redacted]"
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR, "critical": logging.CRITICAL}
+_LEVELS = {name: logging.getLevelName(name.upper()) for name in LOG_LEVELS}
 
 
 def _norm(key: str) -> str:
@@ -36,6 +38,26 @@ def redact_phi(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[s
     return event_dict
 
 
+# pydicom quotes element values in its warnings ("Invalid value for VR IS: 'SECRETID77'"), which
+# may be a patient's name or ID: in its records, and in captured warnings, quoted text is redacted.
+# Greedy, from the first to the last quote: a value holding a quote is still covered.
+_QUOTED = re.compile(r"'.*'|\".*\"", re.DOTALL)
+_QUOTE_REDACTED_LOGGERS = ("pydicom", "py.warnings")
+
+
+def redact_quoted_values(record: logging.LogRecord) -> bool:
+    """logging filter: in records of pydicom (and captured warnings) replace '...' / "..." with '<redacted>'."""
+    name = record.name
+    if name in _QUOTE_REDACTED_LOGGERS or name.startswith("pydicom."):
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string: redact the raw message
+            text = str(record.msg)
+        record.msg = _QUOTED.sub("'<redacted>'", text)
+        record.args = None
+    return True
+
+
 def _shared_processors() -> list[Any]:
     return [
         structlog.contextvars.merge_contextvars,
@@ -48,19 +70,26 @@ def _shared_processors() -> list[Any]:
 
 
 def configure_logging(level: str = "info", file: str | os.PathLike[str] | None = None) -> None:
-    """Configure structlog + stdlib logging to write JSON lines at ``level`` to stderr or ``file``."""
+    """Configure structlog + stdlib logging to write JSON lines at ``level`` to stderr or ``file``.
+
+    Raises ConfigError when ``file`` cannot be opened."""
     lvl = _LEVELS.get(str(level).lower())
     if lvl is None:
         raise ValueError(f"unknown log level {level!r}; use one of {sorted(_LEVELS)}")
     stream: TextIO
     if file:
         path = os.fspath(file)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"logging.file: cannot open {path}: {exc.strerror or exc}") from exc
         stream = os.fdopen(fd, "a", buffering=1)
     else:
         stream = sys.stderr
     handler = logging.StreamHandler(stream)
+    handler.addFilter(redact_quoted_values)  # pydicom's warnings quote element values (PHI)
+    logging.captureWarnings(True)  # warnings.warn (pydicom's too) through the handler, not raw to stderr
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_shared_processors(),
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
+from pathlib import Path
 
 
 def _date(value: str) -> dt.date:
@@ -41,6 +43,14 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     configure_logging(cfg.logging.level, cfg.path(cfg.logging.file) if cfg.logging.file else None)
     if args.since and args.until and args.since > args.until:
         print(f"qcnode audit: --since {args.since} is after --until {args.until}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else cfg.path(cfg.audit.out_dir)
+    try:  # before any work: an unusable report folder must not cost a run (and leave an error row)
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(f"not writable: {out}")
+    except OSError as exc:
+        print(f"qcnode audit: cannot write the report to {out}: {exc}", file=sys.stderr)
         return 2
     url = cfg.database_url
     upgrade(url)  # idempotent: makes sure the audit tables and views exist

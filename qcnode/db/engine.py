@@ -21,7 +21,7 @@ def make_engine(url: str) -> Engine:
     is still recorded after a power loss (NORMAL would only survive a crash of the process)."""
     if url.startswith("sqlite:///") and ":memory:" not in url:
         db_path = Path(url[len("sqlite:///"):])
-        db_path.parent.mkdir(parents=True, exist_ok=True)
+        db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not db_path.exists():
             fd = os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o600)
             os.close(fd)

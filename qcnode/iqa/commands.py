@@ -101,16 +101,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "score", help="score CT DICOM files or folders slice by slice",
-        description="Score every axial CT slice (0-4 with a 5-95 %% interval), grouped by series. Localizers, "
+        description="Score every axial CT slice (0-4 with a 5-95 % interval), grouped by series. Localizers, "
                     "non-axial images, non-CT objects and files without pixel data are skipped with a reason; "
                     "unreadable files are reported, never fatal. Exit 0 when the run completed, 2 for bad "
-                    "arguments, 1 when the model cannot be loaded.")
+                    "arguments, a bad config or an unwritable --out, 1 when the model cannot be loaded or "
+                    "the output cannot be written.")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="DICOM files or folders (recursive)")
     p.add_argument("--format", choices=("json", "csv"), default="json")
     p.add_argument("--model", type=Path, default=None,
                    help="checkpoint (default: [model] checkpoint of the config, i.e. models/mdiqa-default.pt)")
-    p.add_argument("--config", type=Path, default=None, help="config.toml (for the default model and batch size)")
-    p.add_argument("--out", type=Path, default=None, help="write results here instead of stdout")
+    p.add_argument("--config", type=Path, default=None,
+                   help="config.toml for the default model, batch size and threads (default: the project's "
+                        "config.toml; QCNODE__SECTION__KEY variables apply)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write results to this file instead of stdout (checked before scoring)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=run_score)
@@ -315,24 +319,39 @@ def _to_csv(doc: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot be written (None when it can): creates its folder, probes the file."""
+    if path.is_dir():
+        return f"{path} is a folder"
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        return f"cannot write {path}: {exc.strerror or exc}"
+    if not existed:
+        path.unlink()
+    return None
+
+
 def run_score(args: argparse.Namespace) -> int:
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         _err(f"qcnode score: path(s) not found: {', '.join(missing)}")
         return EXIT_ARGS
+    problem = _unwritable(args.out) if args.out else None
+    if problem:
+        _err(f"qcnode score: --out {problem}")
+        return EXIT_ARGS
     model_path, batch_size, threads = args.model, args.batch_size, args.threads
     if model_path is None or batch_size is None or threads is None:
-        try:
-            from qcnode.config import load_config
-            cfg = load_config(args.config)
-            if model_path is None:
-                model_path = Path(cfg.path(cfg.model.checkpoint))
-            batch_size = batch_size or cfg.model.batch_size
-            threads = cfg.model.threads if threads is None else threads
-        except Exception as exc:  # noqa: BLE001
-            if args.config is not None:
-                _err(f"qcnode score: cannot load config {args.config}: {exc}")
-                return EXIT_ARGS
+        from qcnode.config import load_config
+        cfg = load_config(args.config)  # a ConfigError ends the command with exit 2 (qcnode.cli.main)
+        if model_path is None:
+            model_path = cfg.path(cfg.model.checkpoint)
+        batch_size = batch_size or cfg.model.batch_size
+        threads = cfg.model.threads if threads is None else threads
     from qcnode.iqa.scorer import CheckpointError, Scorer
 
     try:
@@ -346,9 +365,12 @@ def run_score(args: argparse.Namespace) -> int:
         for e in doc["series"]:
             for s in e["skipped"]:
                 _err(f"skipped: {s['path']}: {s['reason']}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    else:
+    if not args.out:
         sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        args.out.write_text(text)
+    except OSError as exc:
+        _err(f"qcnode score: cannot write {args.out}: {exc.strerror or exc}")
+        return 1
     return EXIT_OK

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-from typing import Any
+import sys
+from typing import Any, Callable
 
 from qcnode.config import load_config
+
+Command = Callable[[argparse.Namespace], int]
 
 
 def register(subparsers: Any) -> None:
@@ -34,6 +38,30 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
+def _db_errors(name: str) -> Callable[[Command], Command]:
+    """Decorator: a migration error or an unusable database ends ``qcnode NAME`` with one line, exit 1."""
+    def wrap(func: Command) -> Command:
+        @functools.wraps(func)
+        def run(args: argparse.Namespace) -> int:
+            from alembic.util import CommandError
+            from sqlalchemy.exc import OperationalError
+            try:
+                return func(args)
+            except OperationalError as exc:
+                return _fail(name, f"cannot use the database: {exc.orig}")
+            except (CommandError, OSError) as exc:
+                return _fail(name, exc)
+        return run
+    return wrap
+
+
+def _fail(name: str, reason: object) -> int:
+    """Print the first line of ``reason`` as ``qcnode NAME: ...``; returns exit code 1."""
+    text = str(reason).strip() or type(reason).__name__
+    print(f"qcnode {name}: {text.splitlines()[0]}", file=sys.stderr)
+    return 1
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from qcnode.service.daemon import serve
     cfg = load_config(args.config)
@@ -44,6 +72,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(cfg, run_scp=run_scp, run_worker=run_worker)
 
 
+@_db_errors("db upgrade")
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     from qcnode.service.daemon import current_revision, migrate
     cfg = load_config(args.config)
@@ -52,6 +81,7 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+@_db_errors("db current")
 def _cmd_db_current(args: argparse.Namespace) -> int:
     from qcnode.service.daemon import current_revision, head_revision
     cfg = load_config(args.config)
@@ -124,6 +154,7 @@ def make_engine_url_safe(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+@_db_errors("status")
 def _cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     st = collect_status(cfg)

@@ -1,0 +1,230 @@
+"""Config loading, env overrides, validation, and one-line CLI errors (no tracebacks)."""
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qcnode.config import PROJECT_ROOT, ConfigError, load_config
+
+
+def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def db_config(tmp_path: Path, extra: str = "") -> Path:
+    """A valid config whose database and files live in ``tmp_path``."""
+    return write(tmp_path, f'[storage]\ndatabase_url = "sqlite:///{tmp_path}/var/q.db"\n{extra}')
+
+
+def qcnode(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("QCNODE__")}
+    return subprocess.run([sys.executable, "-m", "qcnode.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=PROJECT_ROOT, env={**clean, **(env or {})})
+
+
+def assert_one_line(r: subprocess.CompletedProcess, prefix: str, code: int = 2, text: str = "") -> None:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"qcnode {prefix}: ") and text in lines[0], r.stderr
+
+
+# ----------------------------------------------------------------------------- CLI (1, 5, 6)
+@pytest.mark.parametrize("name,args", [("status", []), ("serve", []), ("db upgrade", []), ("db current", []),
+                                       ("audit", []), ("score", [str(PROJECT_ROOT / "config.toml")])])
+def test_missing_config_is_one_line_exit_2(tmp_path, name, args):
+    r = qcnode(*name.split(), *args, "--config", str(tmp_path / "missing.toml"))
+    assert_one_line(r, name, text="config file not found")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("[node]\nae_title = \n", "Invalid value"),
+    ("[node]\nbogus = 1\n", "unknown config key node.bogus"),
+    ("[node]\nport = \"x\"\n", "node.port must be a number"),
+    ('destinations = ["a"]\n', "destinations[0] must be a table"),
+], ids=["malformed", "unknown", "type", "array"])
+def test_bad_config_status_one_line(tmp_path, text, expected):
+    assert_one_line(qcnode("status", "--config", str(write(tmp_path, text))), "status", text=expected)
+
+
+def test_bad_env_override_one_line(tmp_path):
+    r = qcnode("db", "current", "--config", str(db_config(tmp_path)), env={"QCNODE__DESTINATIONS__NAME": "x"})
+    assert_one_line(r, "db current", text="destinations cannot be overridden from the environment")
+
+
+def test_bad_revision_one_line(tmp_path):
+    r = qcnode("db", "upgrade", "--config", str(db_config(tmp_path)), "--revision", "bogus")
+    assert_one_line(r, "db upgrade", code=1, text="bogus")
+
+
+@pytest.mark.parametrize("cmd", [["status"], ["db", "current"], ["db", "upgrade"]], ids=" ".join)
+def test_unusable_database_one_line(tmp_path, cmd):
+    (tmp_path / "var" / "q.db").mkdir(parents=True)  # a folder where the SQLite file should be
+    r = qcnode(*cmd, "--config", str(db_config(tmp_path)))
+    assert_one_line(r, " ".join(cmd), code=1, text="database")
+
+
+def test_score_reports_broken_env_config():
+    r = qcnode("score", str(PROJECT_ROOT / "config.toml"), env={"QCNODE__MODEL__BATCH_SIZE": "abc"})
+    assert_one_line(r, "score", text="model.batch_size")
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+def test_score_out_checked_before_scoring(tmp_path, where):
+    (tmp_path / "file").write_text("")
+    out = tmp_path if where == "folder" else tmp_path / "file" / "out.json"
+    # a missing model would exit 1 when loaded: exit 2 shows --out is checked first
+    r = qcnode("score", str(PROJECT_ROOT / "config.toml"), "--model", str(tmp_path / "none.pt"), "--out", str(out))
+    assert_one_line(r, "score", text="--out")
+
+
+@pytest.mark.parametrize("cmd", [["audit"], ["serve"]])
+def test_unopenable_log_file_one_line(tmp_path, cmd):
+    (tmp_path / "file").write_text("")
+    cfg = db_config(tmp_path, f'[logging]\nfile = "{tmp_path}/file/qcnode.log"\n')
+    assert_one_line(qcnode(*cmd, "--config", str(cfg)), cmd[0], text="logging.file")
+
+
+def test_audit_out_checked_before_the_run(tmp_path):
+    (tmp_path / "file").write_text("")
+    cfg = db_config(tmp_path)
+    assert_one_line(qcnode("audit", "--config", str(cfg), "--out", str(tmp_path / "file" / "reports")), "audit",
+                    text="cannot write the report")
+    assert not (tmp_path / "var" / "q.db").exists()  # no run was started, so no error row either
+
+
+def test_score_help_percent():
+    r = qcnode("score", "--help")
+    assert r.returncode == 0 and "5-95 % interval" in r.stdout and "%%" not in r.stdout
+
+
+# ------------------------------------------------------------------------- load_config (2-4, 7, 8)
+@pytest.mark.parametrize("text,expected", [
+    ('destinations = ["a"]\n', "destinations[0] must be a table"),
+    ('destinations = [{name = "a", ae_title = "A"}, 5]\n', "destinations[1] must be a table"),
+    ("[audit]\nreference_levels = [1]\n", "audit.reference_levels[0] must be a table"),
+    ('[[audit.reference_levels]]\nprotocol = "X"\nbogus = 1\n', "audit.reference_levels[0].bogus"),
+])
+def test_array_of_tables_entries(tmp_path, text, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(write(tmp_path, text), environ={})
+
+
+@pytest.mark.parametrize("var,where", [("QCNODE__DESTINATIONS__NAME", "destinations"),
+                                       ("QCNODE__AUDIT__REFERENCE_LEVELS", "audit.reference_levels")])
+@pytest.mark.parametrize("file_has_destination", [False, True])
+def test_array_sections_not_overridable(tmp_path, var, where, file_has_destination):
+    text = '[[destinations]]\nname = "a"\nae_title = "A"\n' if file_has_destination else ""
+    with pytest.raises(ConfigError, match=f"^{where} cannot be overridden from the environment"):
+        load_config(write(tmp_path, text), environ={var: "x"})
+
+
+def test_env_values_typed_by_key(tmp_path):
+    cfg = load_config(write(tmp_path, ""), environ={
+        "QCNODE__NODE__AE_TITLE": "1234", "QCNODE__AUDIT__TIME_OF_DAY": "03:30",
+        "QCNODE__STORAGE__SPOOL_DIR": "true", "QCNODE__NODE__ALLOWED_IPS": "10.0.0.0/8, 127.0.0.1",
+        "QCNODE__NODE__ALLOWED_AE_TITLES": '["PACS", "CT1"]', "QCNODE__NODE__PORT": "4242",
+        "QCNODE__WORKER__ENABLED": "false", "QCNODE__OUTBOX__BACKOFF_MAX_SECONDS": "60",
+    })
+    assert cfg.node.ae_title == "1234" and cfg.audit.time_of_day == "03:30" and cfg.storage.spool_dir == "true"
+    assert cfg.node.allowed_ips == ["10.0.0.0/8", "127.0.0.1"] and cfg.node.allowed_ae_titles == ["PACS", "CT1"]
+    assert cfg.node.port == 4242 and cfg.worker.enabled is False and cfg.outbox.backoff_max_seconds == 60.0
+    assert load_config(write(tmp_path, ""), environ={"QCNODE__NODE__ALLOWED_IPS": ""}).node.allowed_ips == []
+    assert load_config(write(tmp_path, ""), environ={"QCNODE__NODE__ALLOWED_AE_TITLES": "1234"}
+                       ).node.allowed_ae_titles == ["1234"]
+    with pytest.raises(ConfigError, match="node.port must be a number"):
+        load_config(write(tmp_path, ""), environ={"QCNODE__NODE__PORT": "abc"})
+    with pytest.raises(ConfigError, match="unknown config key node.bogus"):
+        load_config(write(tmp_path, ""), environ={"QCNODE__NODE__BOGUS": "1"})
+
+
+@pytest.mark.parametrize("text,key", [
+    ('[logging]\nlevel = "verbose"', "logging.level"),
+    ('[node]\nallowed_ips = ["10.0.0.0/33"]', "node.allowed_ips"),
+    ('[node]\nallowed_ips = ["pacs.local"]', "node.allowed_ips"),
+    ("[node]\nallowed_ips = [10]", "node.allowed_ips"),
+    ('[node]\nallowed_ae_titles = ["SEVENTEEN_CHARS_X"]', "node.allowed_ae_titles"),
+    ('[node]\nallowed_ae_titles = [""]', "node.allowed_ae_titles"),
+    ("[node]\nallowed_ae_titles = [1]", "node.allowed_ae_titles"),
+    ('[[destinations]]\nname = "p"', "ae_title"),
+    ('[[destinations]]\nname = "p"\nae_title = "SEVENTEEN_CHARS_X"', "ae_title"),
+    ('[[destinations]]\nname = "p"\nae_title = "P"\nport = 0', "port"),
+    ('[[destinations]]\nname = "p"\nae_title = "P"\nport = 70000', "port"),
+    ('[[destinations]]\nname = "p"\nae_title = "P"\nhost = ""', "host"),
+    ('[[destinations]]\nname = "p"\nae_title = "P"\nsend = [["sr"]]', "send rule"),
+    ("[model]\nbatch_size = 0", "model.batch_size"),
+    ("[series]\nstable_seconds = -1", "series.stable_seconds"),
+    ("[node]\nmax_associations = 0", "node.max_associations"),
+    ("[worker]\nmax_attempts = 0", "worker.max_attempts"),
+    ("[outbox]\nmax_attempts = 0", "outbox.max_attempts"),
+    ("[outbox]\nmax_attempts = 101", "outbox.max_attempts"),
+    ("[worker]\nlease_seconds = 0", "worker.lease_seconds"),
+    ("[outbox]\nlease_seconds = -1", "outbox.lease_seconds"),
+    ("[outbox]\nbackoff_initial_seconds = 0", "outbox.backoff_initial_seconds"),
+    ("[outbox]\nbackoff_max_seconds = -5", "outbox.backoff"),
+    ("[outbox]\nbackoff_initial_seconds = 10\nbackoff_max_seconds = 5", "outbox.backoff"),
+    ("[node]\ntls_enabled = true", "node.tls_cert"),
+    ('[node]\ntls_enabled = true\ntls_cert = "c.pem"', "node.tls_key"),
+    ('[model]\ndevice = "auto"', "model.device"),
+    ('[model]\ndevice = "gpu"', "model.device"),
+    ("[verdict]\nwarn_mean_below = 1.0\nfail_mean_below = 1.5", "verdict.warn_mean_below"),
+    ("[verdict]\nwarn_fraction_below = 0.6\nfail_fraction_below = 0.5", "verdict.warn_fraction_below"),
+])
+def test_validation_names_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(write(tmp_path, text + "\n"), environ={})
+
+
+def test_valid_values_pass(tmp_path):
+    cfg = load_config(write(tmp_path, """
+[node]
+allowed_ips = ["10.0.0.0/8", "192.168.1.7", "::1", "fd00::/8"]
+allowed_ae_titles = ["PACS", "SIXTEEN_CHARS_XX"]
+tls_enabled = true
+tls_cert = "c.pem"
+tls_key = "k.pem"
+[model]
+device = "cuda:1"
+[logging]
+level = "WARNING"
+[verdict]
+warn_mean_below = 1.5
+fail_mean_below = 1.5
+[outbox]
+backoff_initial_seconds = 5.0
+backoff_max_seconds = 5.0
+max_attempts = 100
+[series]
+stable_seconds = 0
+[[destinations]]
+name = "pacs"
+ae_title = "ORTHANC"
+"""), environ={})
+    assert cfg.destinations[0].host == "127.0.0.1" and cfg.destinations[0].port == 104
+    assert load_config(environ={}).model.device == "cpu"  # the project's config.toml
+
+
+def test_default_checkpoint_is_the_shipped_model(tmp_path):
+    shipped = PROJECT_ROOT / "models" / "mdiqa-default.pt"
+    cfg = load_config(write(tmp_path, '[model]\nbatch_size = 4\n'), environ={})
+    assert cfg.path(cfg.model.checkpoint) == shipped
+    cfg = load_config(write(tmp_path, '[model]\ncheckpoint = "m.pt"\n'), environ={})
+    assert cfg.path(cfg.model.checkpoint) == tmp_path / "m.pt"
+    cfg = load_config(write(tmp_path, ""), environ={"QCNODE__MODEL__CHECKPOINT": "sub/m.pt"})
+    assert cfg.path(cfg.model.checkpoint) == tmp_path / "sub" / "m.pt"
+    assert load_config(environ={}).path(load_config(environ={}).model.checkpoint) == shipped
+
+
+def test_sqlite_folder_is_owner_only(tmp_path):
+    from qcnode.db.engine import make_engine
+
+    make_engine(f"sqlite:///{tmp_path}/newdir/q.db").dispose()
+    assert stat.S_IMODE((tmp_path / "newdir").stat().st_mode) == 0o700
