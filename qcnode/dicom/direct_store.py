@@ -16,6 +16,11 @@ those of a C-STORE-RQ, UIDs pynetdicom's validator refuses, a presentation conte
 accepted, SOP Class extended negotiation, a response larger than the peer's maximum PDU, and
 anything outside the established state (Sta6). The fallback decision is made before a byte is
 consumed, so pynetdicom then sees exactly what it would have seen.
+
+While the handler runs the association's idle timer (the network timeout) is held, and it is
+restarted once the response is sent: the DUL thread reads nothing meanwhile, and a handler that
+outlasts the network timeout (a long database lock wait) must still get its Success to the peer,
+as on pynetdicom's path, instead of the association thread aborting the association under it.
 """
 from __future__ import annotations
 
@@ -208,14 +213,19 @@ class DirectStore:
         self._command, self._request_primitive, self._context, self._chunks = None, None, None, []
         assoc = self.dul.assoc
         event = evt.Event(assoc, evt.EVT_C_STORE, {"request": request, "context": context.as_tuple})
+        idle_timer = self.dul._idle_timer  # noqa: SLF001
+        idle_timer.stop()  # held: the association thread must not time the handler out
         try:
-            status = self.handler(event)
-            if not isinstance(status, int):
-                raise TypeError(f"C-STORE handler returned {type(status).__name__}, not a status")
-        except Exception:  # noqa: BLE001 - as pynetdicom: the peer gets 0xC211
-            log.exception("store_handler_error", sop_instance_uid=command.sop_instance_uid)
-            status = HANDLER_ERROR
-        if not assoc.is_established:  # aborted meanwhile (e.g. shutdown): nothing to answer
-            return
-        self.dul.socket.send(encode_store_response(context.context_id, command.message_id,
-                                                   command.sop_class_uid, command.sop_instance_uid, status))
+            try:
+                status = self.handler(event)
+                if not isinstance(status, int):
+                    raise TypeError(f"C-STORE handler returned {type(status).__name__}, not a status")
+            except Exception:  # noqa: BLE001 - as pynetdicom: the peer gets 0xC211
+                log.exception("store_handler_error", sop_instance_uid=command.sop_instance_uid)
+                status = HANDLER_ERROR
+            if not assoc.is_established:  # aborted meanwhile (e.g. shutdown): nothing to answer
+                return
+            self.dul.socket.send(encode_store_response(context.context_id, command.message_id,
+                                                       command.sop_class_uid, command.sop_instance_uid, status))
+        finally:
+            idle_timer.restart()

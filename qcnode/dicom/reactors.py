@@ -21,6 +21,23 @@ when the SCP passes its handler; everything else goes on to pynetdicom's DIMSE l
 Every socket read first asks the kernel for immediate ACKs (:func:`request_quick_ack`): with
 delayed ACKs about one C-STORE in 13 from DCMTK's storescu stalled 40 ms.
 
+A PDU is read into one buffer of the length its header claims, so that length is checked first
+(:func:`pdu_length_limits`): until the association is established any PDU may be at most
+``MAX_ASSOCIATION_PDU_LENGTH`` long (the peer has passed no allow-list yet); once it is, a P-DATA-TF
+may be as long as the node's maximum PDU size plus ``PDATA_LENGTH_SLACK``, but at least
+``MIN_PDATA_LENGTH_LIMIT`` (a peer that ignores the negotiated maximum and sends one slice per PDU
+keeps working, as with pynetdicom); ``UNLIMITED_PDATA_LENGTH`` when that size is 0 (unlimited). A
+longer PDU is refused before a byte of it is allocated: the association is aborted as pynetdicom
+aborts it for an invalid PDU (Evt19: A-ABORT, then wait for the peer to close), and whatever else
+the peer sends on that connection is read and dropped in small pieces. The check is one list
+look-up and one integer comparison per PDU (it also covers unknown PDU types); the first P-DATA-TF
+over ``MAX_ASSOCIATION_PDU_LENGTH`` of an established association raises the limits once.
+
+While a C-STORE handler runs (in the DUL thread for :mod:`direct_store`, in the association
+thread otherwise) the connection is quiet because the node is busy, not the peer: the network
+timeout (pynetdicom's idle timer) is held while it runs and restarted after it, so a slow
+handler (a long database lock wait) still gets its response sent and keeps its association.
+
 The loops are pynetdicom 3.0's ``DULServiceProvider.run_reactor`` and
 ``Association._run_reactor`` (MIT licence) with only the waits changed. :func:`use_fast_receive`
 switches an acceptor association to them, and its socket to :class:`FastRecvSocket`, before its
@@ -45,8 +62,19 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
 from qcnode.dicom.direct_store import DirectStore
+from qcnode.log import get_logger
+
+log = get_logger("qcnode.scp")
 
 IDLE_WAIT_S = 0.05  # longest wait without an event: the granularity of pynetdicom's timers here
+
+# Longest PDU bodies read (PDU length field, PS3.8 9.3); a longer one aborts the association.
+MAX_ASSOCIATION_PDU_LENGTH = 1 << 20  # any PDU before establishment; A-ASSOCIATE-*, A-RELEASE-*, A-ABORT
+PDATA_LENGTH_SLACK = 1 << 16  # over the node's maximum PDU size: PDU/PDV headers, peers that count differently
+MIN_PDATA_LENGTH_LIMIT = 4 << 20  # a P-DATA-TF of an established association may always be this long
+UNLIMITED_PDATA_LENGTH = 64 << 20  # the P-DATA-TF limit when the node's maximum PDU size is 0 (unlimited)
+_PDATA_STATES = ("Sta6", "Sta7")  # where a P-DATA-TF is valid (established; awaiting A-RELEASE-RP)
+_DISCARD_READ_SIZE = 1 << 16
 
 
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
@@ -96,6 +124,27 @@ class FastRecvSocket(AssociationSocket):
 _PDU_HEADER = struct.Struct(">BBL")
 _PDV_HEADER = struct.Struct(">LB")
 _KNOWN_PDU_TYPES = (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07)
+_PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
+              0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
+_REFUSE_ALL = [-1] * 256  # limits while the rest of a connection's input is dropped
+
+
+def pdata_length_limit(max_pdu_size: int | None) -> int:
+    """The longest P-DATA-TF PDU length read on an established association whose node negotiates
+    ``max_pdu_size`` (0 or None: unlimited)."""
+    if not max_pdu_size:
+        return UNLIMITED_PDATA_LENGTH
+    return max(max_pdu_size + PDATA_LENGTH_SLACK, MIN_PDATA_LENGTH_LIMIT)
+
+
+def pdu_length_limits(pdata_limit: int = MAX_ASSOCIATION_PDU_LENGTH) -> list[int]:
+    """The longest PDU length read for each PDU type byte (index 0-255; -1: unknown type):
+    ``MAX_ASSOCIATION_PDU_LENGTH``, and ``pdata_limit`` for a P-DATA-TF."""
+    limits = [-1] * 256
+    for pdu_type in _KNOWN_PDU_TYPES:
+        limits[pdu_type] = MAX_ASSOCIATION_PDU_LENGTH
+    limits[0x04] = pdata_limit
+    return limits
 
 
 class InvalidPDU(ValueError):
@@ -160,10 +209,16 @@ class EventDrivenDUL(DULServiceProvider):
     _wake_w: socket.socket
     idle_timeouts: int  # waits that ended after IDLE_WAIT_S with nothing to do
     direct_store: DirectStore | None  # serves plain C-STOREs in this thread (None: all via pynetdicom)
+    pdu_limits: list[int]  # longest PDU length read now, by PDU type (see pdu_length_limits)
+    pdata_limit: int  # longest P-DATA-TF once established (see pdata_length_limit)
+    discarding: bool  # an over-long PDU aborted the association: the rest of the input is dropped
 
-    def _setup_wakeup(self) -> None:
+    def _setup_wakeup(self, max_pdu_size: int | None = None) -> None:
         self.idle_timeouts = 0
         self.direct_store = None
+        self.pdu_limits = pdu_length_limits()  # until established
+        self.pdata_limit = pdata_length_limit(max_pdu_size)
+        self.discarding = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -223,10 +278,8 @@ class EventDrivenDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
             return
         pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
-        if pdu_type not in _KNOWN_PDU_TYPES:
-            DUL_LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
-            self.event_queue.put("Evt19")
-            return
+        if pdu_length > self.pdu_limits[pdu_type] and not self._admit_pdu(pdu_type, pdu_length):
+            return  # unknown type (limit -1), too long, or input being dropped
         try:
             body = sock.recv(pdu_length)
         except (OSError, TimeoutError) as exc:
@@ -257,6 +310,48 @@ class EventDrivenDUL(DULServiceProvider):
             self.event_queue.put("Evt19")
             return
         self._recv_pdu.put(pdu)
+
+    def _admit_pdu(self, pdu_type: int, pdu_length: int) -> bool:
+        """For a PDU header over ``pdu_limits``: True to read the PDU after all (the first long
+        P-DATA-TF of an established association: the limits are raised), else False after
+        queuing the event: an unknown type (as pynetdicom: Evt19), a length over the limit (Evt19,
+        and the rest of the connection's input is dropped), or nothing for input after that."""
+        if self.discarding:
+            self._discard_input()
+            return False
+        limit = self.pdu_limits[pdu_type]
+        if limit < 0:
+            DUL_LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            self.event_queue.put("Evt19")
+            return False
+        if pdu_type == 0x04 and limit < self.pdata_limit and self.state_machine.current_state in _PDATA_STATES:
+            self.pdu_limits = pdu_length_limits(self.pdata_limit)  # established: P-DATA may be long now
+            limit = self.pdata_limit
+            if pdu_length <= limit:
+                return True
+        try:
+            address = str(self.assoc.requestor.address)
+        except (ValueError, AttributeError):
+            address = None
+        log.error("association_aborted", reason="PDU longer than allowed", pdu_type=_PDU_NAMES[pdu_type],
+                  pdu_length=pdu_length, max_length=limit, source_ip=address)
+        # the body is never read: the stream is out of step, so nothing after this header is a PDU
+        self.discarding = True
+        self.pdu_limits = _REFUSE_ALL
+        self.event_queue.put("Evt19")  # A-ABORT to the peer (and A-P-ABORT to the user when established)
+        return False
+
+    def _discard_input(self) -> None:
+        """Drop what the peer has sent (in pieces of 64 KiB) without waiting for more."""
+        sock = cast(Any, self.socket)
+        try:
+            if not sock.ready:
+                return
+            raw = sock.socket
+            if raw is None or not raw.recv(_DISCARD_READ_SIZE):
+                self.event_queue.put("Evt17")  # the peer closed
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")
 
     def _connection_lost(self, exc: BaseException) -> None:
         DUL_LOGGER.error("Connection closed before the entire PDU was received")
@@ -352,7 +447,13 @@ class EventDrivenAssociation(Association):
             self._is_paused = False
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
-                self._serve_request(msg, cast(int, context_id))
+                # the handler's time is no idle time of the peer's (pynetdicom would abort right
+                # after the response when a handler outlasts the network timeout)
+                self.dul._idle_timer.stop()  # noqa: SLF001
+                try:
+                    self._serve_request(msg, cast(int, context_id))
+                finally:
+                    self.dul._idle_timer.restart()  # noqa: SLF001
                 self._wakeup.set()  # look again at once: more may have arrived meanwhile
             if self.is_established and self.acse.is_release_requested():
                 self.acse.send_release(is_response=True)
@@ -404,7 +505,7 @@ def use_fast_receive(assoc: Any, store_handler: Callable[[Any], int] | None = No
     if type(dul.socket) is AssociationSocket:  # a TLS or custom socket is kept as it is
         dul.socket.__class__ = FastRecvSocket
     dul.__class__ = EventDrivenDUL
-    cast(EventDrivenDUL, dul)._setup_wakeup()  # noqa: SLF001
+    cast(EventDrivenDUL, dul)._setup_wakeup(assoc.acceptor.maximum_length)  # noqa: SLF001
     if store_handler is not None:
         cast(EventDrivenDUL, dul).direct_store = DirectStore(dul, store_handler)
     assoc.__class__ = EventDrivenAssociation

@@ -6,21 +6,25 @@ DoseReport) and only then answered with Success. Pixel data is *not* decoded her
 does that); headers are validated. Bad input gets a failure status, a log line and a
 quarantine copy with the reason; the server keeps running.
 
-Failure statuses: 0xA700 out of resources (free disk below the watermark, or shutting down),
-0xA900 dataset does not match the SOP class (or the request's UIDs), 0xC210 cannot understand
-(undecodable dataset), 0xC001 invalid UIDs, 0xC002 no pixel data, 0xC003 inconsistent pixel
-data, 0xC004 cannot store/record, 0x0122 SOP class not supported (non-CT storage objects and SRs
+Failure statuses: 0xA700 out of resources (free disk below the watermark, the spool's file system
+full or over quota while writing, or shutting down), 0xA900 dataset does not match the SOP class
+(or the request's UIDs), 0xC210 cannot understand (undecodable dataset), 0xC001 invalid UIDs (in
+the dataset or in the C-STORE request), 0xC002 no pixel data, 0xC003 inconsistent pixel data,
+0xC004 cannot store/record, 0x0122 SOP class not supported (non-CT storage objects and SRs
 that are not dose reports; other storage classes are accepted at negotiation only so that they
 can be refused with a clear status and a quarantine copy).
 
 Associations are refused with an A-ASSOCIATE-RJ: calling AE title not in the allow-list
 (permanent, service user, calling-AE-title-not-recognised); source IP not allowed (permanent,
-service user, no-reason-given); free disk below ``storage.min_free_disk_mb`` or more than
-``node.max_associations`` (transient, service provider, local-limit-exceeded).
+service user, no-reason-given; an IPv4 peer of a dual-stack ``node.host`` such as ``::``, seen as
+``::ffff:a.b.c.d``, is matched as that IPv4 address too); free disk below
+``storage.min_free_disk_mb`` or more than ``node.max_associations`` (transient, service provider,
+local-limit-exceeded).
 """
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import ipaddress
 import ssl
 import struct
@@ -61,6 +65,9 @@ NO_PIXEL_DATA = 0xC002
 INCONSISTENT = 0xC003
 CANNOT_STORE = 0xC004
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+# OSErrors while writing the spool that mean "no space", not "cannot store": answered 0xA700
+_NO_SPACE_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None)
 
 DOSE_SR_CLASSES = {str(XRayRadiationDoseSRStorage), str(EnhancedSRStorage), str(ComprehensiveSRStorage),
                    str(Comprehensive3DSRStorage)}
@@ -311,7 +318,9 @@ class StorageSCP:
         if self.allowed_nets:
             try:
                 ip = ipaddress.ip_address(address)
-                ok = any(ip in net for net in self.allowed_nets)
+                # an IPv4 peer of a dual-stack listener (node.host "::") arrives as ::ffff:a.b.c.d
+                mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+                ok = any(ip in net or (mapped is not None and mapped in net) for net in self.allowed_nets)
             except ValueError:
                 ok = False
             if not ok:
@@ -377,6 +386,10 @@ class StorageSCP:
                 raise Refused(OUT_OF_RESOURCES, f"free disk {free:.0f} MiB below storage.min_free_disk_mb",
                               keep_copy=False)
             raw = encoded_dataset(event)
+            for what, key, value in (("SOP Class UID", "sop_class_uid", req.AffectedSOPClassUID),
+                                     ("SOP Instance UID", "sop_instance_uid", req.AffectedSOPInstanceUID)):
+                if info[key] is None:  # (the dataset's own UID is compared with it below)
+                    raise Refused(INVALID_UID, f"invalid {what} in the C-STORE request: {_uid_text(value)!r}")
             try:
                 ds = event.dataset
                 if getattr(ds, "file_meta", None) is None:
@@ -440,7 +453,13 @@ class StorageSCP:
             fields = {}
         identical = self.spool.same_content(rel, raw)
         if not identical:  # the folder fsync is done once per batch by the recorder, before the commit
-            self.spool.write(rel, raw, sync_dir=False)
+            try:
+                self.spool.write(rel, raw, sync_dir=False)
+            except OSError as exc:
+                if exc.errno in _NO_SPACE_ERRNOS:  # a full disk or quota is a transient lack of resources
+                    raise Refused(OUT_OF_RESOURCES, f"cannot write the spool file: {exc.strerror or exc}",
+                                  keep_copy=False) from exc
+                raise
         self._record(ds, rel, len(raw), identical, scorable, skip, fields, dose_report, info,
                      study_uid, series_uid, sop_uid, sop_class)
 
@@ -508,6 +527,11 @@ def _uid_or_none(value: Any) -> str | None:
         return check_uid(value)
     except InvalidUID:
         return None
+
+
+def _uid_text(value: Any) -> str:
+    """An (invalid) UID for a refusal reason: at most 80 characters."""
+    return ("" if value is None else str(value))[:80]
 
 
 def _safe_address(assoc: Any) -> str | None:
