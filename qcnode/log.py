@@ -45,6 +45,12 @@ _QUOTED = re.compile(r"'.*'|\".*\"", re.DOTALL)
 _QUOTE_REDACTED_LOGGERS = ("pydicom", "py.warnings")
 
 
+def redact_quoted(text: str) -> str:
+    """``text`` with quoted parts ('...' / "...") replaced by '<redacted>' (exception text about a
+    header value may quote the value)."""
+    return _QUOTED.sub("'<redacted>'", text)
+
+
 def redact_quoted_values(record: logging.LogRecord) -> bool:
     """logging filter: in records of pydicom (and captured warnings) replace '...' / "..." with '<redacted>'."""
     name = record.name
@@ -53,7 +59,7 @@ def redact_quoted_values(record: logging.LogRecord) -> bool:
             text = record.getMessage()
         except Exception:  # noqa: BLE001 - a bad format string: redact the raw message
             text = str(record.msg)
-        record.msg = _QUOTED.sub("'<redacted>'", text)
+        record.msg = redact_quoted(text)
         record.args = None
     return True
 

@@ -388,3 +388,11 @@ def test_ipv4_peer_of_a_dual_stack_listener_matches_ipv4_allowed_ips(start_node,
     assert scp.association_policy("PYSCU", "::ffff:10.1.2.3") == scp_mod.REJECT_IP
     assert scp.association_policy("PYSCU", "::1") == scp_mod.REJECT_IP
     assert scp.association_policy("PYSCU", "not an address") == scp_mod.REJECT_IP
+
+
+def test_refusal_reasons_from_exceptions_never_quote_a_value():
+    """A conversion error quotes the offending text, which may be a patient's name or ID sent
+    under a numeric VR: reasons (logged and written next to the quarantine copy) redact it."""
+    from qcnode.dicom.scp import _error
+    reason = _error(ValueError("invalid literal for int() with base 10: 'SMITH^JOHN'"))
+    assert reason == "ValueError: invalid literal for int() with base 10: '<redacted>'"

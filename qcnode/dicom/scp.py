@@ -51,7 +51,7 @@ from qcnode.dicom.pixels import CT_IMAGE_CLASSES, decode_public_elements, skip_r
 from qcnode.dicom.reactors import use_fast_receive
 from qcnode.dicom.recorder import InstanceRecorder, PendingInstance
 from qcnode.dicom.spool import InvalidUID, Spool, check_uid
-from qcnode.log import get_logger
+from qcnode.log import get_logger, redact_quoted
 from qcnode.privacy import load_or_create_key, pseudonymise
 
 log = get_logger("qcnode.scp")
@@ -200,7 +200,7 @@ def _check_native_pixel_length(ds: Dataset) -> None:
         spp = int(ds.get("SamplesPerPixel", 1) or 1)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError) as exc:
-        raise Refused(INCONSISTENT, f"image pixel module incomplete: {exc}") from exc
+        raise Refused(INCONSISTENT, f"image pixel module incomplete: {_error(exc)}") from exc
     expected = rows * cols * spp * frames * bits // 8
     if not ds.PixelData:  # present but empty
         raise Refused(NO_PIXEL_DATA, "CT image with empty pixel data")
@@ -398,7 +398,7 @@ class StorageSCP:
                 ds.SOPClassUID  # noqa: B018 - force parsing of the key elements
                 decode_public_elements(ds)  # a bad VR or length is C210 here, not C004 later
             except Exception as exc:  # noqa: BLE001
-                raise Refused(CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}: {exc}") from exc
+                raise Refused(CANNOT_UNDERSTAND, f"cannot decode dataset: {_error(exc)}") from exc
             self._store_dataset(ds, raw, info)
         except Refused as exc:
             self.refused += 1
@@ -406,7 +406,7 @@ class StorageSCP:
         except Exception as exc:  # noqa: BLE001 - never crash the association thread
             self.refused += 1
             log.exception("store_error", **info)
-            return self._refuse(Refused(CANNOT_STORE, f"cannot store: {type(exc).__name__}: {exc}"), raw, info)
+            return self._refuse(Refused(CANNOT_STORE, f"cannot store: {_error(exc)}"), raw, info)
         self.stored += 1
         return SUCCESS
 
@@ -417,7 +417,7 @@ class StorageSCP:
             study_uid = str(ds.get("StudyInstanceUID", ""))
             series_uid = str(ds.get("SeriesInstanceUID", ""))
         except Exception as exc:  # noqa: BLE001
-            raise Refused(CANNOT_UNDERSTAND, f"cannot decode identifiers: {exc}") from exc
+            raise Refused(CANNOT_UNDERSTAND, f"cannot decode identifiers: {_error(exc)}") from exc
         if sop_class != info["sop_class_uid"]:
             raise Refused(DATASET_MISMATCH, "SOP Class UID of the dataset differs from the C-STORE request")
         if sop_uid != info["sop_instance_uid"]:
@@ -442,14 +442,14 @@ class StorageSCP:
             try:
                 dose_report = parse_dose_sr(ds)
             except Exception as exc:  # noqa: BLE001
-                raise Refused(CANNOT_UNDERSTAND, f"cannot parse dose report: {type(exc).__name__}: {exc}") from exc
+                raise Refused(CANNOT_UNDERSTAND, f"cannot parse dose report: {_error(exc)}") from exc
             scorable, skip = False, "radiation dose SR (stored for the audit)"
         else:
             raise Refused(SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not CT or a CT dose report")
         try:
             fields = dose_fields(ds) if sop_class in CT_IMAGE_CLASSES else {}
         except Exception as exc:  # noqa: BLE001 - odd header values must not lose the image
-            log.warning("dose_fields_error", sop_instance_uid=sop_uid, error=f"{type(exc).__name__}: {exc}")
+            log.warning("dose_fields_error", sop_instance_uid=sop_uid, error=_error(exc))
             fields = {}
         identical = self.spool.same_content(rel, raw)
         if not identical:  # the folder fsync is done once per batch by the recorder, before the commit
@@ -527,6 +527,12 @@ def _uid_or_none(value: Any) -> str | None:
         return check_uid(value)
     except InvalidUID:
         return None
+
+
+def _error(exc: BaseException) -> str:
+    """An exception for a refusal reason or log line, quoted values redacted (pydicom's messages
+    may quote a header value, which may be a patient's name or ID)."""
+    return redact_quoted(f"{type(exc).__name__}: {exc}")
 
 
 def _uid_text(value: Any) -> str:
