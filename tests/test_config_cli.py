@@ -65,11 +65,24 @@ def test_bad_revision_one_line(tmp_path):
     assert_one_line(r, "db upgrade", code=1, text="bogus")
 
 
-@pytest.mark.parametrize("cmd", [["status"], ["db", "current"], ["db", "upgrade"]], ids=" ".join)
+@pytest.mark.parametrize("cmd", [["status"], ["db", "current"], ["db", "upgrade"], ["serve"]], ids=" ".join)
 def test_unusable_database_one_line(tmp_path, cmd):
     (tmp_path / "var" / "q.db").mkdir(parents=True)  # a folder where the SQLite file should be
     r = qcnode(*cmd, "--config", str(db_config(tmp_path)))
     assert_one_line(r, " ".join(cmd), code=1, text="database")
+
+
+def test_serve_on_a_port_in_use_one_line(tmp_path):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = db_config(tmp_path, f'[node]\nhost = "127.0.0.1"\nport = {port}\n')
+        r = qcnode("serve", "--no-worker", "--config", str(cfg))
+    # (serve's JSON log lines before it go to stderr too)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("qcnode serve: ") and "Address already in use" in r.stderr
 
 
 def test_score_reports_broken_env_config():

@@ -62,6 +62,7 @@ def _fail(name: str, reason: object) -> int:
     return 1
 
 
+@_db_errors("serve")  # e.g. the database unreachable at start, the port taken: one line, exit 1
 def _cmd_serve(args: argparse.Namespace) -> int:
     from qcnode.service.daemon import serve
     cfg = load_config(args.config)
