@@ -166,8 +166,11 @@ class Config:
 
     @property
     def database_url(self) -> str:
-        """The SQLAlchemy URL, with a relative SQLite path made absolute."""
+        """The SQLAlchemy URL, with a relative SQLite path made absolute and a bare postgresql://
+        bound to psycopg2, the driver qcnode installs (SQLAlchemy 2.1 would pick psycopg 3)."""
         url = self.storage.database_url
+        if url.startswith("postgresql://"):
+            return "postgresql+psycopg2://" + url[len("postgresql://"):]
         prefix = "sqlite:///"
         if url.startswith(prefix) and not url.startswith(prefix + "/") and ":memory:" not in url:
             return prefix + str(self.path(url[len(prefix):]))
@@ -334,10 +337,35 @@ def _validate(cfg: Config) -> None:
         for rule in d.send:
             _check(isinstance(rule, str) and rule in SEND_RULES,
                    f"destination {d.name}: unknown send rule {rule!r}; use one of {sorted(SEND_RULES)}")
+    problem = database_url_problem(cfg.database_url)
+    _check(problem is None, f"storage.database_url: {problem}")
     hh, _, mm = cfg.audit.time_of_day.partition(":")
     _check(hh.isdigit() and mm.isdigit() and 0 <= int(hh) < 24 and 0 <= int(mm) < 60,
            f"audit.time_of_day must be HH:MM (24 h), got {cfg.audit.time_of_day!r}")
     _check(cfg.audit.baseline_days >= 1, "audit.baseline_days must be at least 1")
 
 
+def database_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be used as qcnode's database (unparseable, not SQLite or PostgreSQL, or
+    its driver not installed), or None. Never quotes the URL (it may hold a password)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return "not a database URL (sqlite:///path/to/qcnode.db or postgresql://user@host/db)"
+    if parsed.get_backend_name() not in SUPPORTED_DATABASES:
+        return (f"{parsed.get_backend_name()!r} databases are not supported; use "
+                f"{' or '.join(SUPPORTED_DATABASES)}")
+    try:
+        parsed.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        return f"unknown driver {parsed.drivername!r}"
+    except ImportError as exc:
+        return (f"the driver of {parsed.drivername!r} is not installed ({exc}); use postgresql:// "
+                f"(psycopg2, which qcnode installs) or install the driver into qcnode's environment")
+    return None
+
+
+SUPPORTED_DATABASES = ("sqlite", "postgresql")
 SEND_RULES = {"sr", "series", "series:PASS", "series:WARN", "series:FAIL"}

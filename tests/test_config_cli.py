@@ -241,3 +241,24 @@ def test_sqlite_folder_is_owner_only(tmp_path):
 
     make_engine(f"sqlite:///{tmp_path}/newdir/q.db").dispose()
     assert stat.S_IMODE((tmp_path / "newdir").stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("url,expected", [
+    ("postgresql+psycopg://qc:secret@db/qcnode", "the driver of 'postgresql+psycopg' is not installed"),
+    ("postgresql+nosuch://qc:secret@db/qcnode", "unknown driver 'postgresql+nosuch'"),
+    ("mysql://qc:secret@db/qcnode", "'mysql' databases are not supported"),
+    ("qcnode.db", "not a database URL"),
+], ids=["driver-missing", "driver-unknown", "backend", "not-a-url"])
+def test_unusable_database_url_is_one_line_before_connecting(tmp_path, url, expected):
+    """A driver that is not installed was a ModuleNotFoundError traceback; the password is never shown."""
+    r = qcnode("status", "--config", str(write(tmp_path, f'[storage]\ndatabase_url = "{url}"\n')))
+    assert_one_line(r, "status", text=f"storage.database_url: {expected}")
+    assert "secret" not in r.stderr
+
+
+def test_bare_postgresql_url_uses_the_installed_psycopg2(tmp_path):
+    """SQLAlchemy 2.1 maps postgresql:// to psycopg 3, which qcnode does not install."""
+    cfg = load_config(write(tmp_path, '[storage]\ndatabase_url = "postgresql://qc@db/qcnode"\n'), environ={})
+    assert cfg.database_url == "postgresql+psycopg2://qc@db/qcnode"
+    cfg = load_config(write(tmp_path, '[storage]\ndatabase_url = "postgresql+psycopg2://qc@db/x"\n'), environ={})
+    assert cfg.database_url == "postgresql+psycopg2://qc@db/x"

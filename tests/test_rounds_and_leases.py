@@ -199,3 +199,44 @@ def test_dead_lease_of_an_earlier_process_with_the_same_pid_is_released(node):
     with sf() as s:
         assert as_utc(s.get(Job, dead_job).lease_expires_at) < utcnow()
         assert as_utc(s.get(Job, live_job).lease_expires_at) > utcnow()
+
+
+# ---- clock skew between a node and the shared database ---------------------------------------
+
+@pytest.mark.postgres
+def test_clock_skew_to_the_database_server_is_measured_and_refused_over_half_a_lease(pg_url, monkeypatch):
+    """Leases are stamped with each node's clock: a node whose clock is far off the shared
+    PostgreSQL server's would take live leases (or keep dead ones), so ``serve`` refuses to start."""
+    from qcnode.db import queue
+    engine = make_engine(pg_url)
+    try:
+        skew = queue.check_clock(engine, lease_seconds=60)
+        assert skew is not None and abs(skew) < 0.5  # same host: the same clock
+        real_utcnow = queue.utcnow
+        monkeypatch.setattr(queue, "utcnow", lambda: real_utcnow() - dt.timedelta(seconds=45))
+        assert 44 < queue.database_clock_skew(engine) < 46  # this host 45 s behind the server
+        with pytest.raises(queue.ClockSkewError, match=r"45\.\d s behind the database server's; leases of 60 s"):
+            queue.check_clock(engine, lease_seconds=60)
+        assert queue.check_clock(engine, lease_seconds=120) == pytest.approx(45, abs=1)  # within half: a warning
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_serve_refuses_to_start_with_a_skewed_clock(pg_url, tmp_path, monkeypatch, capsys):
+    from qcnode import cli
+    from qcnode.db import queue
+    real_utcnow = queue.utcnow
+    monkeypatch.setattr(queue, "utcnow", lambda: real_utcnow() + dt.timedelta(seconds=40))
+    cfg = write_config(tmp_path, free_port(), db_url=pg_url, extra={"worker": {"lease_seconds": 30.0}})
+    assert cli.main(["serve", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qcnode serve: this host's clock is 40.")
+    assert "ahead of the database server's; leases of 30 s" in err[0]
+
+
+def test_sqlite_has_no_clock_skew(tmp_path):
+    from qcnode.db import queue
+    engine = make_engine(f"sqlite:///{tmp_path / 'q.db'}")
+    assert queue.check_clock(engine, lease_seconds=0.001) is None
+    engine.dispose()

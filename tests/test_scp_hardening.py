@@ -6,7 +6,10 @@
   Success to the peer, on the DUL-thread fast path and on pynetdicom's path, and keeps the association;
 - pydicom's warnings, which quote element values (a PatientID mis-encoded as IS), reach no log
   line or stderr with the value;
-- an invalid SOP Instance UID that is the same in the request and the data set is 0xC001 invalid UID;
+- an invalid SOP Instance UID that is the same in the request and the data set is 0xC001 invalid UID,
+  also one of 65 characters on the DUL-thread path (pynetdicom's own path aborts for it);
+- a C-STORE whose SOP Class UID is not the abstract syntax of its presentation context (an unknown
+  class on a CT context, a CT slice on the Verification context) is 0x0122, on both paths;
 - a full disk (ENOSPC/EDQUOT) while spooling is 0xA700 out of resources;
 - an IPv4 peer of a dual-stack listener (node.host "::") is matched against IPv4 node.allowed_ips.
 """
@@ -157,17 +160,17 @@ class RawStore:
     """An established association whose requestor reactor is held: the test writes the PDUs and
     reads the responses itself (as pynetdicom's send_c_* do)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, abstract_syntax: str = CTImageStorage):
         ae = AE(ae_title="PYSCU")
-        ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+        ae.add_requested_context(abstract_syntax, ImplicitVRLittleEndian)
         self.assoc = ae.associate("127.0.0.1", port, ae_title="QCNODE")
         assert self.assoc.is_established
-        self.cx = next(c.context_id for c in self.assoc.accepted_contexts if c.abstract_syntax == CTImageStorage)
+        self.cx = next(c.context_id for c in self.assoc.accepted_contexts if c.abstract_syntax == abstract_syntax)
         self.assoc._reactor_checkpoint.clear()
         while not self.assoc._is_paused:
             time.sleep(0.001)
 
-    def store(self, command: bytes, data: bytes, split_command: bool = False) -> int | None:
+    def store(self, command: bytes, data: bytes, split_command: bool = False, wait_s: float = 15) -> int | None:
         send = self.assoc.dul.socket.send
         if split_command:  # a command set over two PDUs: pynetdicom's path, not the DUL-thread one
             send(_p_data_tf((self.cx, b"\x01" + command[:30])))
@@ -175,7 +178,7 @@ class RawStore:
         else:
             send(_p_data_tf((self.cx, b"\x03" + command)))
         send(_p_data_tf((self.cx, b"\x02" + data)))  # the whole data set in one PDU
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline and self.assoc.is_established:
             _, msg = self.assoc.dimse.get_msg(block=False)
             if msg is not None:
@@ -351,6 +354,67 @@ def test_invalid_sop_instance_uid_in_request_and_data_set_is_invalid_uid(start_n
     assert "invalid SOP Instance UID" in rec.reason and repr(bad_uid) in rec.reason
     assert "differs" not in rec.reason
     assert not list(scp.spool.root.rglob("x.dcm"))
+
+
+@pytest.mark.parametrize("split_command", [False, True], ids=["one-pdu-command", "split-command"])
+@pytest.mark.parametrize("case", ["unknown-class-on-ct-context", "ct-on-verification-context"])
+def test_c_store_whose_sop_class_is_not_the_contexts_is_sop_class_not_supported(start_node, port, shared_ct,
+                                                                                 case, split_command):
+    """pynetdicom dispatches a C-STORE on the request's own SOP Class UID: an unknown one on an
+    accepted CT context was an A-ABORT, a CT slice on the Verification context was stored."""
+    scp, sf, _ = start_node()
+    ds = _ct_slice(shared_ct)
+    request_class, context = ("1.2.3.4", CTImageStorage) if case.startswith("unknown") else (CT, Verification)
+    raw = RawStore(port, context)
+    try:
+        status = raw.store(_store_command(ds.SOPInstanceUID, sop_class=request_class), encode(ds, True, True),
+                           split_command=split_command)
+        assert raw.assoc.is_established  # answered, not aborted
+    finally:
+        raw.close()
+    assert status == scp_mod.SOP_CLASS_NOT_SUPPORTED == 0x0122
+    assert scp.stored == 0
+    with sf() as s:
+        (rec,) = s.scalars(select(QuarantineRecord)).all()
+        assert s.scalar(select(Instance.id)) is None
+    assert rec.status_code == 0x0122
+    assert f"SOP Class {request_class} on a presentation context negotiated for {context}" in rec.reason
+    assert _echo_ok(port)
+
+
+def test_overlong_sop_instance_uid_is_invalid_uid_not_an_abort(start_node, port, shared_ct):
+    """A 65-character UID made pynetdicom abort the association; on the DUL-thread path it is
+    0xC001 now, and the response leaves the UID out so that the peer can decode it."""
+    scp, sf, _ = start_node()
+    ds = _ct_slice(shared_ct)
+    ds.SOPInstanceUID = "1.2." + "3" * 61
+    raw = RawStore(port)
+    try:
+        status = raw.store(_store_command(ds.SOPInstanceUID), encode(ds, True, True))
+        assert raw.assoc.is_established
+    finally:
+        raw.close()
+    assert status == scp_mod.INVALID_UID
+    with sf() as s:
+        (rec,) = s.scalars(select(QuarantineRecord)).all()
+    assert "invalid SOP Instance UID" in rec.reason
+    assert scp.stored == 0 and _echo_ok(port)
+
+
+def test_overlong_uid_in_a_split_command_set_aborts_and_the_node_keeps_serving(start_node, port, shared_ct):
+    """pynetdicom's own path (a command set over two PDUs) cannot decode such a command: it aborts
+    the association (documented); the node frees it and keeps serving."""
+    scp, _, _ = start_node()
+    ds = _ct_slice(shared_ct)
+    ds.SOPInstanceUID = "1.2." + "3" * 61
+    raw = RawStore(port)
+    try:
+        assert raw.store(_store_command(ds.SOPInstanceUID), encode(ds, True, True), split_command=True,
+                         wait_s=3) is None
+    finally:
+        raw.close()
+    assert _no_server_associations(scp)
+    assert scp.stored == 0 and _echo_ok(port)
 
 
 # ---- 5. full disk, IPv4-mapped peers --------------------------------------------------------

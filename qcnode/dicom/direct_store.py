@@ -12,10 +12,12 @@ byte for byte what pynetdicom would send.
 
 Anything it does not recognise goes to pynetdicom unchanged: a command set split over several
 PDUs, any DIMSE message but a C-STORE-RQ with a data set, a command set with elements beyond
-those of a C-STORE-RQ, UIDs pynetdicom's validator refuses, a presentation context that was not
-accepted, SOP Class extended negotiation, a response larger than the peer's maximum PDU, and
+those of a C-STORE-RQ, a presentation context that was not accepted, SOP Class extended negotiation, a response larger than the peer's maximum PDU, and
 anything outside the established state (Sta6). The fallback decision is made before a byte is
-consumed, so pynetdicom then sees exactly what it would have seen.
+consumed, so pynetdicom then sees exactly what it would have seen. Unlike pynetdicom it serves a
+C-STORE-RQ whatever its SOP Class UID or UID lengths, so that the handler answers a SOP class
+that is not the context's with 0x0122 and an over-long UID with 0xC001 (pynetdicom aborts the
+association for both).
 
 While the handler runs the association's idle timer (the network timeout) is held, and it is
 restarted once the response is sent: the DUL thread reads nothing meanwhile, and a handler that
@@ -31,8 +33,7 @@ from typing import Any, Callable
 
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import uid_to_service_class
+from pydicom.uid import UID
 
 from qcnode.log import get_logger
 
@@ -41,6 +42,7 @@ log = get_logger("qcnode.scp")
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 NO_DATA_SET = 0x0101
+MAX_UID_LENGTH = 64
 HANDLER_ERROR = 0xC211  # pynetdicom's status for an exception in the EVT_C_STORE handler
 
 _ELEMENT = struct.Struct("<HHL")
@@ -114,14 +116,18 @@ def _uid_value(uid: str) -> bytes:
 
 def encode_store_response(context_id: int, message_id: int, sop_class_uid: str, sop_instance_uid: str,
                           status: int) -> bytes:
-    """The P-DATA-TF PDU of a C-STORE-RSP (one command PDV, last fragment), as pynetdicom encodes it."""
+    """The P-DATA-TF PDU of a C-STORE-RSP (one command PDV, last fragment), as pynetdicom encodes it.
+    A UID longer than 64 characters is left out (both are optional in the response, PS3.7 9.3.1.2):
+    echoed, it would make the peer's DIMSE decoder abort instead of reading the 0xC001."""
+    def uid_element(element: int, uid: str) -> bytes:
+        return _element(element, _uid_value(uid)) if len(uid) <= MAX_UID_LENGTH else b""
     body = b"".join((
-        _element(_SOP_CLASS, _uid_value(sop_class_uid)),
+        uid_element(_SOP_CLASS, sop_class_uid),
         _element(_COMMAND_FIELD, _US.pack(C_STORE_RSP)),
         _element(0x0120, _US.pack(message_id)),  # Message ID Being Responded To
         _element(_DATA_SET_TYPE, _US.pack(NO_DATA_SET)),
         _element(0x0900, _US.pack(status)),       # Status
-        _element(_SOP_INSTANCE, _uid_value(sop_instance_uid))))
+        uid_element(_SOP_INSTANCE, sop_instance_uid)))
     command = _element(_GROUP_LENGTH, struct.pack("<L", len(body))) + body
     pdv = struct.pack(">LBB", len(command) + 2, context_id, 0x03) + command
     return struct.pack(">BBL", 0x04, 0x00, len(pdv)) + pdv
@@ -129,7 +135,8 @@ def encode_store_response(context_id: int, message_id: int, sop_class_uid: str, 
 
 def _store_response_size(command: StoreCommand) -> int:
     """Bytes of the C-STORE-RSP P-DATA-TF PDU for ``command`` (whatever its status), without encoding it:
-    the PDU and PDV headers (12), the group length (12), four 2-byte elements (40) and the two UIDs."""
+    the PDU and PDV headers (12), the group length (12), four 2-byte elements (40) and the two UIDs
+    (an upper bound where a UID is too long to be echoed)."""
     return 64 + sum(8 + len(_uid_value(uid)) for uid in (command.sop_class_uid, command.sop_instance_uid))
 
 
@@ -180,13 +187,11 @@ class DirectStore:
         context = assoc._accepted_cx.get(context_id)  # noqa: SLF001
         if context is None or assoc.acceptor.accepted_common_extended:
             return False
-        if uid_to_service_class(command.sop_class_uid) is not StorageServiceClass:
-            return False
         maximum = assoc.requestor.maximum_length
         if maximum and _store_response_size(command) > maximum:
             return False
         try:
-            request = self._request(command)  # the UIDs must pass pynetdicom's validation, as there
+            request = self._request(command)
         except (ValueError, TypeError):
             return False
         self._command, self._request_primitive, self._context, self._chunks = command, request, context, []
@@ -194,10 +199,13 @@ class DirectStore:
 
     @staticmethod
     def _request(command: StoreCommand) -> C_STORE:
+        """The C-STORE primitive for ``command``. The UIDs are set without pynetdicom's length
+        check (pynetdicom would abort the association for a 65-character UID): the handler
+        answers an invalid UID with 0xC001 itself."""
         req = C_STORE()
         req.MessageID = command.message_id
-        req.AffectedSOPClassUID = command.sop_class_uid
-        req.AffectedSOPInstanceUID = command.sop_instance_uid
+        req._affected_sop_class_uid = UID(command.sop_class_uid) or None  # noqa: SLF001
+        req._affected_sop_instance_uid = UID(command.sop_instance_uid) or None  # noqa: SLF001
         req.Priority = command.priority
         if command.move_originator_ae is not None:
             req.MoveOriginatorApplicationEntityTitle = command.move_originator_ae

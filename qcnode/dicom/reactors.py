@@ -55,10 +55,13 @@ from typing import Any, Callable, cast
 
 from pynetdicom import evt
 from pynetdicom.association import LOGGER as ASSOC_LOGGER, Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import LOGGER as DUL_LOGGER, DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket
 
 from qcnode.dicom.direct_store import DirectStore
@@ -434,6 +437,26 @@ class EventDrivenAssociation(Association):
         self._kill = True
         self.wake()
         super().kill()
+
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        """pynetdicom's dispatch, except that a C-STORE of a SOP class pynetdicom has no storage
+        service for (an unknown or private UID) goes to the storage service too, whose handler
+        refuses it with 0x0122, instead of an A-ABORT."""
+        if (isinstance(msg, C_STORE) and context_id in self._accepted_cx
+                and uid_to_service_class(msg.AffectedSOPClassUID or "") is not StorageServiceClass
+                and not self.acceptor.accepted_common_extended):
+            self.dimse.cancel_req = {}
+            self._is_paused = True
+            try:
+                StorageServiceClass(self).SCP(msg, self._accepted_cx[context_id])
+            except Exception as exc:  # noqa: BLE001 - as pynetdicom: log and abort
+                ASSOC_LOGGER.exception(exc)
+                self.abort()
+            finally:
+                self._is_paused = False
+                self.dimse.cancel_req = {}
+            return
+        super()._serve_request(msg, context_id)
 
     def _run_reactor(self) -> None:
         """pynetdicom's acceptor loop, waiting on the wake-up Event instead of sleeping 1 ms."""

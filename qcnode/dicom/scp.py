@@ -12,7 +12,9 @@ full or over quota while writing, or shutting down), 0xA900 dataset does not mat
 the dataset or in the C-STORE request), 0xC002 no pixel data, 0xC003 inconsistent pixel data,
 0xC004 cannot store/record, 0x0122 SOP class not supported (non-CT storage objects and SRs
 that are not dose reports; other storage classes are accepted at negotiation only so that they
-can be refused with a clear status and a quarantine copy).
+can be refused with a clear status and a quarantine copy; also a C-STORE whose SOP Class UID is not
+the abstract syntax of the presentation context it came on, e.g. a CT slice on the Verification
+context or an unknown SOP class on a CT context, which pynetdicom alone would abort or accept).
 
 Associations are refused with an A-ASSOCIATE-RJ: calling AE title not in the allow-list
 (permanent, service user, calling-AE-title-not-recognised); source IP not allowed (permanent,
@@ -390,6 +392,11 @@ class StorageSCP:
                                      ("SOP Instance UID", "sop_instance_uid", req.AffectedSOPInstanceUID)):
                 if info[key] is None:  # (the dataset's own UID is compared with it below)
                     raise Refused(INVALID_UID, f"invalid {what} in the C-STORE request: {_uid_text(value)!r}")
+            context_class = str(event.context.abstract_syntax)
+            if info["sop_class_uid"] != context_class:  # pynetdicom dispatches on the request's own UID
+                raise Refused(SOP_CLASS_NOT_SUPPORTED,
+                              f"C-STORE of SOP Class {info['sop_class_uid']} on a presentation context "
+                              f"negotiated for {context_class}")
             try:
                 ds = event.dataset
                 if getattr(ds, "file_meta", None) is None:

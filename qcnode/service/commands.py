@@ -45,11 +45,13 @@ def _db_errors(name: str) -> Callable[[Command], Command]:
         def run(args: argparse.Namespace) -> int:
             from alembic.util import CommandError
             from sqlalchemy.exc import OperationalError
+
+            from qcnode.db.queue import ClockSkewError
             try:
                 return func(args)
             except OperationalError as exc:
                 return _fail(name, f"cannot use the database: {exc.orig}")
-            except (CommandError, OSError) as exc:
+            except (CommandError, OSError, ClockSkewError) as exc:
                 return _fail(name, exc)
         return run
     return wrap
@@ -98,6 +100,7 @@ def collect_status(cfg: Any) -> dict[str, Any]:
 
     from qcnode.db.engine import make_engine, session_factory
     from qcnode.db.models import Delivery, Job, QuarantineRecord, Series, SeriesResult
+    from qcnode.db.queue import database_clock_skew
     from qcnode.dicom.spool import free_disk_mb
     from qcnode.service.daemon import current_revision, head_revision
 
@@ -114,6 +117,9 @@ def collect_status(cfg: Any) -> dict[str, Any]:
         return out
     engine = make_engine(url)
     try:
+        skew = database_clock_skew(engine)
+        if skew is not None:
+            out["clock_skew_seconds"] = round(skew, 3)
         with session_factory(engine)() as s:
             def counts(col: Any) -> dict[str, int]:
                 return {str(k): int(v) for k, v in s.execute(select(col, func.count()).group_by(col)).all()}
@@ -174,6 +180,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"model      {st['model']['checkpoint']} ({'present' if st['model']['present'] else 'MISSING'}),"
           f" last used version {st['model'].get('last_version_used')}")
     print(f"disk free  {st['disk_free_mb']} MiB (watermark {st['min_free_disk_mb']} MiB)")
+    if "clock_skew_seconds" in st:
+        print(f"clock      {st['clock_skew_seconds']:+.3f} s to the database server")
     for title, key in (("last job errors", "last_job_errors"), ("dead letters", "dead_letters"),
                        ("delivery retries", "last_delivery_errors"), ("last quarantined", "last_quarantine")):
         if st.get(key):

@@ -130,6 +130,8 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
     if migrate_db:
         migrate(url)
     engine = make_engine(url)
+    from qcnode.db.queue import check_clock
+    check_clock(engine, min(cfg.worker.lease_seconds, cfg.outbox.lease_seconds))
     sf: Callable[[], Session] = session_factory(engine)
     spool = Spool(cfg.path(cfg.storage.spool_dir), cfg.path(cfg.storage.quarantine_dir))
 
