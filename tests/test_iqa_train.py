@@ -193,3 +193,38 @@ def test_separate_validation_folder(tiny_data, tmp_path, capsys):
     argv[argv.index("--val-data") + 1] = str(tmp_path / "missing")
     assert qcnode_main(argv) == 2
     assert "validation folder not found" in capsys.readouterr().err
+
+
+def test_sampling_pool_draws_real_slices_more_often():
+    from qcnode.iqa.train import sampling_pool
+    meta = [{"source_kind": k} for k in ("phantom", "real", "phantom", "real", "real")]
+    tr_idx = [0, 1, 2, 3]  # image 4 is in validation
+    assert sampling_pool(meta, tr_idx, 6, 1).tolist() == [0, 1, 2, 3, 4, 5]  # 6 rows: 2 pseudo-labeled
+    pool = sampling_pool(meta, tr_idx, 6, 3).tolist()
+    assert sorted(pool) == [0, 1, 1, 1, 2, 3, 3, 3, 4, 5]
+
+
+def test_real_weight_in_training_and_cli(tmp_path, capsys):
+    import csv
+    root = make_tiny_dataset(tmp_path / "train", n_sources=5, size=64)
+    with (root / "meta.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["source_kind"] = "real" if r["source_id"] in ("train-0", "train-1") else "phantom"
+    with (root / "meta.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "m.pt"
+    argv = ["train", "--data", str(root), "--out", str(out), "--epochs", "1", "--batch-size", "8", "--threads", "1",
+            "--val-fraction", "0.2", "--no-calibrate", "--rank-weight", "1", "--real-weight", "4", "--seed", "1"]
+    for k, v in TINY_CONFIG.items():
+        argv += ["--set", f"{k}={json.dumps(v)}"]
+    assert qcnode_main(argv) == 0
+    err = capsys.readouterr().err
+    assert "real source slices drawn 4x as often" in err
+    n_real = int(err.split("drawn 4x as often: ")[1].split(" of ")[0])
+    assert n_real in (4, 8)  # one or both real sources in training (the other may be the validation group)
+    assert read_checkpoint(out)["meta"]["options"]["real_weight"] == 4
+    assert qcnode_main(argv[:-4] + ["--real-weight", "0"]) == 2
+    assert "--real-weight must be 1-20" in capsys.readouterr().err

@@ -83,6 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "views, as `qcnode simulate` writes; 0 = off)")
     p.add_argument("--rank-margin", type=float, default=0.1,
                    help="score points the higher-dose image of a pair must lead by (default 0.1)")
+    p.add_argument("--real-weight", type=int, default=1,
+                   help="draw images of real (non-phantom) source slices this many times as often as "
+                        "phantom images (needs meta.csv source_kind; default 1 = uniform)")
     p.set_defaults(func=run_train)
 
     p = subparsers.add_parser(
@@ -138,6 +141,9 @@ def run_train(args: argparse.Namespace) -> int:
         _err(f"qcnode train: --rank-weight and --rank-margin must be >= 0 "
              f"(got {args.rank_weight} and {args.rank_margin})")
         return EXIT_ARGS
+    if not 1 <= args.real_weight <= 20:
+        _err(f"qcnode train: --real-weight must be 1-20 (got {args.real_weight})")
+        return EXIT_ARGS
     missing = [str(t) for t in args.teachers if not t.is_file()]
     if missing:
         _err(f"qcnode train: teacher checkpoint(s) not found: {', '.join(missing)}")
@@ -151,11 +157,12 @@ def run_train(args: argparse.Namespace) -> int:
     base = TrainOptions(
         data=str(args.data), out=str(args.out), config=cfg.to_dict(), epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
-        val_fraction=args.val_fraction, val_data=str(args.val_data) if args.val_data else None, threads=args.threads, max_images=args.max_images, resume=args.resume,
+        val_fraction=args.val_fraction, val_data=str(args.val_data) if args.val_data else None,
+        threads=args.threads, max_images=args.max_images, resume=args.resume,
         calibrate=not args.no_calibrate, unlabeled=str(args.unlabeled) if args.unlabeled else None,
         teachers=[str(t) for t in args.teachers], pseudo_max_std=args.pseudo_max_std,
         pseudo_keep=args.pseudo_keep, pseudo_weight=args.pseudo_weight, rank_weight=args.rank_weight,
-        rank_margin=args.rank_margin, command=command)
+        rank_margin=args.rank_margin, real_weight=args.real_weight, command=command)
     try:
         if args.unlabeled is None:
             train(base)

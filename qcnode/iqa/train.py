@@ -12,6 +12,9 @@
   the score readout is untouched) is fitted on the validation split so that 90 % of validation
   labels fall inside the 5-95 % interval; stored as ``interval_temperature`` in the config.
 * Semi-supervised: optional extra (pseudo-labeled) images and labels, see ``qcnode.iqa.semi``.
+* Real-slice weighting (``real_weight`` > 1): anchors are drawn from a pool in which the images
+  of real source slices (meta.csv ``source_kind`` "real") appear ``real_weight`` times, so the few
+  real scanner textures weigh more against the many phantoms; an epoch keeps its number of steps.
 * Dose-order ranking (``rank_weight`` > 0; RankIQA-style, needs meta.csv with ``source_id``,
   ``dose_fraction`` and ``views``, as ``qcnode simulate`` writes): half of each batch are anchors,
   the other half one partner each from the same source slice whose quality order is known by
@@ -70,6 +73,7 @@ class TrainOptions:
     pseudo_weight: float = 1.0
     rank_weight: float = 0.0       # weight of the dose-order ranking loss (0 = off)
     rank_margin: float = 0.1       # score points the better image of a pair must lead by
+    real_weight: int = 1           # images of real source slices drawn this many times as often (1 = uniform)
     command: str = ""
 
 
@@ -138,6 +142,17 @@ def dose_order_partners(meta: list[dict[str, Any]]) -> list[list[tuple[int, bool
                 elif di <= dj and vi <= vj:
                     partners[i].append((j, False))
     return partners
+
+
+def sampling_pool(meta: list[dict[str, Any]], tr_idx: list[int], n: int, real_weight: int) -> torch.Tensor:
+    """Rows of the training tensor to draw an epoch's anchors from: every row once, and the rows of
+    real source slices (meta.csv ``source_kind`` "real") ``real_weight - 1`` more times. Rows past
+    ``tr_idx`` (pseudo-labeled images) are drawn once."""
+    rows = torch.arange(n)
+    if real_weight <= 1:
+        return rows
+    real = [p for p, i in enumerate(tr_idx) if i < len(meta) and meta[i].get("source_kind") == "real"]
+    return torch.cat([rows, torch.as_tensor(real, dtype=torch.long).repeat(real_weight - 1)])
 
 
 def _pair_batch(anchors: torch.Tensor, partners: list[list[tuple[int, bool]]], n: int,
@@ -284,6 +299,11 @@ def train(opts: TrainOptions, extra_x: torch.Tensor | None = None, extra_y: np.n
             progress("train: dose-order ranking requested, but meta.csv gives no source/dose/views groups: off")
             partners = []
 
+    draw_pool = sampling_pool(ds.meta, tr_idx, n, opts.real_weight)
+    if len(draw_pool) > n:
+        progress(f"train: real source slices drawn {opts.real_weight}x as often: "
+                 f"{(len(draw_pool) - n) // (opts.real_weight - 1)} of {n} training images are real")
+
     model = MDIQA(cfg)
     model.train()
     decay = [p for nme, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in nme and "cls_token" not in nme]
@@ -319,11 +339,14 @@ def train(opts: TrainOptions, extra_x: torch.Tensor | None = None, extra_y: np.n
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, opts.epochs):
         perm = torch.randperm(n, generator=gen)
+        if len(draw_pool) > n:  # (with uniform drawing the permutation is as before: same runs, same seeds)
+            perm = draw_pool[torch.randperm(len(draw_pool), generator=gen)]
         t_ep, run_loss = time.time(), 0.0
         for b in range(steps_per_epoch):
             if partners:
                 half = max(1, opts.batch_size // 2)
-                ib, better, worse = _pair_batch(perm[(b * half) % n:(b * half) % n + half], partners, n, gen)
+                at = (b * half) % len(perm)
+                ib, better, worse = _pair_batch(perm[at:at + half], partners, n, gen)
             else:
                 ib = perm[b * opts.batch_size:(b + 1) * opts.batch_size]
             xb = augment(x_tr[ib], generator=gen)
