@@ -12,12 +12,12 @@ byte for byte what pynetdicom would send.
 
 Anything it does not recognise goes to pynetdicom unchanged: a command set split over several
 PDUs, any DIMSE message but a C-STORE-RQ with a data set, a command set with elements beyond
-those of a C-STORE-RQ, a presentation context that was not accepted, SOP Class extended negotiation, a response larger than the peer's maximum PDU, and
-anything outside the established state (Sta6). The fallback decision is made before a byte is
-consumed, so pynetdicom then sees exactly what it would have seen. Unlike pynetdicom it serves a
-C-STORE-RQ whatever its SOP Class UID or UID lengths, so that the handler answers a SOP class
-that is not the context's with 0x0122 and an over-long UID with 0xC001 (pynetdicom aborts the
-association for both).
+those of a C-STORE-RQ, a presentation context that was not accepted, SOP Class extended
+negotiation, a response larger than the peer's maximum PDU, and anything outside the
+established state (Sta6). The fallback decision is made before a byte is consumed, so pynetdicom
+then sees exactly what it would have seen. Unlike pynetdicom it serves a C-STORE-RQ whatever its
+SOP Class UID or UID lengths, so that the handler answers a SOP class that is not the context's
+with 0x0122 and an over-long UID with 0xC001 (pynetdicom aborts the association for both).
 
 While the handler runs the association's idle timer (the network timeout) is held, and it is
 restarted once the response is sent: the DUL thread reads nothing meanwhile, and a handler that
@@ -31,9 +31,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
-from pydicom.uid import UID
 
 from qcnode.log import get_logger
 
