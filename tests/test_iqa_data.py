@@ -54,14 +54,35 @@ def test_preprocess_window_resize_and_padding():
     assert centre == pytest.approx((40 + 160) / 400, abs=1e-5)
 
 
-def test_normalised_tif_rule(tmp_path):
-    img = np.random.default_rng(0).uniform(0, 1, (64, 64)).astype(np.float32)
-    tifffile.imwrite(tmp_path / "n.tif", img)
+def test_challenge_tifs_are_read_as_the_ldctiqac_window(tmp_path):
+    # the challenge's [0, 1] is [-1000, 400] HU (centre -300, width 1400), not the model's window
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-1000, 400, (64, 64)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "n.tif", (hu + 1000) / 1400)
+    np.testing.assert_allclose(data.read_tif_hu(tmp_path / "n.tif"), hu, atol=0.05)
     x = data.preprocess_tif(tmp_path / "n.tif", size=64)
-    np.testing.assert_allclose(x[0].numpy(), img, atol=1e-6)  # taken as is, not windowed
-    hu = (img * 400 - 160).astype(np.float32)
-    assert not data.looks_normalised(hu)
-    np.testing.assert_allclose(data.preprocess(hu, 64)[0].numpy(), img, atol=1e-5)
+    np.testing.assert_allclose(x.numpy(), data.preprocess(hu, 64).numpy(), atol=1e-5)
+    assert not data.looks_normalised(hu)  # HU tifs (the simulator's) are taken as HU
+    tifffile.imwrite(tmp_path / "hu.tif", hu)
+    np.testing.assert_allclose(data.read_tif_hu(tmp_path / "hu.tif"), hu)
+
+
+def test_a_folder_declares_its_tif_convention(tmp_path):
+    root = make_tiny_dataset(tmp_path / "train", n_sources=1, size=32)
+    assert data.load_labeled(root).convention.name == "auto"
+    (root / "convention.json").write_text(json.dumps({"convention": "window:-160,240"}))
+    ds = data.load_labeled(root)
+    assert ds.convention == data.TifConvention("window", (-160.0, 240.0))
+    img = np.full((4, 4), 0.5, np.float32)
+    assert ds.convention.to_hu(img)[0, 0] == pytest.approx(40.0)
+    assert "[-160, 240] HU" in ds.convention.describe()
+    assert data.load_labeled(root, convention="hu").convention.name == "hu"  # an option overrides the file
+    (root / "convention.json").write_text(json.dumps({"convention": "bogus"}))
+    with pytest.raises(ValueError, match="unknown tif convention"):
+        data.load_labeled(root)
+    for bad in ("window:5,1", "window:a,b"):
+        with pytest.raises(ValueError, match="LO < HI"):
+            data.TifConvention.parse(bad)
 
 
 def test_dicom_and_tif_preprocess_identically(shared_ct, tmp_path):
@@ -96,7 +117,7 @@ def test_unlabeled_folder_reads_tif_and_dicom_skipping_localizer(shared_ct, tmp_
     for name in ("I10.dcm", "localizer_I10.dcm"):
         shutil.copy(shared_ct / "philips_head_phantom" / name, tmp_path / "u" / name)
     items = list(data.iter_unlabeled(tmp_path / "u"))
-    ids = [i for i, _, _ in items]
+    ids = [i for i, _ in items]
     assert len(items) == 5
     assert any(i.endswith("I10.dcm") and "localizer" not in i for i in ids)
     assert not any("localizer" in i for i in ids)

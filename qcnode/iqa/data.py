@@ -5,10 +5,13 @@ Preprocessing (identical for training tifs and DICOM at scoring time, see ``prep
 pad to square with air, resize to the model input (area averaging when shrinking, bilinear when
 enlarging), then map the HU window [lo, hi] linearly to [0, 1] and clip.
 
-Normalised-tif rule: the LDCTIQAC2023 challenge distributes images that are already intensity
-normalised. A tif whose finite values all lie in [-0.05, 1.05] is taken as already normalised
-([0, 1] = the display window) and is only resized and clipped, not windowed. Anything else is
-taken as HU (the simulator writes float32 HU).
+Tif conventions (``TifConvention``): every tif is mapped to HU before the one preprocessing, so a
+tif and the DICOM it came from reach the network identically. The LDCTIQAC2023 challenge
+distributes [0, 1] tifs where [0, 1] is the HU window centre -300 / width 1400, i.e. [-1000, 400]
+HU (``shared/LDCTIQAC.md``). The default, "auto", reads a tif whose finite values all lie in
+[-0.05, 1.05] that way and anything else as HU (the simulator writes float32 HU). A folder may
+declare another convention in ``convention.json`` (``{"convention": "hu"}``, ``"ldctiqac"`` or
+``"window:LO,HI"``); commands take ``--convention`` too, and report the one used.
 
 LDCTIQAC2023 layout: ``ROOT/image/*.tif`` and a JSON ``{file name: mean score}`` in ROOT
 (``ROOT/<split>.json`` such as train.json/test.json, or the only ``*.json`` there). An optional
@@ -34,6 +37,67 @@ AIR_HU = -1000.0
 TIF_SUFFIXES = (".tif", ".tiff")
 
 
+LDCTIQAC_WINDOW_HU = (-1000.0, 400.0)  # the challenge's [0, 1]: centre -300, width 1400
+CONVENTION_FILE = "convention.json"
+
+
+@dataclass(frozen=True)
+class TifConvention:
+    """How a tif's values map to HU: "auto", "ldctiqac", "hu" or "window:LO,HI"."""
+    name: str
+    window_hu: tuple[float, float] | None = None  # [0, 1] -> [lo, hi] HU ("window", "ldctiqac")
+
+    @classmethod
+    def parse(cls, text: str) -> "TifConvention":
+        key = str(text).strip().lower()
+        if key in ("auto", "hu"):
+            return cls(key)
+        if key == "ldctiqac":
+            return cls(key, LDCTIQAC_WINDOW_HU)
+        if key.startswith("window:"):
+            try:
+                lo, hi = (float(v) for v in key[len("window:"):].split(","))
+            except ValueError:
+                lo = hi = float("nan")
+            if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+                raise ValueError(f"tif convention {text!r}: expected window:LO,HI with LO < HI (HU)")
+            return cls("window", (lo, hi))
+        raise ValueError(f"unknown tif convention {text!r}; choose auto, ldctiqac, hu or window:LO,HI")
+
+    def to_hu(self, img: np.ndarray) -> np.ndarray:
+        """The tif's values in HU."""
+        window = self.window_hu
+        if self.name == "auto":
+            window = LDCTIQAC_WINDOW_HU if looks_normalised(img) else None
+        if window is None:
+            return img
+        lo, hi = window
+        return (img * np.float32(hi - lo) + np.float32(lo)).astype(np.float32)
+
+    def describe(self) -> str:
+        if self.name == "auto":
+            return ("auto: [0, 1] tifs as LDCTIQAC2023 (centre -300 / width 1400 = [-1000, 400] HU), "
+                    "others as HU")
+        if self.name == "hu":
+            return "hu: tif values are HU"
+        lo, hi = self.window_hu
+        return f"{self.name}: [0, 1] = [{lo:g}, {hi:g}] HU"
+
+
+def folder_convention(root: str | Path, override: str | None = None) -> TifConvention:
+    """The tif convention of a folder: ``override``, else ROOT/convention.json, else "auto"."""
+    if override:
+        return TifConvention.parse(override)
+    path = Path(root) / CONVENTION_FILE
+    if not path.is_file():
+        return TifConvention("auto")
+    try:
+        text = json.loads(path.read_text())["convention"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: expected {{\"convention\": \"auto|ldctiqac|hu|window:LO,HI\"}}: {exc}") from exc
+    return TifConvention.parse(text)
+
+
 def looks_normalised(img: np.ndarray) -> bool:
     """True when all finite values lie in [-0.05, 1.05] (an already normalised image)."""
     finite = img[np.isfinite(img)]
@@ -41,16 +105,16 @@ def looks_normalised(img: np.ndarray) -> bool:
 
 
 def preprocess(hu: np.ndarray, size: int = DEFAULT_INPUT_SIZE,
-               window: tuple[float, float] = DEFAULT_WINDOW_HU, normalised: bool = False) -> torch.Tensor:
+               window: tuple[float, float] = DEFAULT_WINDOW_HU) -> torch.Tensor:
     """The one preprocessing shared by training and scoring: 2-D HU array -> (1, size, size) in [0, 1].
 
     Pads to square (air), resizes (area when shrinking, bilinear when enlarging), windows HU
-    [lo, hi] -> [0, 1] and clips. ``normalised=True`` skips the windowing (values already in [0, 1]).
+    [lo, hi] -> [0, 1] and clips.
     """
     img = np.asarray(hu, dtype=np.float32)
     if img.ndim != 2:
         raise ValueError(f"expected a 2-D slice, got shape {img.shape}")
-    fill = 0.0 if normalised else AIR_HU
+    fill = AIR_HU
     img = np.nan_to_num(img, nan=fill, posinf=fill, neginf=fill)
     h, w = img.shape
     if h != w:
@@ -64,9 +128,8 @@ def preprocess(hu: np.ndarray, size: int = DEFAULT_INPUT_SIZE,
         t = F.adaptive_avg_pool2d(t, (size, size))
     elif t.shape[-1] < size:
         t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-    if not normalised:
-        lo, hi = window
-        t = (t - lo) / (hi - lo)
+    lo, hi = window
+    t = (t - lo) / (hi - lo)
     return t[0].clamp_(0.0, 1.0)
 
 
@@ -81,11 +144,16 @@ def read_tif(path: str | Path) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
+def read_tif_hu(path: str | Path, convention: TifConvention = TifConvention("auto")) -> np.ndarray:
+    """A tif in HU under ``convention``."""
+    return convention.to_hu(read_tif(path))
+
+
 def preprocess_tif(path: str | Path, size: int = DEFAULT_INPUT_SIZE,
-                   window: tuple[float, float] = DEFAULT_WINDOW_HU) -> torch.Tensor:
-    """Read a tif (HU, or already normalised per the module rule) and preprocess it."""
-    img = read_tif(path)
-    return preprocess(img, size, window, normalised=looks_normalised(img))
+                   window: tuple[float, float] = DEFAULT_WINDOW_HU,
+                   convention: TifConvention = TifConvention("auto")) -> torch.Tensor:
+    """Read a tif, map it to HU under ``convention`` and preprocess it."""
+    return preprocess(read_tif_hu(path, convention), size, window)
 
 
 @dataclass
@@ -95,6 +163,7 @@ class LabeledSet:
     files: list[str]
     labels: np.ndarray                                  # (N,) float32
     meta: list[dict[str, str]] = field(default_factory=list)  # one row per file ({} without meta.csv)
+    convention: TifConvention = TifConvention("auto")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -129,8 +198,9 @@ def read_meta(root: Path) -> dict[str, dict[str, str]]:
         return {row["file"]: row for row in csv.DictReader(fh) if row.get("file")}
 
 
-def load_labeled(root: str | Path) -> LabeledSet:
-    """Load an LDCTIQAC2023-layout folder: image/*.tif + {file: mean score} JSON (+ optional meta.csv)."""
+def load_labeled(root: str | Path, convention: str | None = None) -> LabeledSet:
+    """Load an LDCTIQAC2023-layout folder: image/*.tif + {file: mean score} JSON (+ optional meta.csv);
+    the tif convention is ``convention``, else the folder's convention.json, else "auto"."""
     root = Path(root)
     if not (root / "image").is_dir():
         raise FileNotFoundError(f"{root}: missing image/ folder (expected the LDCTIQAC2023 layout)")
@@ -150,22 +220,23 @@ def load_labeled(root: str | Path) -> LabeledSet:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{label_path}: non-numeric score: {exc}") from exc
     meta = read_meta(root)
-    return LabeledSet(root, files, values, [meta.get(f, {}) for f in files])
+    return LabeledSet(root, files, values, [meta.get(f, {}) for f in files], folder_convention(root, convention))
 
 
-def iter_unlabeled(root: str | Path) -> Iterator[tuple[str, np.ndarray, bool]]:
-    """Slices of an unlabeled folder, recursively: tifs and DICOM files (anything else that is not
-    DICOM is ignored). Yields (id, image, normalised); localizers and unreadable files are skipped."""
+def iter_unlabeled(root: str | Path, convention: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Slices of an unlabeled folder, recursively: tifs (``folder_convention``) and DICOM files
+    (anything else that is not DICOM is ignored). Yields (id, HU image); localizers and unreadable
+    files are skipped."""
     from qcnode.dicom.pixels import SkipSlice, UnreadableFile, load_slices
 
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"unlabeled data not found: {root}")
+    tif_convention = folder_convention(root if root.is_dir() else root.parent, convention)
     paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     for p in paths:
         if p.suffix.lower() in TIF_SUFFIXES:
-            img = read_tif(p)
-            yield str(p), img, looks_normalised(img)
+            yield str(p), read_tif_hu(p, tif_convention)
             continue
         if p.suffix.lower() in (".csv", ".json", ".txt", ".md"):
             continue
@@ -174,15 +245,15 @@ def iter_unlabeled(root: str | Path) -> Iterator[tuple[str, np.ndarray, bool]]:
         except (SkipSlice, UnreadableFile):
             continue
         for s in slices:
-            yield f"{p}#{s.frame}" if s.frame is not None else str(p), s.hu, False
+            yield f"{p}#{s.frame}" if s.frame is not None else str(p), s.hu
 
 
-def preprocess_many(images: Iterable[tuple[np.ndarray, bool]], size: int, window: tuple[float, float],
+def preprocess_many(images: Iterable[np.ndarray], size: int, window: tuple[float, float],
                     progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Stack preprocessed images into an (N, 1, size, size) float32 tensor (an in-memory cache)."""
+    """Stack preprocessed HU images into an (N, 1, size, size) float32 tensor (an in-memory cache)."""
     out = []
-    for i, (img, normalised) in enumerate(images):
-        out.append(preprocess(img, size, window, normalised=normalised))
+    for i, img in enumerate(images):
+        out.append(preprocess(img, size, window))
         if progress:
             progress(i + 1)
     if not out:
@@ -193,11 +264,7 @@ def preprocess_many(images: Iterable[tuple[np.ndarray, bool]], size: int, window
 def cache_labeled(ds: LabeledSet, size: int, window: tuple[float, float],
                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Preprocess every image of a labeled set once: (N, 1, size, size)."""
-    def gen() -> Iterator[tuple[np.ndarray, bool]]:
-        for p in ds.paths():
-            img = read_tif(p)
-            yield img, looks_normalised(img)
-    return preprocess_many(gen(), size, window, progress)
+    return preprocess_many((read_tif_hu(p, ds.convention) for p in ds.paths()), size, window, progress)
 
 
 def augment(x: torch.Tensor, max_shift: int = 6, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -123,6 +123,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # default network with the wide-window input (noise/streaks in air and bone stay visible);
     # see models/MODEL_CARD.md for why this is the recommended input for the next shipped model
     "wide": {"input_mode": "wide", "window_hu": (-1024.0, 1024.0)},
+    # wide-mode channels over the LDCTIQAC2023 window [-1000, 400] HU (C -300 / W 1400): a challenge
+    # tif and the DICOM it came from give the network the same input
+    "challenge": {"input_mode": "wide", "window_hu": (-1000.0, 400.0)},
     # the paper-sized backbones (ViT-S + ConvNeXt-T); builds and trains, too slow to ship on CPU
     "paper": {"vit_name": "vit_small_patch16_224", "vit_kwargs": {}, "convnext_name": "convnext_tiny",
               "convnext_kwargs": {},

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from qcnode.iqa.data import looks_normalised, preprocess
+from qcnode.iqa.data import preprocess
 from qcnode.iqa.network import MDIQA, MDIQAConfig
 
 CHECKPOINT_FORMAT = "qcnode-mdiqa"
@@ -158,9 +158,3 @@ class Scorer:
             if between_batches is not None:
                 between_batches()
         return out
-
-    def score_images(self, images: Sequence[np.ndarray], batch_size: int = 16) -> list[SliceQuality]:
-        """Like score_hu, but applies the normalised-tif rule per image (see qcnode.iqa.data)."""
-        x = torch.stack([preprocess(im, self.config.input_size, self.config.window_hu,
-                                    normalised=looks_normalised(im)) for im in images])
-        return self.score_tensors(x, batch_size)

@@ -29,7 +29,7 @@ def _log(msg: str) -> None:
 class PseudoLabels:
     """Teacher-ensemble pseudo labels for one unlabeled folder."""
     ids: list[str]
-    images: list[tuple[np.ndarray, bool]]  # (image, normalised) as read
+    images: list[np.ndarray]  # HU, as read
     score: np.ndarray       # ensemble mean (N,)
     std: np.ndarray         # teacher disagreement (N,)
     width: np.ndarray       # mean 5-95 % interval width (N,)
@@ -52,8 +52,8 @@ def pseudo_label(teachers: Sequence[str | Path], unlabeled: str | Path, max_std:
     items = list(iter_unlabeled(unlabeled))
     if not items:
         raise ValueError(f"{unlabeled}: no readable tif or DICOM slices")
-    ids = [i for i, _, _ in items]
-    images = [(img, norm) for _, img, norm in items]
+    ids = [i for i, _ in items]
+    images = [img for _, img in items]
     scores, widths = [], []
     for t in teachers:
         scorer = Scorer.load(t)
