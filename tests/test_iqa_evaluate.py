@@ -65,3 +65,58 @@ def test_evaluate_missing_model_and_data(tmp_path):
     data = make_tiny_dataset(tmp_path / "test", n_sources=1, size=32, split="test")
     assert qcnode_main(["evaluate", "--model", str(tmp_path / "none.pt"), "--data", str(data)]) == 1
     assert qcnode_main(["evaluate", "--model", str(tmp_path / "none.pt"), "--data", str(tmp_path / "x")]) == 2
+
+
+def _untrained(tmp_path):
+    return write_untrained_checkpoint(tmp_path / "m.pt", MDIQAConfig.from_dict({**MDIQAConfig().to_dict(),
+                                                                               **TINY_CONFIG}))
+
+
+def test_evaluate_reports_the_tif_convention(tmp_path, capsys):
+    data = make_tiny_dataset(tmp_path / "test", n_sources=1, size=64, split="test")
+    args = ["evaluate", "--model", str(_untrained(tmp_path)), "--data", str(data), "--no-baseline"]
+    assert qcnode_main(args) == 0
+    assert "tif convention auto" in json.loads(capsys.readouterr().out)["reading"]
+    assert qcnode_main(args + ["--convention", "ldctiqac"]) == 0
+    assert "[-1000, 400] HU" in json.loads(capsys.readouterr().out)["reading"]
+    assert qcnode_main(args + ["--convention", "window:9"]) == 2
+    assert "window:LO,HI" in capsys.readouterr().err
+
+
+def test_evaluate_a_dicom_folder_with_a_sites_labels(tmp_path, capsys, shared_ct):
+    import csv
+    import shutil
+
+    import pydicom
+    folder = tmp_path / "site"
+    files = sorted((shared_ct / "ge_head").glob("*.dcm"))[:6]
+    for f in files:
+        shutil.copy(f, folder / f.name if folder.exists() else (folder.mkdir() or folder / f.name))
+    shutil.copy(shared_ct / "philips_head_phantom" / "localizer_I10.dcm", folder / "scout.dcm")  # skipped
+    # three by file name (CSV), three by SOP Instance UID
+    with (tmp_path / "labels.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "score"])
+        for f in files[:3]:
+            w.writerow([f.name, 3.5])
+        for f in files[3:]:
+            w.writerow([pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID, 2.0])
+    model = str(_untrained(tmp_path))
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", model, "--data", str(folder), "--labels", str(tmp_path / "labels.csv")]
+    assert qcnode_main(args + ["--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 6 and result["reading"].startswith("DICOM")
+    assert result["model_metrics"]["n"] == 6 and 0 <= result["interval_coverage"] <= 1
+    assert result["baseline"]["n_undefined"] < 6  # HU from the rescale tags: the noise level is defined
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert sorted(r["file"] for r in rows) == sorted(f.name for f in files)
+    # JSON labels; a label that matches no slice is a clear error
+    (tmp_path / "labels.json").write_text(json.dumps({files[0].name: 4, "missing.dcm": 1}))
+    assert qcnode_main(["evaluate", "--model", model, "--data", str(folder),
+                        "--labels", str(tmp_path / "labels.json")]) == 2
+    assert "match no scorable DICOM slice" in capsys.readouterr().err
+    (tmp_path / "bad.csv").write_text("name,value\na,1\n")
+    assert qcnode_main(["evaluate", "--model", model, "--data", str(folder), "--labels",
+                        str(tmp_path / "bad.csv")]) == 2
+    assert "score column" in capsys.readouterr().err

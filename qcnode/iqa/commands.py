@@ -53,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="labeled folder (image/*.tif + labels JSON)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint to write (e.g. models/mdiqa-default.pt)")
     p.add_argument("--preset", default="default",
-                   help="network preset: default (CPU), wide (default + wide-window input) "
+                   help="network preset: default (CPU), wide (default + wide-window input), challenge (wide "
+                        "channels over the LDCTIQAC2023 window [-1000, 400] HU; the shipped model) "
                         "or paper (ViT-S + ConvNeXt-T)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a network config field, e.g. --set branches=vit --set head=single "
@@ -93,8 +94,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="PLCC/SROCC/KROCC (raw and their sum), PLCC after the 4-parameter logistic fit, interval "
                     "coverage, per-subgroup numbers, dose monotonicity, and the same for the global-noise-level "
                     "physics baseline. Prints metrics JSON; writes metrics.json, predictions.csv, scatter.png "
-                    "into --out.")
-    p.add_argument("--data", required=True, type=Path, help="labeled folder (image/*.tif + labels JSON)")
+                    "into --out. --data is an LDCTIQAC2023-layout folder (image/*.tif + labels JSON), or, with "
+                    "--labels, a folder of DICOM scored by a site's own readers.")
+    p.add_argument("--data", required=True, type=Path,
+                   help="labeled folder (image/*.tif + labels JSON), or DICOM folder with --labels")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="labels of a DICOM --data folder: CSV (columns file or sop_instance_uid, and score) or "
+                        "JSON {file or SOP Instance UID: score}")
+    p.add_argument("--convention", default=None,
+                   help="how tif values map to HU: auto (default: [0, 1] tifs are the LDCTIQAC2023 window "
+                        "[-1000, 400] HU, others HU), ldctiqac, hu, or window:LO,HI; default: the folder's "
+                        "convention.json, else auto")
     p.add_argument("--model", type=Path, default=None, help="checkpoint (default models/mdiqa-default.pt)")
     p.add_argument("--out", type=Path, default=None, help="folder for metrics.json, predictions.csv, scatter.png")
     p.add_argument("--no-baseline", action="store_true", help="skip the physics baseline")
@@ -216,9 +226,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if not args.data.is_dir():
         _err(f"qcnode evaluate: data folder not found: {args.data}")
         return EXIT_ARGS
+    if args.labels is not None and not args.labels.is_file():
+        _err(f"qcnode evaluate: labels file not found: {args.labels}")
+        return EXIT_ARGS
     try:
         result = evaluate(args.model, args.data, args.out, batch_size=args.batch_size,
-                          baseline=not args.no_baseline, threads=args.threads)
+                          baseline=not args.no_baseline, threads=args.threads, labels_file=args.labels,
+                          convention=args.convention)
     except CheckpointError as exc:
         _err(f"qcnode evaluate: {exc}")
         return EXIT_MODEL

@@ -16,6 +16,9 @@ GNL means lower quality, so the baseline's prediction is -GNL):
   (``qcnode.iqa.simulate.expected_reader_mean``). The readers' per-image jitter and the rounding
   keep even the oracle below a perfect 3.0; no model can be expected to beat it;
 * a predicted-vs-label scatter plot (PNG) and a per-image predictions CSV.
+
+Data: an LDCTIQAC2023-layout folder of tifs (read under its tif convention, reported), or a
+folder of DICOM with a labels file (a site's own radiologists' scores, ``load_dicom_labeled``).
 """
 from __future__ import annotations
 
@@ -25,13 +28,14 @@ import math
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from scipy import stats
 
-from qcnode.iqa.data import load_labeled, meta_value, preprocess, read_tif, looks_normalised
+from qcnode.iqa.data import load_labeled, meta_value, preprocess, read_tif_hu
 from qcnode.iqa.metrics import all_metrics
 
 MIN_GROUP = 5
@@ -41,20 +45,97 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def baseline_gnl(paths: list[Path], spacings: list[float | None],
-                 progress: Callable[[str], None] = _log) -> np.ndarray:
+@dataclass
+class EvalSet:
+    """Labeled images to evaluate, whatever their layout: names, labels, meta rows, and a loader of
+    image i in HU."""
+    names: list[str]
+    labels: np.ndarray
+    meta: list[dict[str, str]]
+    spacings: list[float | None]
+    load_hu: Callable[[int], np.ndarray]
+    reading: str  # how pixel values became HU (reported)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def tif_eval_set(data: str | Path, convention: str | None = None) -> EvalSet:
+    """An LDCTIQAC2023-layout folder as an EvalSet (tifs mapped to HU under the folder's convention)."""
+    ds = load_labeled(data, convention)
+    paths = ds.paths()
+    spacings = [meta_value(m, "pixel_spacing_mm") for m in ds.meta]
+    return EvalSet(ds.files, ds.labels.astype(np.float64), ds.meta,
+                   [s if math.isfinite(s) else None for s in spacings],
+                   lambda i: read_tif_hu(paths[i], ds.convention), f"tif convention {ds.convention.describe()}")
+
+
+def read_label_file(path: str | Path) -> dict[str, float]:
+    """A labels file: JSON {key: score} or CSV with a key column (file, path, sop_instance_uid or
+    SOPInstanceUID) and a score column (score or label)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        raw = json.loads(text)
+        if not isinstance(raw, dict) or not raw:
+            raise ValueError(f"{path}: expected a non-empty JSON object {{file or SOP Instance UID: score}}")
+        items = raw.items()
+    else:
+        rows = list(csv.DictReader(text.splitlines()))
+        cols = {c.lower(): c for c in (rows[0].keys() if rows else [])}
+        key = next((cols[c] for c in ("file", "path", "sop_instance_uid", "sopinstanceuid") if c in cols), None)
+        score = next((cols[c] for c in ("score", "label") if c in cols), None)
+        if key is None or score is None:
+            raise ValueError(f"{path}: CSV needs a file (or sop_instance_uid) column and a score column")
+        items = [(r[key], r[score]) for r in rows]
+    out = {}
+    for k, v in items:
+        try:
+            out[str(k).strip()] = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: non-numeric score {v!r} for {k!r}") from None
+    return out
+
+
+def load_dicom_labeled(folder: str | Path, labels_file: str | Path) -> EvalSet:
+    """DICOM slices under ``folder`` labeled by ``labels_file`` (keys: the file's path relative to
+    the folder, its name, or its SOP Instance UID). Every label must match a scorable slice."""
+    from qcnode.dicom.pixels import SkipSlice, UnreadableFile, load_slices
+
+    folder = Path(folder)
+    labels = read_label_file(labels_file)
+    found: dict[str, tuple[str, object]] = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            slices = load_slices(f)
+        except (SkipSlice, UnreadableFile):
+            continue
+        for sl in slices:
+            rel = f.relative_to(folder).as_posix()
+            for key in (rel, f.name, sl.sop_instance_uid):
+                if key in labels and key not in found:
+                    found[key] = (rel, sl)
+    missing = sorted(set(labels) - set(found))
+    if missing:
+        raise ValueError(f"{labels_file}: {len(missing)} labeled entries match no scorable DICOM slice "
+                         f"under {folder}, e.g. {missing[:3]}")
+    keys = sorted(found, key=lambda k: found[k][0])
+    slices = [found[k][1] for k in keys]
+    spacings = [float(s.pixel_spacing_mm[0]) if s.pixel_spacing_mm else None for s in slices]
+    return EvalSet([found[k][0] for k in keys], np.asarray([labels[k] for k in keys], dtype=np.float64),
+                   [{} for _ in keys], spacings, lambda i: slices[i].hu, "DICOM (HU from the rescale tags)")
+
+
+def baseline_gnl(es: EvalSet, progress: Callable[[str], None] = _log) -> np.ndarray:
     """Global noise level (HU) per image; NaN where it is undefined (too little soft tissue)."""
     from qcnode.iqa.physics import global_noise_level
 
-    out = np.full(len(paths), np.nan)
-    for i, (p, sp) in enumerate(zip(paths, spacings)):
-        img = read_tif(p)
-        if looks_normalised(img):
-            continue  # no HU: the physics baseline does not apply
-        v = global_noise_level(img, sp)
+    out = np.full(len(es), np.nan)
+    for i in range(len(es)):
+        v = global_noise_level(es.load_hu(i), es.spacings[i])
         out[i] = np.nan if v is None else v
         if (i + 1) % 500 == 0:
-            progress(f"evaluate: baseline GNL {i + 1}/{len(paths)}")
+            progress(f"evaluate: baseline GNL {i + 1}/{len(es)}")
     return out
 
 
@@ -117,37 +198,35 @@ def _metrics_or_none(pred: np.ndarray, label: np.ndarray, low=None, high=None) -
 
 def evaluate(model: str | Path | None, data: str | Path, out_dir: str | Path | None = None,
              batch_size: int = 32, baseline: bool = True, threads: int = 0,
-             progress: Callable[[str], None] = _log) -> dict[str, Any]:
-    """Score a labeled folder and compute every metric; writes metrics.json, predictions.csv and
-    scatter.png into ``out_dir`` when given. Returns the metrics dict."""
+             progress: Callable[[str], None] = _log, labels_file: str | Path | None = None,
+             convention: str | None = None, with_predictions: bool = False) -> dict[str, Any]:
+    """Score a labeled folder (LDCTIQAC2023 tifs, or DICOM with ``labels_file``) and compute every
+    metric; writes metrics.json, predictions.csv and scatter.png into ``out_dir`` when given.
+    Returns the metrics dict (with ``with_predictions``, also {"predictions": {name: score}})."""
     import torch
 
     from qcnode.iqa.scorer import Scorer
 
     t0 = time.time()
     scorer = Scorer.load(model, threads=threads)
-    ds = load_labeled(data)
-    paths = ds.paths()
-    progress(f"evaluate: {len(ds)} images in {data} with {scorer.version}")
-    xs = []
-    for i, p in enumerate(paths):
-        img = read_tif(p)
-        xs.append(preprocess(img, scorer.config.input_size, scorer.config.window_hu, normalised=looks_normalised(img)))
+    ds = load_dicom_labeled(data, labels_file) if labels_file else tif_eval_set(data, convention)
+    progress(f"evaluate: {len(ds)} images in {data} ({ds.reading}) with {scorer.version}")
+    xs = [preprocess(ds.load_hu(i), scorer.config.input_size, scorer.config.window_hu) for i in range(len(ds))]
     res = scorer.score_tensors(torch.stack(xs), batch_size)
     pred = np.asarray([r.score for r in res])
     low = np.asarray([r.score_low for r in res])
     high = np.asarray([r.score_high for r in res])
-    label = ds.labels.astype(np.float64)
+    label = ds.labels
     progress(f"evaluate: scored {len(res)} images in {time.time() - t0:.1f} s")
 
-    result: dict[str, Any] = {"model": scorer.info["version"], "data": str(data), "n": len(ds),
-                              "model_metrics": _metrics_or_none(pred, label, low, high),
+    result: dict[str, Any] = {"model": scorer.info["version"], "data": str(data), "reading": ds.reading,
+                              "n": len(ds), "model_metrics": _metrics_or_none(pred, label, low, high),
+                              "mean_absolute_error": float(np.mean(np.abs(pred - label))),
+                              "interval_coverage": float(np.mean((low <= label) & (label <= high))),
                               "mean_interval_width": float(np.mean(high - low))}
     gnl = None
     if baseline:
-        spacings = [meta_value(m, "pixel_spacing_mm") for m in ds.meta]
-        spacings = [None if not math.isfinite(s) else s for s in spacings]
-        gnl = baseline_gnl(paths, spacings, progress)
+        gnl = baseline_gnl(ds, progress)
         result["baseline"] = {"name": "global noise level (mode of local SD in soft tissue, HU); prediction = -GNL",
                               "n_undefined": int(np.isnan(gnl).sum()),
                               "metrics": _metrics_or_none(-gnl, label)}
@@ -177,10 +256,12 @@ def evaluate(model: str | Path | None, data: str | Path, out_dir: str | Path | N
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
-        _write_predictions(out / "predictions.csv", ds.files, label, pred, low, high, gnl, ds.meta)
+        _write_predictions(out / "predictions.csv", ds.names, label, pred, low, high, gnl, ds.meta)
         scatter_plot(out / "scatter.png", label, pred, low, high, gnl, groups.get("streak_degraded"),
                      title=f"{scorer.version} on {Path(data).name}")
         result["outputs"] = [str(out / n) for n in ("metrics.json", "predictions.csv", "scatter.png")]
+    if with_predictions:
+        result["predictions"] = dict(zip(ds.names, pred.tolist()))
     return result
 
 
