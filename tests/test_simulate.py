@@ -104,29 +104,77 @@ def test_labels_on_grid_and_monotone_in_expectation(simulated_body):
     by_noise = [expected(n, 0.0) for n in (3, 8, 12, 18, 27, 40, 60)]
     assert all(a >= b - 0.05 for a, b in zip(by_noise, by_noise[1:])), by_noise
     assert by_noise[0] > 3.7 and by_noise[-1] < 0.8
-    by_streak = [expected(8, s) for s in (0, 2, 4, 8, 16)]
+    by_streak = [expected(8, s) for s in (0, 4, 8, 16, 32, 64)]
     assert all(a >= b - 0.05 for a, b in zip(by_streak, by_streak[1:])), by_streak
-    assert by_streak[0] - by_streak[-1] > 2.0
+    assert by_streak[0] - by_streak[-1] > 2.5
     assert expected(8, 0, "head") < expected(8, 0, "body")
 
 
-def test_real_slice_noise_insertion(shared_ct):
-    """A real slice at full dose gets no added noise; lower doses add noise that rises as dose falls."""
-    path = shared_ct / "ge_head" / "10.dcm"
-    spec = simulate.SourceSpec("real:ge_head/10", "real", "head", "ge_head", "train", path=str(path),
-                               variants=[(1.0, 720), (0.5, 720), (0.1, 720)])
-    out = simulate.simulate_sources([spec], 128)
-    imgs = {r["dose_fraction"]: img for _, _, img, r in out}
-    noise = {r["dose_fraction"]: r["noise_hu"] for _, _, _, r in out}
+def test_real_slice_keeps_its_pixels_and_gets_the_extra_noise_of_lower_doses(shared_ct):
+    """A real slice at full dose and views is the slice itself; lower doses and fewer views add the
+    extra noise of quantum statistics on top of the slice's own measured noise, and streaks."""
     from qcnode.dicom.pixels import load_slices
+    from qcnode.iqa.physics import global_noise_level
+    path = shared_ct / "ge_head" / "10.dcm"
+    variants = [(1.0, 720), (0.5, 720), (0.25, 720), (1.0, 180), (0.25, 180)]
+    spec = simulate.SourceSpec("real:ge_head/10", "real", "head", "ge_head", "train", path=str(path),
+                               variants=variants)
+    out = {(r["dose_fraction"], r["views"]): (img, r) for _, _, img, r in simulate.simulate_sources([spec], 128)}
     sl = load_slices(path)[0]
     src, spacing = simulate.resample_square(sl.hu, sl.pixel_spacing_mm[0], 128)
     assert spacing == pytest.approx(sl.pixel_spacing_mm[0] * 4)
-    ref = simulate.reconstruct_hu(simulate.line_integrals(src[None], [spacing]), 720, 128, spacing)[0].numpy()
+    np.testing.assert_array_equal(out[(1.0, 720)][0], src)  # nothing added: the slice as acquired
+    own = global_noise_level(src, spacing)
+    assert all(r["own_noise_hu"] == pytest.approx(own, abs=1e-3) for _, r in out.values())
+    # total noise = own noise x sqrt(full views / (dose x views)): variance adds as dose falls
+    for (d, v), (_, r) in out.items():
+        assert r["noise_hu"] == pytest.approx(own * np.sqrt(720 / (d * v)), rel=0.02), (d, v)
     body = src > -500
-    assert float(np.abs(imgs[1.0] - ref).max()) < 0.5  # nothing added at full dose
-    assert float(np.std((imgs[0.5] - ref)[body])) < float(np.std((imgs[0.1] - ref)[body]))
-    assert noise[1.0] < noise[0.5] < noise[0.1]
+    added = {k: float(np.std((img - src)[body])) for k, (img, _) in out.items()}
+    assert added[(1.0, 720)] == 0 < added[(0.5, 720)] < added[(0.25, 720)] < added[(0.25, 180)]
+    assert out[(1.0, 180)][1]["streak_index"] > 0 == out[(1.0, 720)][1]["streak_index"]
+
+
+def test_real_noise_scale_adds_only_the_extra_variance():
+    # own 10 HU; at quarter dose the total is 20 HU, so the simulated image (std 5) is scaled to sqrt(300)
+    assert simulate.real_noise_scale(10.0, 5.0, 0.25, 720) == pytest.approx(np.sqrt(300) / 5)
+    assert simulate.real_noise_scale(10.0, 5.0, 1.0, 720) == 0.0
+    assert simulate.real_noise_scale(10.0, 5.0, 1.0, 180) == pytest.approx(np.sqrt(300) / 5)
+    assert simulate.real_noise_scale(10.0, 0.0, 0.5, 720) == 0.0
+
+
+def test_clinical_slices_split_by_patient_and_thinned():
+    root = simulate_data_root()
+    slices = simulate.find_real_slices([root / "lung_pet_ct_dx"])
+    assert {r.series for r in slices} == {f"series{i}" for i in range(1, 5)}
+    assert len({r.patient for r in slices}) == 2
+    kernels = {r.series: r.kernel for r in slices}
+    assert kernels["series1"] == "B40f" and kernels["series3"] == "B70f"
+    one = next(iter(sorted({r.patient for r in slices})))
+    train, val = simulate.split_by_patient(slices, {one})
+    assert train and val and not {r.patient for r in train} & {r.patient for r in val}
+    thin = simulate.thin_series(slices, 5)
+    assert len(thin) == 4 * 5 and {r.series for r in thin} == {r.series for r in slices}
+    assert simulate.thin_series(slices, 0) == slices
+
+
+def simulate_data_root():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "clinical_ct"
+    if not root.is_dir():
+        pytest.fail(f"shared clinical CT missing at {root}")
+    return root
+
+
+def test_relabel_reproduces_the_labels_of_a_run(tmp_path, shared_ct):
+    from qcnode.cli import main
+    out = tmp_path / "sim"
+    assert main(["simulate", "--out", str(out), "--size", "64", "--doses", "1,0.25", "--views", "720,64",
+                 "--train-phantoms", "2", "--clinical", "--sources", str(shared_ct / "ge_head" / "01.dcm")]) == 0
+    before = (out / "train" / "meta.csv").read_text(), (out / "train" / "train.json").read_text()
+    (out / "train" / "train.json").write_text("{}")
+    assert simulate.relabel(out) == {"train": 12}
+    assert ((out / "train" / "meta.csv").read_text(), (out / "train" / "train.json").read_text()) == before
 
 
 def test_plan_keeps_objects_out_of_two_splits():
@@ -176,7 +224,7 @@ def test_simulate_command_writes_challenge_layout(tmp_path, shared_ct):
     from qcnode.cli import main
     out = tmp_path / "sim"
     rc = main(["simulate", "--out", str(out), "--size", "64", "--doses", "1,0.1", "--views", "720,180",
-               "--train-phantoms", "2", "--test-phantoms", "1", "--unlabeled-phantoms", "1",
+               "--train-phantoms", "2", "--test-phantoms", "1", "--unlabeled-phantoms", "1", "--clinical",
                "--sources", str(shared_ct / "ge_head" / "01.dcm"),
                "--test-sources", str(shared_ct / "philips_head_phantom" / "I10.dcm"),
                str(shared_ct / "philips_head_phantom" / "localizer_I10.dcm")])
@@ -210,10 +258,10 @@ def test_tissue_free_skull_phantoms_planned_seeded_and_labelled():
     """skull_air / skull_water head phantoms: in every split, reproducible, labels fall with dose."""
     splits = simulate.plan(doses=[1, 0.1], views=[720, 180], train_phantoms=16, test_phantoms=16,
                            unlabeled_phantoms=16, seed=0)
-    for split, specs in splits.items():
-        kinds = [s.phantom for s in specs]
+    for split in ("train", "test", "unlabeled"):  # the splits that hold phantoms ("val" is real patients)
+        kinds = [s.phantom for s in splits[split]]
         assert {"skull_air", "skull_water"} <= set(kinds), split
-        assert all(s.anatomy == "head" for s in specs if s.phantom.startswith("skull"))
+        assert all(s.anatomy == "head" for s in splits[split] if s.phantom.startswith("skull"))
     for kind in ("skull_air", "skull_water"):
         a, b = make_phantom(kind, 21, 128), make_phantom(kind, 21, 128)
         assert np.array_equal(a.hu, b.hu) and a.region == kind and a.anatomy == "head"
@@ -234,6 +282,18 @@ def test_tissue_free_skull_phantoms_planned_seeded_and_labelled():
         assert rows[(1.0, 720)]["label"] >= 3.4  # full dose, all views: a good image
         assert rows[(0.1, 180)]["label"] < rows[(1.0, 720)]["label"]
         assert sum(rows[(0.1, v)]["label"] for v in (720, 180)) < sum(rows[(1.0, v)]["label"] for v in (720, 180))
+
+
+def test_readers_are_tied_to_the_challenge_scale():
+    """The calibrated readers: a routine smooth-kernel slice (about 7 HU at 256 px) is good to
+    excellent, a quarter of its dose still fair to good, a sharp kernel (25 HU) fair, heavy
+    sparse-view streaks poor to bad."""
+    e = simulate.expected_reader_mean
+    assert e(7.0, 0.0, "body") >= 3.5
+    assert 2.5 <= e(14.0, 0.0, "body") < e(7.0, 0.0, "body")
+    assert 1.7 <= e(25.0, 0.0, "body") <= 2.3
+    assert e(24.0, 40.0, "body") < 1.0
+    assert e(7.0, 0.0, "head") < e(7.0, 0.0, "body")
 
 
 def test_expected_reader_mean_is_the_exact_expectation():

@@ -5,12 +5,15 @@ torch is imported only when the command runs (the CLI imports this module at sta
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SHARED_CT = PROJECT_ROOT.parent / "shared" / "data" / "ct"
+DEFAULT_CLINICAL = PROJECT_ROOT.parent / "shared" / "data" / "clinical_ct"
+DEFAULT_SPLIT_FILE = PROJECT_ROOT / "models" / "clinical_split.json"
 TEST_SERIES = ("philips_head_phantom",)  # whole series held out for the test split
 
 
@@ -37,14 +40,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "5-reader model; writes OUT/{train,test,unlabeled}/image/*.tif + labels JSON + meta.csv.")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--size", type=int, default=256, help="output matrix (default 256; 512 sources are 2x2 averaged)")
-    p.add_argument("--doses", type=_floats, default=[1.0, 0.5, 0.25, 0.1],
-                   help="dose fractions, comma-separated (default 1,0.5,0.25,0.1)")
-    p.add_argument("--views", type=_ints, default=[720, 360, 180],
-                   help="view counts over 180 degrees, at most 720 (default 720,360,180)")
-    p.add_argument("--train-phantoms", type=int, default=156, help="procedural phantoms in train (default 156)")
-    p.add_argument("--test-phantoms", type=int, default=40, help="procedural phantoms in test (default 40)")
-    p.add_argument("--unlabeled-phantoms", type=int, default=100,
-                   help="procedural phantoms in unlabeled, 3 random dose/view variants each (default 100)")
+    p.add_argument("--doses", type=_floats, default=[1.0, 0.75, 0.5, 0.25],
+                   help="dose fractions, comma-separated (default 1,0.75,0.5,0.25: the LDCTIQAC2023 recipe)")
+    p.add_argument("--views", type=_ints, default=[720, 256, 128, 64],
+                   help="view counts over 180 degrees, at most 720 (default 720,256,128,64: full views and the "
+                        "LDCTIQAC2023 recipe's sparse views)")
+    p.add_argument("--clinical", type=Path, nargs="*", default=None,
+                   help="folders of routine-dose clinical CT (any transfer syntax, e.g. JPEG-LS), split by patient "
+                        "into train and val (default: ../shared/data/clinical_ct when present; none: --clinical "
+                        "without a folder)")
+    p.add_argument("--validation-patients", type=Path, default=DEFAULT_SPLIT_FILE,
+                   help="JSON with the PatientIDs held out for validation ({\"validation_patients\": [...]}; "
+                        "default models/clinical_split.json)")
+    p.add_argument("--max-per-series", type=int, default=0,
+                   help="at most this many slices per real series, evenly spaced (default 0: all)")
+    p.add_argument("--train-phantoms", type=int, default=32, help="procedural phantoms in train (default 32)")
+    p.add_argument("--test-phantoms", type=int, default=0, help="procedural phantoms in test (default 0)")
+    p.add_argument("--unlabeled-phantoms", type=int, default=0,
+                   help="procedural phantoms in unlabeled, 3 random dose/view variants each (default 0)")
     p.add_argument("--sources", type=Path, nargs="*", default=None,
                    help="folders/files of normal-dose CT for the train split (default: ../shared/data/ct "
                         "GE head + pydicom's CT slices (CT_small, two JPEG 2000 heads); the Philips head phantom "
@@ -74,13 +87,18 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     real_train: list = []
     real_test: list = []
+    real_val: list = []
     if not args.no_real:
+        clinical = _clinical_sources(args, simulate)
+        if clinical is None:
+            return 2
+        real_train, real_val = clinical
         if args.sources is not None:
             missing = [str(s) for s in [*args.sources, *(args.test_sources or [])] if not s.exists()]
             if missing:
                 print(f"qcnode simulate: source not found: {', '.join(missing)}", file=sys.stderr)
                 return 2
-            real_train = simulate.real_sources_from_dirs(args.sources)
+            real_train += simulate.real_sources_from_dirs(args.sources)
             real_test = simulate.real_sources_from_dirs(args.test_sources or [])
         else:
             if not DEFAULT_SHARED_CT.is_dir():
@@ -91,7 +109,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     try:
         splits = simulate.plan(doses=args.doses, views=args.views, train_phantoms=args.train_phantoms,
                                test_phantoms=args.test_phantoms, unlabeled_phantoms=args.unlabeled_phantoms,
-                               seed=args.seed, real_train=real_train, real_test=real_test)
+                               seed=args.seed, real_train=real_train, real_test=real_test, real_val=real_val)
     except ValueError as exc:
         print(f"qcnode simulate: {exc}", file=sys.stderr)
         return 2
@@ -106,3 +124,26 @@ def run_simulate(args: argparse.Namespace) -> int:
     print(f"simulated {sum(counts.values())} images into {out} in {time.monotonic() - start:.0f} s: "
           + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
+
+
+def _clinical_sources(args: argparse.Namespace, simulate) -> tuple[list, list] | None:
+    """(train, val) sources of the clinical folders, split by patient; None after an error message."""
+    dirs = args.clinical if args.clinical is not None else ([DEFAULT_CLINICAL] if DEFAULT_CLINICAL.is_dir() else [])
+    if not dirs:
+        return [], []
+    missing = [str(d) for d in dirs if not d.exists()]
+    if missing:
+        print(f"qcnode simulate: clinical folder not found: {', '.join(missing)}", file=sys.stderr)
+        return None
+    try:
+        held_out = set(json.loads(args.validation_patients.read_text())["validation_patients"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"qcnode simulate: cannot read --validation-patients {args.validation_patients}: {exc}",
+              file=sys.stderr)
+        return None
+    slices = simulate.thin_series(simulate.find_real_slices(dirs), args.max_per_series)
+    train, val = simulate.split_by_patient(slices, held_out)
+    n_patients = [len({r.patient for r in side}) for side in (train, val)]
+    print(f"simulate: clinical: {len(train)} slices of {n_patients[0]} patients train, "
+          f"{len(val)} slices of {n_patients[1]} patients val", file=sys.stderr)
+    return [r.as_source() for r in train], [r.as_source() for r in val]

@@ -74,7 +74,7 @@ FBP_FILTER = "shepp-logan"
 I0_BY_ANATOMY = {"head": 2.0e6, "body": 6.0e5}  # unattenuated counts per detector bin and view at f = 1
 ELECTRONIC_NOISE_COUNTS = 10.0
 HEAD_NOISE_WEIGHT = 1.6
-SPLIT_CODES = {"train": 1, "test": 2, "unlabeled": 3}
+SPLIT_CODES = {"train": 1, "test": 2, "unlabeled": 3, "val": 4}
 # Head phantom number k (per split) is a tissue-free head phantom when k % 8 is a key: 25 % of the heads.
 SKULL_PHANTOM_CYCLE = {2: "skull_air", 6: "skull_water"}
 READER_COLUMNS = [f"reader_{i}" for i in range(1, 6)]
@@ -91,12 +91,12 @@ class Reader:
     jitter: float  # per-image inconsistency, sd in score steps
 
 
-READERS: tuple[Reader, ...] = (
-    Reader(8.0, 1.50, 2.0, 1.60, 0.0, 0.35),
-    Reader(7.0, 1.45, 1.6, 1.55, -0.2, 0.30),
-    Reader(9.5, 1.55, 2.5, 1.70, 0.2, 0.40),
-    Reader(7.5, 1.60, 1.8, 1.60, 0.1, 0.30),
-    Reader(8.5, 1.40, 2.2, 1.50, -0.1, 0.45),
+READERS: tuple[Reader, ...] = (  # fitted to the LDCTIQAC2023 scale by scripts/calibrate_readers.py
+    Reader(6.87, 1.913, 7.09, 2.131, 0.0, 0.35),
+    Reader(6.01, 1.822, 5.67, 2.037, -0.2, 0.30),
+    Reader(8.15, 2.005, 8.86, 2.320, 0.2, 0.40),
+    Reader(6.44, 2.096, 6.38, 2.131, 0.1, 0.30),
+    Reader(7.30, 1.731, 7.80, 1.943, -0.1, 0.45),
 )
 
 
@@ -117,10 +117,12 @@ class SourceSpec:
 
 @dataclass
 class SourceImage:
-    """A source slice resampled to the output matrix."""
+    """A source slice resampled to the output matrix; ``own_noise_hu`` is a real slice's measured
+    noise (global noise level at the output matrix), None for phantoms or when undefined."""
     hu: np.ndarray
     pixel_spacing_mm: float
     region: str = ""
+    own_noise_hu: float | None = None
 
 
 # ----------------------------------------------------------------------------------------- sources
@@ -153,10 +155,11 @@ def load_source(spec: SourceSpec, size: int) -> SourceImage:
         ph = make_phantom(spec.phantom or spec.anatomy, int(spec.seed), size)
         return SourceImage(ph.hu, ph.pixel_spacing_mm, ph.region)
     from qcnode.dicom.pixels import load_slices
+    from qcnode.iqa.physics import global_noise_level
     sl = load_slices(spec.path)[0]
     spacing = sl.pixel_spacing_mm[0] if sl.pixel_spacing_mm else None
     hu, px = resample_square(sl.hu, spacing, size)
-    return SourceImage(hu, px, "real")
+    return SourceImage(hu, px, "real", global_noise_level(hu, px))
 
 
 # Real CT slices bundled with pydicom (on every machine): (series, file). Two are 512x512 heads from
@@ -193,14 +196,30 @@ def default_real_sources(shared_ct: Path | None) -> list[tuple[str, str, str, st
     return out
 
 
-def real_sources_from_dirs(dirs: Sequence[Path]) -> list[tuple[str, str, str, str]]:
-    """(source_id, series, anatomy, path) for every scorable slice under user-given folders."""
+@dataclass(frozen=True)
+class RealSlice:
+    """A scorable real slice found under a source folder."""
+    source_id: str
+    series: str
+    anatomy: str
+    path: str
+    patient: str  # PatientID (the split is by patient; never logged)
+    kernel: str
+
+    def as_source(self) -> tuple[str, str, str, str]:
+        return self.source_id, self.series, self.anatomy, self.path
+
+
+def find_real_slices(dirs: Sequence[Path]) -> list[RealSlice]:
+    """Every scorable slice under user-given folders or files (localizers, non-DICOM skipped)."""
     from qcnode.dicom.pixels import UnreadableFile, read_dataset, skip_reason
     out = []
     for d in dirs:
         d = Path(d)
         paths = [d] if d.is_file() else sorted(p for p in d.rglob("*") if p.is_file())
         for f in paths:
+            if f.suffix.lower() in (".json", ".md", ".txt", ".csv"):
+                continue
             try:
                 ds = read_dataset(f)
             except UnreadableFile:
@@ -210,9 +229,41 @@ def real_sources_from_dirs(dirs: Sequence[Path]) -> list[tuple[str, str, str, st
             text = " ".join(str(ds.get(k, "")) for k in ("BodyPartExamined", "ProtocolName", "SeriesDescription"))
             anatomy = "head" if any(w in text.upper() for w in ("HEAD", "BRAIN", "SKULL")) or "head" in str(f).lower() \
                 else "body"
-            series = f.parent.name
-            out.append((f"real:{series}/{f.stem}", series, anatomy, str(f)))
+            # the folder below the given one ("lung_pet_ct_dx/series1"), or the folder's own name
+            series = f.parent.relative_to(d).as_posix() if d.is_dir() and f.parent != d else f.parent.name
+            out.append(RealSlice(f"real:{series}/{f.stem}", series, anatomy, str(f),
+                                 str(ds.get("PatientID", "")) or series, str(ds.get("ConvolutionKernel", ""))))
     return out
+
+
+def real_sources_from_dirs(dirs: Sequence[Path]) -> list[tuple[str, str, str, str]]:
+    """(source_id, series, anatomy, path) for every scorable slice under user-given folders."""
+    return [r.as_source() for r in find_real_slices(dirs)]
+
+
+def thin_series(slices: Sequence[RealSlice], max_per_series: int) -> list[RealSlice]:
+    """At most ``max_per_series`` slices of each patient's series, evenly spaced (0: keep all)."""
+    if max_per_series <= 0:
+        return list(slices)
+    by_series: dict[tuple[str, str], list[RealSlice]] = {}
+    for r in slices:
+        by_series.setdefault((r.patient, r.series), []).append(r)
+    out = []
+    for group in by_series.values():
+        if len(group) <= max_per_series:
+            out += group
+        else:
+            idx = np.unique(np.round(np.linspace(0, len(group) - 1, max_per_series)).astype(int))
+            out += [group[i] for i in idx]
+    return out
+
+
+def split_by_patient(slices: Sequence[RealSlice], validation_patients: set[str]) -> tuple[list[RealSlice],
+                                                                                        list[RealSlice]]:
+    """(training, validation) slices: a patient's slices all go to one side."""
+    train = [r for r in slices if r.patient not in validation_patients]
+    val = [r for r in slices if r.patient in validation_patients]
+    return train, val
 
 
 # ------------------------------------------------------------------------------------------ physics
@@ -323,25 +374,64 @@ def simulate_sources(specs: Sequence[SourceSpec], size: int) -> list[tuple[Sourc
     return out
 
 
+def _source_seeds(split: str, kind: str, source_id: str, seed: int | None) -> np.random.SeedSequence:
+    """The seeds of one object's noise and reader jitter (str hash() is salted: ids hashed by hand)."""
+    entropy = [int(seed)] if kind == "phantom" else [ord(c) for c in source_id]
+    return np.random.SeedSequence([SPLIT_CODES[split], *entropy])
+
+
+def _label_row(row: dict[str, Any], rng: np.random.Generator) -> None:
+    """Add the readers' scores and the label to a meta row (noise_hu, streak_index, anatomy)."""
+    scores = reader_scores(float(row["noise_hu"]), float(row["streak_index"]), row["anatomy"], rng)
+    row["label"] = mean_label(scores)
+    row.update({c: sc for c, sc in zip(READER_COLUMNS, scores)})
+
+
+def relabel(out_dir: Path) -> dict[str, int]:
+    """Re-derive every label of a simulated folder from its meta.csv with the current READERS.
+
+    Gives the labels ``run`` would write today (same per-object reader jitter), without simulating
+    again: the images and physical measures do not depend on the reader model."""
+    counts = {}
+    for split in SPLIT_CODES:
+        meta_path = Path(out_dir) / split / "meta.csv"
+        if split == "unlabeled" or not meta_path.is_file():
+            continue
+        with meta_path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        rngs: dict[str, np.random.Generator] = {}
+        for row in rows:  # file order is variant order within each object
+            if row["source_id"] not in rngs:
+                seeds = _source_seeds(split, row["source_kind"], row["source_id"],
+                                      int(row["seed"]) if row["seed"] else None)
+                rngs[row["source_id"]] = np.random.default_rng(seeds.spawn(1)[0])
+            _label_row(row, rngs[row["source_id"]])
+        _write_split(Path(out_dir), split, rows)
+        counts[split] = len(rows)
+    return counts
+
+
+def _write_split(out_dir: Path, split: str, rows: list[dict]) -> None:
+    """meta.csv and (labeled splits) the {file: label} JSON of one split."""
+    with open(out_dir / split / "meta.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=META_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in META_COLUMNS})
+    if split != "unlabeled":
+        labels = {r["file"]: float(r["label"]) for r in rows}
+        (out_dir / split / f"{split}.json").write_text(json.dumps(labels, indent=1) + "\n")
+
+
 def _simulate_one(spec: SourceSpec, im: SourceImage, p: torch.Tensor,
                   size: int) -> list[tuple[SourceSpec, int, np.ndarray, dict]]:
-    # Noise and reader jitter are reproducible per object (str hash() is salted, so ids are hashed by hand).
-    entropy = [int(spec.seed)] if spec.kind == "phantom" else [ord(c) for c in spec.source_id]
-    seed_seq = np.random.SeedSequence([SPLIT_CODES[spec.split], *entropy])
+    seed_seq = _source_seeds(spec.split, spec.kind, spec.source_id, spec.seed)
     gen = torch.Generator().manual_seed(int(seed_seq.generate_state(1)[0]))
     rng = np.random.default_rng(seed_seq.spawn(1)[0])
     i0 = I0_BY_ANATOMY[spec.anatomy]
     real = spec.kind == "real"
     doses = sorted({d for d, _ in spec.variants}, reverse=True)
-    noisy: dict[float, torch.Tensor] = {}
-    for d in doses:
-        pf = noisy_line_integrals(p, i0, d, gen)
-        if real:
-            k = torch.sqrt(torch.clamp(1.0 - line_integral_variance(p, i0, 1.0) / line_integral_variance(p, i0, d),
-                                       min=0.0))
-            pf = p + k * (pf - p)
-        noisy[d] = pf
-    base = noisy_line_integrals(p, i0, 1.0, gen) if real else None
+    noisy = {d: noisy_line_integrals(p, i0, d, gen) for d in doses}
     view_set = sorted({v for _, v in spec.variants}, reverse=True)
     if FULL_VIEWS in view_set:  # the noiseless full-view image comes with that view count's batch
         ref_full = None
@@ -350,39 +440,55 @@ def _simulate_one(spec: SourceSpec, im: SourceImage, p: torch.Tensor,
         body = patient_mask(ref_full)
         tissue = soft_tissue_mask(ref_full, body)
     recon: dict[tuple[float, int], np.ndarray] = {}
-    measures: dict[tuple[float, int], tuple[float, float]] = {}
+    measures: dict[tuple[float, int], tuple[float, float, float]] = {}
     for v in view_set:
         ds = [d for d in doses if (d, v) in spec.variants]
-        stack = [p] + [noisy[d] for d in ds] + ([base] if real else [])
-        hu = reconstruct_hu(torch.cat(stack), v, size, im.pixel_spacing_mm).numpy()
+        hu = reconstruct_hu(torch.cat([p] + [noisy[d] for d in ds]), v, size, im.pixel_spacing_mm).numpy()
         ref_v = hu[0]
         if ref_full is None:
             ref_full = ref_v
             body = patient_mask(ref_full)
             tissue = soft_tissue_mask(ref_full, body)
         streak = float(np.sqrt(np.mean((ref_v[body] - ref_full[body]) ** 2))) if body.any() else 0.0
-        base_noise = float(np.std((hu[-1] - ref_v)[tissue])) if real else 0.0
         for j, d in enumerate(ds):
-            img = hu[1 + j]
-            added = float(np.std((img - ref_v)[tissue]))
-            recon[(d, v)] = img
-            measures[(d, v)] = (math.hypot(added, base_noise), streak)
+            noise_part = hu[1 + j] - ref_v
+            simulated = float(np.std(noise_part[tissue]))
+            if not real:
+                recon[(d, v)] = hu[1 + j]
+                measures[(d, v)] = (simulated, streak, 0.0)
+                continue
+            # a real slice keeps its own pixels and noise; only the extra noise of dose d at v views and
+            # the streaks are added (see real_noise_scale)
+            own = im.own_noise_hu or simulated * math.sqrt(d * v / FULL_VIEWS)
+            scale = real_noise_scale(own, simulated, d, v)
+            recon[(d, v)] = im.hu + (ref_v - ref_full) + noise_part * scale
+            measures[(d, v)] = (math.hypot(simulated * scale, own), streak, own)
     rows = []
     for n, (d, v) in enumerate(spec.variants):
-        noise_hu, streak = measures[(d, v)]
+        noise_hu, streak, own_noise = measures[(d, v)]
         row: dict[str, Any] = {
             "split": spec.split, "source_id": spec.source_id, "series": spec.series, "source_kind": spec.kind,
             "anatomy": spec.anatomy, "region": im.region, "dose_fraction": round(float(d), 4), "views": int(v),
             "relative_dose": round(float(d) * v / FULL_VIEWS, 4), "noise_hu": round(noise_hu, 3),
-            "streak_index": round(streak, 3), "pixel_spacing_mm": round(im.pixel_spacing_mm, 4),
+            "streak_index": round(streak, 3), "own_noise_hu": round(own_noise, 3),
+            "pixel_spacing_mm": round(im.pixel_spacing_mm, 4),
             "seed": "" if spec.seed is None else int(spec.seed),
         }
         if spec.split != "unlabeled":
-            scores = reader_scores(noise_hu, streak, spec.anatomy, rng)
-            row["label"] = mean_label(scores)
-            row.update({c: s for c, s in zip(READER_COLUMNS, scores)})
+            _label_row(row, rng)
         rows.append((spec, n, recon[(d, v)].astype(np.float32), row))
     return rows
+
+
+def real_noise_scale(own_noise_hu: float, simulated_noise_hu: float, dose: float, views: int) -> float:
+    """Factor for a simulated noise image (dose ``dose``, ``views`` views) added to a real slice.
+
+    The slice already carries its own noise (``own_noise_hu``, measured; whatever kernel, slice
+    thickness and mAs made it). Quantum noise variance scales as 1 / (dose x views), so the slice at
+    (dose, views) has ``own^2 FULL_VIEWS / (dose views)``; the extra variance is scaled from the
+    simulated noise image, which keeps the simulated texture and streak-correlated noise."""
+    extra = own_noise_hu * math.sqrt(max(0.0, FULL_VIEWS / (dose * views) - 1.0))
+    return extra / simulated_noise_hu if simulated_noise_hu > 0 else 0.0
 
 
 def _worker_init() -> None:
@@ -404,7 +510,7 @@ def _run_batch(specs: list[SourceSpec], size: int, out_dir: str, width: int) -> 
 def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, test_phantoms: int,
          unlabeled_phantoms: int, unlabeled_variants: int = 3, seed: int = 0,
          real_train: Iterable[tuple[str, str, str, str]] = (), real_test: Iterable[tuple[str, str, str, str]] = (),
-         ) -> dict[str, list[SourceSpec]]:
+         real_val: Iterable[tuple[str, str, str, str]] = ()) -> dict[str, list[SourceSpec]]:
     """The sources of each split with their variants and file numbers (deterministic for a seed).
 
     Phantom seeds are drawn from one SeedSequence stream per split, so train, test and unlabeled
@@ -419,11 +525,10 @@ def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, t
     if not views or any(not (0 < v <= FULL_VIEWS) for v in views):
         raise ValueError(f"views must be in 1..{FULL_VIEWS}, got {views}")
     grid = [(d, v) for v in views for d in doses]
-    splits: dict[str, list[SourceSpec]] = {"train": [], "test": [], "unlabeled": []}
-    for sid, series, anatomy, path in real_train:
-        splits["train"].append(SourceSpec(sid, "real", anatomy, series, "train", path=path, variants=list(grid)))
-    for sid, series, anatomy, path in real_test:
-        splits["test"].append(SourceSpec(sid, "real", anatomy, series, "test", path=path, variants=list(grid)))
+    splits: dict[str, list[SourceSpec]] = {"train": [], "val": [], "test": [], "unlabeled": []}
+    for split, real in (("train", real_train), ("val", real_val), ("test", real_test)):
+        for sid, series, anatomy, path in real:
+            splits[split].append(SourceSpec(sid, "real", anatomy, series, split, path=path, variants=list(grid)))
     counts = {"train": train_phantoms, "test": test_phantoms, "unlabeled": unlabeled_phantoms}
     used_seeds: set[int] = set()
     for split, count in counts.items():
@@ -454,7 +559,7 @@ def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, t
 
 
 META_COLUMNS = ["file", "split", "source_id", "series", "source_kind", "anatomy", "region", "dose_fraction",
-                "views", "relative_dose", "noise_hu", "streak_index", "label", *READER_COLUMNS,
+                "views", "relative_dose", "noise_hu", "streak_index", "own_noise_hu", "label", *READER_COLUMNS,
                 "pixel_spacing_mm", "seed"]
 
 
@@ -510,14 +615,7 @@ def run(out_dir: Path, splits: dict[str, list[SourceSpec]], size: int = 256, wor
         if not splits[split]:
             continue
         split_rows.sort(key=lambda r: r["file"])
-        with open(out_dir / split / "meta.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=META_COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            for r in split_rows:
-                w.writerow({k: r.get(k, "") for k in META_COLUMNS})
-        if split != "unlabeled":
-            labels = {r["file"]: r["label"] for r in split_rows}
-            (out_dir / split / f"{split}.json").write_text(json.dumps(labels, indent=1) + "\n")
+        _write_split(out_dir, split, split_rows)
         counts[split] = len(split_rows)
     record_params = {
         "full_views": FULL_VIEWS, "fbp_filter": FBP_FILTER, "mu_water_per_mm": MU_WATER_PER_MM,
