@@ -11,6 +11,7 @@ from qcnode.config import ConfigError
 COMMAND_MODULES = (
     "qcnode.iqa.sim_commands",  # simulate
     "qcnode.iqa.commands",      # train, evaluate, score
+    "qcnode.iqa.validate_commands",  # validate
     "qcnode.service.commands",  # serve, status, db
     "qcnode.audit.commands",    # audit
 )
