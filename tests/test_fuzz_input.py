@@ -388,3 +388,47 @@ def test_4096_slice_is_scored_within_memory(node, scorer, tmp_path):
     print(f"\n4096x4096 slice: {outcome}; peak RSS {rss.peak_mb:.0f} MiB (+{grown_mb:.0f} MiB while scoring)")
     assert outcome == "scored"
     assert grown_mb < 2048
+
+
+BAD_HEADER_FIELDS = [("SpecificCharacterSet", "ISO IR 100"), ("SpecificCharacterSet", "ISO_IR 999"),
+                     ("PatientSex", "X"), ("StudyDate", "2024-13-45")]
+
+
+def test_bad_header_fields_still_get_an_sr(scorer, tmp_path, shared_ct):
+    """A misspelled or unknown SpecificCharacterSet (pydicom reads both), or another value the SR
+    builder used to refuse, is received by storescu, scored, and gets its SR (written in UTF-8)."""
+    from daemon_helpers import storescu
+    from qcnode.db.models import Job, Series, SeriesResult
+    from qcnode.dicom.series import mark_stable_series
+    from qcnode.worker import Worker
+    from reliability_helpers import make_slices
+
+    node = start_scp(tmp_path, free_port())
+    try:
+        series_uids = {}
+        for i, (keyword, value) in enumerate(BAD_HEADER_FIELDS):
+            files = make_slices(sorted((shared_ct / "ge_head").glob("*.dcm"))[:2], tmp_path / f"in{i}", 2,
+                                patient=("Müller^Jürgen", "ID1"))
+            for f in files:
+                ds = pydicom.dcmread(f)
+                setattr(ds, keyword, value)
+                ds.save_as(f)
+            series_uids[(keyword, value)] = str(ds.SeriesInstanceUID)
+            res = storescu(node.scp.port, files)
+            assert res.returncode == 0, res.stderr
+        mark_stable_series(node.sf, 0.0)
+        worker = Worker(node.cfg, node.sf, node.scp.spool, scorer=scorer)
+        with node.sf() as s:
+            jobs = list(s.scalars(select(Job.id)))
+        assert len(jobs) == len(BAD_HEADER_FIELDS)
+        for job_id in jobs:
+            worker.process(job_id)
+        with node.sf() as s:
+            results = {s.get(Series, r.series_id).series_instance_uid: r for r in s.scalars(select(SeriesResult))}
+        for field, uid in series_uids.items():
+            assert uid in results, f"no SR for a series with {field}"
+            sr = pydicom.dcmread(node.scp.spool.abspath(results[uid].sr_path))
+            assert sr.SpecificCharacterSet == "ISO_IR 192", field
+            assert str(sr.PatientName) == "Müller^Jürgen", field
+    finally:
+        node.stop()
