@@ -99,6 +99,12 @@ def serve_process(config: Path, *args: str, log_path: Path | None = None) -> sub
                             cwd=PROJECT_ROOT, env=env, stdout=err, stderr=err)
 
 
+def qcnode_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run ``qcnode ARGS`` (e.g. status, rescore) and return the finished process."""
+    return subprocess.run([sys.executable, "-m", "qcnode.cli", *args], capture_output=True, text=True,
+                          cwd=PROJECT_ROOT, timeout=timeout)
+
+
 def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
     """Wait until something listens on 127.0.0.1:``port``."""
     deadline = time.monotonic() + timeout
