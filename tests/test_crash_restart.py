@@ -3,7 +3,11 @@ series' SR is delivered exactly once."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
+import threading
 import time
 
 import psutil
@@ -16,6 +20,7 @@ from daemon_helpers import (STORESCU, Destination, checkpoint_for_tests, kill9, 
 from qcnode.config import load_config
 from qcnode.db.engine import make_engine, session_factory
 from qcnode.db.models import Instance, Job, Series, SeriesResult, SliceScore
+from reliability_helpers import acknowledged_files, make_slices
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -180,3 +185,57 @@ def test_job_that_gave_up_alerts_and_is_rescored(tmp_path, port, shared_ct):
         stop_process(proc)
         dest.stop()
         engine.dispose()
+
+
+def test_sigterm_to_the_process_group_while_receiving(tmp_path, port, shared_ct):
+    """SIGTERM to the whole process group (systemd, Ctrl-C) while storescu sends to two SCP
+    processes and plain TCP connections sit idle: every process exits within a few seconds, and
+    every C-STORE answered with Success is stored (the one in progress finishes)."""
+    cfg_path = write_config(tmp_path, port, checkpoint=checkpoint_for_tests(tmp_path),
+                            extra={"node": {"scp_processes": 2}})
+    cfg = load_config(cfg_path)
+    files = make_slices(sorted((shared_ct / "ge_head").glob("*.dcm")), tmp_path / "in", 200)
+    proc = serve_process(cfg_path, process_group=True)
+    senders: list[subprocess.Popen] = []
+    idle: list[socket.socket] = []
+    try:
+        wait_port(port, 120, proc)
+        procs = wait_for(lambda: [psutil.Process(proc.pid), *psutil.Process(proc.pid).children()]
+                         if len(psutil.Process(proc.pid).children()) == 2 else None, 60, what="scp1 and worker")
+        senders = [subprocess.Popen([STORESCU, "-v", "-aet", f"PACS{i}", "-aec", "QCNODE", "-nh", "127.0.0.1",
+                                     str(port), *map(str, files[i::2])], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        stop_connecting = threading.Event()
+
+        def connect_and_stay_idle() -> None:  # a load balancer's health checks, around the shutdown too
+            while not stop_connecting.wait(0.01):
+                try:
+                    idle.append(socket.create_connection(("127.0.0.1", port), timeout=1))
+                except OSError:
+                    pass
+        threading.Thread(target=connect_and_stay_idle, daemon=True).start()
+        time.sleep(3.0)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        took = time.monotonic() - t0
+        stop_connecting.set()
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # zombies: exited
+        if alive:
+            for p in alive:
+                p.send_signal(signal.SIGABRT)  # faulthandler: the threads' stacks into serve.stderr
+        assert not alive, f"still running {took:.0f} s after SIGTERM: {[p.pid for p in alive]}"
+        acked = [f for s in senders for f in acknowledged_files(s.communicate(timeout=60)[0])]
+        assert acked
+        engine = make_engine(cfg.database_url)
+        with session_factory(engine)() as s:
+            stored = s.scalar(select(func.count(Instance.id)))
+        engine.dispose()
+        assert stored >= len(acked)
+    finally:
+        for sock in idle:
+            sock.close()
+        for sender in senders:
+            if sender.poll() is None:
+                sender.kill()
+        stop_process(proc, signal.SIGKILL)
