@@ -432,3 +432,34 @@ def test_bad_header_fields_still_get_an_sr(scorer, tmp_path, shared_ct):
             assert str(sr.PatientName) == "Müller^Jürgen", field
     finally:
         node.stop()
+
+
+def test_sop_instance_moved_to_another_series_keeps_counts_consistent(tmp_path, shared_ct):
+    """The same SOP Instance UID sent again in another series moves there; the series it left is
+    recounted (no phantom instance_count) and reopened, so it is scored again without it."""
+    from daemon_helpers import storescu
+    from qcnode.db.models import Series
+    from reliability_helpers import make_slices
+
+    node = start_scp(tmp_path, free_port())
+    try:
+        first = make_slices(sorted((shared_ct / "ge_head").glob("*.dcm"))[:2], tmp_path / "a", 2)
+        assert storescu(node.scp.port, first).returncode == 0
+        ds = pydicom.dcmread(first[0])
+        old_series = str(ds.SeriesInstanceUID)
+        ds.SeriesInstanceUID = generate_uid()
+        moved = tmp_path / "moved.dcm"
+        ds.save_as(moved)
+        with node.sf() as s:
+            s.execute(Series.__table__.update().values(status="scored"))
+            s.commit()
+        assert storescu(node.scp.port, [moved]).returncode == 0
+        with node.sf() as s:
+            counts = {x.series_instance_uid: (x.instance_count, x.status) for x in s.scalars(select(Series))}
+            rows = dict(s.execute(select(Series.series_instance_uid, func.count(Instance.id))
+                                  .join(Instance, Instance.series_id == Series.id)
+                                  .group_by(Series.series_instance_uid)).all())
+        assert counts == {old_series: (1, "receiving"), str(ds.SeriesInstanceUID): (1, "receiving")}
+        assert rows == {old_series: 1, str(ds.SeriesInstanceUID): 1}
+    finally:
+        node.stop()
