@@ -98,7 +98,8 @@ def serve_process(config: Path, *args: str, log_path: Path | None = None,
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     err = open(log_path or (config.parent / "serve.stderr"), "ab")
     return subprocess.Popen([sys.executable, "-m", "qcnode.cli", "serve", "--config", str(config), *args],
-                            cwd=PROJECT_ROOT, env=env, stdout=err, stderr=err, process_group=0 if process_group else None)
+                            cwd=PROJECT_ROOT, env=env, stdout=err, stderr=err,
+                            process_group=0 if process_group else None)
 
 
 def qcnode_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
