@@ -85,6 +85,8 @@ class WorkerConfig:
     lease_seconds: float = 300.0
     poll_interval_seconds: float = 0.5
     max_attempts: int = 5
+    max_interruptions: int = 50
+    retry_failed_seconds: float = 600.0
     separate_process: bool = True
     nice: int = 10
     duty_while_receiving: float = 0.2
@@ -318,6 +320,8 @@ def _validate(cfg: Config) -> None:
     _check(v.warn_fraction_below <= v.fail_fraction_below,
            "verdict.warn_fraction_below must not be above verdict.fail_fraction_below (WARN is the milder verdict)")
     _check(cfg.worker.max_attempts >= 1, "worker.max_attempts must be at least 1")
+    _check(cfg.worker.max_interruptions >= 0, "worker.max_interruptions must not be negative")
+    _check(cfg.worker.retry_failed_seconds >= 0, "worker.retry_failed_seconds must not be negative")
     _check(cfg.worker.lease_seconds > 0, "worker.lease_seconds must be positive")
     _check(0.0 < cfg.worker.duty_while_receiving <= 1.0,
            "worker.duty_while_receiving must be in (0, 1] (1 = never hold back)")

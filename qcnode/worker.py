@@ -153,7 +153,7 @@ class Worker:
         """Claim and process one job; False when the queue had nothing due."""
         w = self.cfg.worker
         with self.session_factory() as s:
-            job = claim_job(s, self.owner, w.lease_seconds, w.max_attempts, kinds=(JOB_SCORE_SERIES,))
+            job = claim_job(s, self.owner, w.lease_seconds, w.max_interruptions, kinds=(JOB_SCORE_SERIES,))
             if job is None:
                 return False
             job_id, attempts = job.id, job.attempts

@@ -91,12 +91,21 @@ def copy_series(src: Path, dst: Path, n: int | None = None, pattern: str = "*.dc
     return out
 
 
-def serve_process(config: Path, *args: str, log_path: Path | None = None) -> subprocess.Popen:
-    """Start ``qcnode serve --config`` as a subprocess (stderr to ``log_path``)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def serve_process(config: Path, *args: str, log_path: Path | None = None,
+                  process_group: bool = False) -> subprocess.Popen:
+    """Start ``qcnode serve --config`` as a subprocess (stderr to ``log_path``); with
+    ``process_group`` in a process group of its own (signalled as a whole, as systemd does)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     err = open(log_path or (config.parent / "serve.stderr"), "ab")
     return subprocess.Popen([sys.executable, "-m", "qcnode.cli", "serve", "--config", str(config), *args],
-                            cwd=PROJECT_ROOT, env=env, stdout=err, stderr=err)
+                            cwd=PROJECT_ROOT, env=env, stdout=err, stderr=err,
+                            process_group=0 if process_group else None)
+
+
+def qcnode_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run ``qcnode ARGS`` (e.g. status, rescore) and return the finished process."""
+    return subprocess.run([sys.executable, "-m", "qcnode.cli", *args], capture_output=True, text=True,
+                          cwd=PROJECT_ROOT, timeout=timeout)
 
 
 def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:

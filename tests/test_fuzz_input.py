@@ -388,3 +388,78 @@ def test_4096_slice_is_scored_within_memory(node, scorer, tmp_path):
     print(f"\n4096x4096 slice: {outcome}; peak RSS {rss.peak_mb:.0f} MiB (+{grown_mb:.0f} MiB while scoring)")
     assert outcome == "scored"
     assert grown_mb < 2048
+
+
+BAD_HEADER_FIELDS = [("SpecificCharacterSet", "ISO IR 100"), ("SpecificCharacterSet", "ISO_IR 999"),
+                     ("PatientSex", "X"), ("StudyDate", "2024-13-45")]
+
+
+def test_bad_header_fields_still_get_an_sr(scorer, tmp_path, shared_ct):
+    """A misspelled or unknown SpecificCharacterSet (pydicom reads both), or another value the SR
+    builder used to refuse, is received by storescu, scored, and gets its SR (written in UTF-8)."""
+    from daemon_helpers import storescu
+    from qcnode.db.models import Job, Series, SeriesResult
+    from qcnode.dicom.series import mark_stable_series
+    from qcnode.worker import Worker
+    from reliability_helpers import make_slices
+
+    node = start_scp(tmp_path, free_port())
+    try:
+        series_uids = {}
+        for i, (keyword, value) in enumerate(BAD_HEADER_FIELDS):
+            files = make_slices(sorted((shared_ct / "ge_head").glob("*.dcm"))[:2], tmp_path / f"in{i}", 2,
+                                patient=("Müller^Jürgen", "ID1"))
+            for f in files:
+                ds = pydicom.dcmread(f)
+                setattr(ds, keyword, value)
+                ds.save_as(f)
+            series_uids[(keyword, value)] = str(ds.SeriesInstanceUID)
+            res = storescu(node.scp.port, files)
+            assert res.returncode == 0, res.stderr
+        mark_stable_series(node.sf, 0.0)
+        worker = Worker(node.cfg, node.sf, node.scp.spool, scorer=scorer)
+        with node.sf() as s:
+            jobs = list(s.scalars(select(Job.id)))
+        assert len(jobs) == len(BAD_HEADER_FIELDS)
+        for job_id in jobs:
+            worker.process(job_id)
+        with node.sf() as s:
+            results = {s.get(Series, r.series_id).series_instance_uid: r for r in s.scalars(select(SeriesResult))}
+        for field, uid in series_uids.items():
+            assert uid in results, f"no SR for a series with {field}"
+            sr = pydicom.dcmread(node.scp.spool.abspath(results[uid].sr_path))
+            assert sr.SpecificCharacterSet == "ISO_IR 192", field
+            assert str(sr.PatientName) == "Müller^Jürgen", field
+    finally:
+        node.stop()
+
+
+def test_sop_instance_moved_to_another_series_keeps_counts_consistent(tmp_path, shared_ct):
+    """The same SOP Instance UID sent again in another series moves there; the series it left is
+    recounted (no phantom instance_count) and reopened, so it is scored again without it."""
+    from daemon_helpers import storescu
+    from qcnode.db.models import Series
+    from reliability_helpers import make_slices
+
+    node = start_scp(tmp_path, free_port())
+    try:
+        first = make_slices(sorted((shared_ct / "ge_head").glob("*.dcm"))[:2], tmp_path / "a", 2)
+        assert storescu(node.scp.port, first).returncode == 0
+        ds = pydicom.dcmread(first[0])
+        old_series = str(ds.SeriesInstanceUID)
+        ds.SeriesInstanceUID = generate_uid()
+        moved = tmp_path / "moved.dcm"
+        ds.save_as(moved)
+        with node.sf() as s:
+            s.execute(Series.__table__.update().values(status="scored"))
+            s.commit()
+        assert storescu(node.scp.port, [moved]).returncode == 0
+        with node.sf() as s:
+            counts = {x.series_instance_uid: (x.instance_count, x.status) for x in s.scalars(select(Series))}
+            rows = dict(s.execute(select(Series.series_instance_uid, func.count(Instance.id))
+                                  .join(Instance, Instance.series_id == Series.id)
+                                  .group_by(Series.series_instance_uid)).all())
+        assert counts == {old_series: (1, "receiving"), str(ds.SeriesInstanceUID): (1, "receiving")}
+        assert rows == {old_series: 1, str(ds.SeriesInstanceUID): 1}
+    finally:
+        node.stop()

@@ -10,9 +10,9 @@ from sqlalchemy import select, update
 
 from qcnode.db.engine import make_engine, session_factory, upgrade
 from qcnode.db.models import Job, Series, Study, utcnow
-from qcnode.db.queue import (claim_job, complete_job, enqueue_job, fail_job, make_owner,
+from qcnode.db.queue import (as_utc, claim_job, complete_job, enqueue_job, fail_job, make_owner,
                              release_dead_local_leases)
-from qcnode.dicom.series import mark_stable_series
+from qcnode.dicom.series import mark_stable_series, rescore_series, retry_delay, retry_failed_series
 
 
 @pytest.fixture
@@ -54,28 +54,58 @@ def test_tracker_queues_one_job_per_version_and_reopens(sf):
         s.commit()
 
 
-def test_claim_lease_expiry_and_attempts(sf):
-    sid = _series(sf)
+def _expire_leases(sf) -> None:
     with sf() as s:
-        assert enqueue_job(s, "score_series", sid, 1)
+        s.execute(update(Job).values(lease_expires_at=utcnow() - dt.timedelta(seconds=1)))  # the worker died
         s.commit()
+
+
+def test_lease_expiry_is_an_interruption_not_an_attempt(sf):
+    sid = _series(sf)
+    assert mark_stable_series(sf, stable_seconds=5) == [(sid, 1)]
     a, b = make_owner("a"), make_owner("b")
     with sf() as s:
-        job = claim_job(s, a, lease_seconds=60, max_attempts=2)
+        job = claim_job(s, a, lease_seconds=60, max_interruptions=2)
         assert job is not None and job.status == "running" and job.attempts == 1 and job.lease_owner == a
     with sf() as s:
-        assert claim_job(s, b, lease_seconds=60, max_attempts=2) is None  # leased
-        s.execute(update(Job).values(lease_expires_at=utcnow() - dt.timedelta(seconds=1)))  # worker a died
-        s.commit()
-    with sf() as s:
-        job = claim_job(s, b, lease_seconds=60, max_attempts=2)
-        assert job is not None and job.lease_owner == b and job.attempts == 2
-        s.execute(update(Job).values(lease_expires_at=utcnow() - dt.timedelta(seconds=1)))
-        s.commit()
-    with sf() as s:  # third expiry > max_attempts: failed, not handed out again
-        assert claim_job(s, a, lease_seconds=60, max_attempts=2) is None
+        assert claim_job(s, b, lease_seconds=60, max_interruptions=2) is None  # leased
+    for n in (1, 2):
+        _expire_leases(sf)
+        with sf() as s:
+            job = claim_job(s, b, lease_seconds=60, max_interruptions=2)
+            assert job.lease_owner == b and job.attempts == 1 and job.interruptions == n
+    _expire_leases(sf)
+    with sf() as s:  # third expiry > max_interruptions: gave up, the series is failed (an alert)
+        assert claim_job(s, a, lease_seconds=60, max_interruptions=2) is None
         job = s.scalars(select(Job)).one()
-        assert job.status == "failed" and "lease expired" in job.last_error
+        assert job.status == "failed" and "lease expired" in job.last_error and job.attempts == 1
+        series = s.get(Series, sid)
+        assert series.status == "failed" and series.failures == 1
+
+
+def test_failed_series_is_retried_with_back_off_and_rescored(sf):
+    sid = _series(sf)
+    mark_stable_series(sf, stable_seconds=5)
+    owner = make_owner("w")
+    for failures in (1, 2):
+        with sf() as s:
+            job_id = claim_job(s, owner, 60, 5).id
+        with sf() as s:
+            assert fail_job(s, job_id, "boom", max_attempts=1, retry_delay_seconds=1) == "failed"
+        t0 = utcnow()
+        assert retry_failed_series(sf, 100.0, now=t0) == []  # scheduled, not yet due
+        with sf() as s:
+            series = s.get(Series, sid)
+            assert series.status == "failed" and series.failures == failures
+            assert as_utc(series.retry_at) == t0 + dt.timedelta(seconds=retry_delay(failures, 100.0))
+        assert retry_failed_series(sf, 100.0, now=as_utc(series.retry_at)) == [(sid, failures + 1)]
+    assert retry_delay(2, 100.0) == 200.0 and retry_delay(40, 100.0) == 86400.0
+    with sf() as s:
+        assert s.get(Series, sid).status == "stable"
+    assert retry_failed_series(sf, 0.0, now=utcnow() + dt.timedelta(days=9)) == []  # 0: rescore only
+    assert rescore_series(sf, sid) == 4  # any series not receiving, e.g. after a model update
+    with sf() as s:
+        assert sorted(j.series_version for j in s.scalars(select(Job))) == [1, 2, 3, 4]
 
 
 def test_fail_then_retry_then_complete(sf):
@@ -85,7 +115,7 @@ def test_fail_then_retry_then_complete(sf):
         s.commit()
     owner = make_owner("w")
     with sf() as s:
-        job_id = claim_job(s, owner, 60, max_attempts=3).id
+        job_id = claim_job(s, owner, 60, max_interruptions=3).id
     with sf() as s:
         assert fail_job(s, job_id, "boom", max_attempts=3, retry_delay_seconds=3600) == "pending"
     with sf() as s:

@@ -176,7 +176,7 @@ def test_fail_job_by_a_worker_that_lost_the_lease_changes_nothing(node):
         assert fail_job(s, job_id, "a's late error", 5, 1.0, owner="worker-a") == "lease_lost"
     with sf() as s:
         job = s.get(Job, job_id)
-        assert (job.status, job.lease_owner, job.attempts) == ("running", "worker-b", 2)
+        assert (job.status, job.lease_owner, job.attempts, job.interruptions) == ("running", "worker-b", 1, 1)
 
 
 def test_dead_lease_of_an_earlier_process_with_the_same_pid_is_released(node):

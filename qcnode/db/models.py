@@ -55,9 +55,12 @@ class Series(Base):
     model_name: Mapped[Optional[str]] = mapped_column(String(128))
     station_name: Mapped[Optional[str]] = mapped_column(String(128))
     device_serial: Mapped[Optional[str]] = mapped_column(String(128))
-    # receiving -> stable (job queued) -> scored ; a late instance sets receiving again
+    # receiving -> stable (job queued) -> scored / skipped / failed (its job gave up: queued again at
+    # retry_at, or by `qcnode rescore`); a late instance sets receiving again
     status: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
     version: Mapped[int] = mapped_column(default=0)  # last version queued for scoring
+    failures: Mapped[int] = mapped_column(default=0, server_default="0")  # scoring rounds that gave up
+    retry_at: Mapped[Optional[dt.datetime]] = mapped_column()  # when a failed series is queued again
     instance_count: Mapped[int] = mapped_column(default=0)
     first_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
@@ -166,7 +169,9 @@ class Job(Base):
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     series_version: Mapped[int] = mapped_column()
     status: Mapped[str] = mapped_column(String(16), default="pending")  # pending/running/done/failed
-    attempts: Mapped[int] = mapped_column(default=0)
+    attempts: Mapped[int] = mapped_column(default=0)  # claims that ran to an outcome (or are running)
+    # claims of an expired lease: its process died mid-job (not counted against worker.max_attempts)
+    interruptions: Mapped[int] = mapped_column(default=0, server_default="0")
     not_before: Mapped[dt.datetime] = mapped_column(default=utcnow)
     lease_owner: Mapped[Optional[str]] = mapped_column(String(128))
     lease_expires_at: Mapped[Optional[dt.datetime]] = mapped_column()

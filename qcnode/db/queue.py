@@ -21,7 +21,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from qcnode.db.models import Job, utcnow
+from qcnode.db.models import Job, Series, utcnow
 from qcnode.log import get_logger
 
 log = get_logger("qcnode.queue")
@@ -92,12 +92,14 @@ def as_utc(value: dt.datetime | None) -> dt.datetime | None:
 
 def claim_rows(session: Session, model: type[T], owner: str, lease_seconds: float, *, due: Any,
                where: Any = None, running_status: str = "running", order_by: Sequence[Any] = (),
-               limit: int = 1, now: dt.datetime | None = None) -> list[T]:
+               limit: int = 1, now: dt.datetime | None = None, reclaims: str | None = None) -> list[T]:
     """Claim up to ``limit`` rows of ``model`` for ``owner`` and return them (caller commits).
 
     A row qualifies when ``due`` (a SQL condition, e.g. ``status == 'pending'``) holds or it is in
     ``running_status`` with an expired lease. Claimed rows get ``status = running_status``, the
-    lease, and ``attempts + 1``. ``where`` (optional) restricts both cases (e.g. a kind).
+    lease, and ``attempts + 1``; with ``reclaims`` (a column name), a row taken over from an
+    expired lease counts there instead (its process died: no attempt of its own failed).
+    ``where`` (optional) restricts both cases (e.g. a kind).
     """
     now = now or utcnow()
     m: Any = model
@@ -110,10 +112,13 @@ def claim_rows(session: Session, model: type[T], owner: str, lease_seconds: floa
     rows = list(session.scalars(stmt).all())
     for row in rows:
         r: Any = row
+        if reclaims is not None and r.status == running_status:
+            setattr(r, reclaims, (getattr(r, reclaims) or 0) + 1)
+        else:
+            r.attempts = (r.attempts or 0) + 1
         r.status = running_status
         r.lease_owner = owner
         r.lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
-        r.attempts = (r.attempts or 0) + 1
     session.flush()
     return rows
 
@@ -222,30 +227,46 @@ def enqueue_job(session: Session, kind: str, series_id: int, series_version: int
     return True
 
 
-def claim_job(session: Session, owner: str, lease_seconds: float, max_attempts: int,
+def claim_job(session: Session, owner: str, lease_seconds: float, max_interruptions: int,
               kinds: Sequence[str] = (JOB_SCORE_SERIES,)) -> Job | None:
     """Claim the oldest due job (pending, or running with an expired lease) and commit the claim.
 
-    A job whose lease expired ``max_attempts`` times (its worker kept dying) is marked failed.
+    Taking over an expired lease counts as an interruption (``jobs.interruptions``), not an
+    attempt: the job's process died (kill, crash, power loss), the job itself did not fail. A job
+    interrupted more than ``max_interruptions`` times (it may be what kills its process) gives up.
     """
     while True:
         now = utcnow()
         rows = claim_rows(session, Job, owner, lease_seconds, now=now,
                           due=and_(Job.status == "pending", Job.not_before <= now),
-                          where=Job.kind.in_(kinds), order_by=(Job.not_before, Job.id))
+                          where=Job.kind.in_(kinds), order_by=(Job.not_before, Job.id), reclaims="interruptions")
         if not rows:
             session.commit()
             return None
         job = rows[0]
-        if job.attempts > max_attempts:
-            job.status = "failed"
-            job.lease_owner = None
-            job.finished_at = now
-            job.last_error = (job.last_error or "") + " | gave up: lease expired too many times"
+        if job.interruptions > max_interruptions:
+            give_up(session, job, f"its process died {job.interruptions} times while running it (lease expired)")
             session.commit()
             continue
         session.commit()
         return job
+
+
+def give_up(session: Session, job: Job, reason: str) -> None:
+    """Mark ``job`` failed and its series round ``failed`` (an alert: error log, ``qcnode status``;
+    the series tracker queues it again after a back-off, ``qcnode rescore`` at once). Caller commits."""
+    job.status = "failed"
+    job.lease_owner = None
+    job.lease_expires_at = None
+    job.finished_at = utcnow()
+    job.last_error = (f"gave up: {reason}" + (f" | {job.last_error}" if job.last_error else ""))[:4000]
+    # only the round this job was for: a series that received new instances since is a new round
+    session.execute(update(Series).where(Series.id == job.series_id, Series.version == job.series_version,
+                                         Series.status == "stable")
+                    .values(status="failed", failures=Series.failures + 1, retry_at=None))
+    log.error("series_gave_up", job_id=job.id, series_id=job.series_id, version=job.series_version,
+              attempts=job.attempts, interruptions=job.interruptions, reason=reason,
+              error=(job.last_error or "").splitlines()[0][:300])
 
 
 def complete_job(session: Session, job: Job, note: str | None = None) -> None:
@@ -277,8 +298,7 @@ def fail_job(session: Session, job_id: int, error: str, max_attempts: int,
     job.lease_owner = None
     job.lease_expires_at = None
     if job.attempts >= max_attempts:
-        job.status = "failed"
-        job.finished_at = utcnow()
+        give_up(session, job, f"failed {job.attempts} times")
     else:
         job.status = "pending"
         job.not_before = utcnow() + dt.timedelta(seconds=retry_delay_seconds)

@@ -528,6 +528,9 @@ def use_fast_receive(assoc: Any, store_handler: Callable[[Any], int] | None = No
     if type(dul.socket) is AssociationSocket:  # a TLS or custom socket is kept as it is
         dul.socket.__class__ = FastRecvSocket
     dul.__class__ = EventDrivenDUL
+    # pynetdicom makes it a non-daemon thread: one waiting for a peer that never speaks or closes
+    # (up to acse_timeout / network_timeout) kept the process alive after a graceful stop
+    dul.daemon = True
     cast(EventDrivenDUL, dul)._setup_wakeup(assoc.acceptor.maximum_length)  # noqa: SLF001
     if store_handler is not None:
         cast(EventDrivenDUL, dul).direct_store = DirectStore(dul, store_handler)

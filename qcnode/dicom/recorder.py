@@ -273,9 +273,14 @@ class InstanceRecorder:
             for p in todo:  # one row per SOP Instance UID (a resend within the batch: the last wins)
                 last[p.sop_uid] = p
             rows = [{**p.instance_values, "series_id": series_ids[p.series_uid]} for p in last.values()]
+            # a SOP Instance UID arriving again in another series moves there (the newest copy wins);
+            # the series it leaves is recounted and reopened, so it is scored again without it
+            moved_from = {sid for uid, sid in conn.execute(select(_INSTANCES.c.sop_instance_uid, _INSTANCES.c.series_id)
+                                                           .where(_INSTANCES.c.sop_instance_uid.in_(list(last))))
+                          if sid != series_ids[last[uid].series_uid]}
             for group in _group_by_keys(rows):
                 conn.execute(self._upsert(conn, Instance, "sop_instance_uid", tuple(group[0])), group)
-            latest: dict[int, dt.datetime] = {}
+            latest: dict[int, dt.datetime] = {sid: max(p.received_at for p in todo) for sid in moved_from}
             for p in todo:
                 sid = series_ids[p.series_uid]
                 latest[sid] = max(latest.get(sid, p.received_at), p.received_at)

@@ -84,6 +84,7 @@ REFUSE_ONLY_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, Deflated
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_IP = (0x01, 0x01, 0x01)
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+ABORT_WAIT_S = 3.0  # at stop, after the in-flight C-STOREs: how long aborted associations get to end
 
 AssociationPolicy = Callable[[str, str], "tuple[int, int, int] | None"]
 
@@ -305,10 +306,30 @@ class StorageSCP:
                 if self._inflight == 0:
                     break
             time.sleep(0.02)
-        for assoc in list(self.ae.active_associations):
-            assoc.abort()
+        self._end_associations(deadline=time.monotonic() + ABORT_WAIT_S)
         self.recorder.close()
         log.info("scp_stopped", stored=self.stored, refused=self.refused)
+
+    def _end_associations(self, deadline: float) -> None:
+        """A-ABORT every established association and drop every connection still negotiating,
+        without waiting for each peer in turn; also those accepted while ``stop`` ran. Their DUL
+        threads are daemon threads (``use_fast_receive``): one whose peer never closes cannot
+        keep the process alive after ``stop``; they get until ``deadline`` to end."""
+        ended: set[int] = set()
+        while True:
+            assocs = [a for a in self.ae.active_associations if id(a) not in ended]
+            for assoc in assocs:
+                ended.add(id(assoc))
+                if assoc.is_established:
+                    assoc.abort(block=False)  # the DUL sends A-ABORT and ends when the peer closes
+                else:  # no A-ASSOCIATE-RQ yet (A-ABORT is no valid event then): close the connection
+                    assoc.dul.kill_dul()
+            if not assocs and not any(a.dul.is_alive() for a in self.ae.active_associations):
+                return
+            if time.monotonic() > deadline:
+                log.warning("scp_stop_left_connections", associations=len(self.ae.active_associations))
+                return
+            time.sleep(0.02)
 
     # ---- association policy --------------------------------------------------------------------
     def association_policy(self, calling_ae: str, address: str) -> tuple[int, int, int] | None:

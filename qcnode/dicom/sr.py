@@ -46,11 +46,14 @@ from highdicom._standard_utils import (get_iod_module_map, get_module_attribute_
                                        is_multiframe_image)
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DA, DT, TM
 
 QC_SCHEME = "99QCNODE"
 UID_NAMESPACE = "qcnode-sr"
@@ -77,6 +80,7 @@ ALGORITHM_VERSION = Code("111003", "DCM", "Algorithm Version")
 SERIES_NUMBER_BASE = 9000
 MANUFACTURER = "qcnode"
 SERIES_SUMMARY_ID = "series summary"
+SR_CHARACTER_SET = "ISO_IR 192"  # UTF-8: holds any text decoded from a source header
 
 # Type 2 patient/study attributes highdicom copies from the first source header.
 _REQUIRED_TYPE2 = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex",
@@ -102,17 +106,50 @@ def _uid(*parts: str) -> str:
     return generate_uid(entropy_srcs=[UID_NAMESPACE, *parts])
 
 
+_DATE_TIME_TYPES = {"DA": DA, "DT": DT, "TM": TM}
+_PATIENT_SEX_VALUES = {"M", "F", "O", ""}
+
+
+def _value_usable(elem: DataElement) -> bool:
+    """False for a value highdicom refuses when it copies the patient and study attributes into
+    the SR (an unparseable date or time, a PatientSex outside M/F/O): such a value is left empty
+    (Type 2) rather than costing the series its SR."""
+    if elem.keyword == "PatientSex":
+        return str(elem.value or "").strip().upper() in _PATIENT_SEX_VALUES
+    parse = _DATE_TIME_TYPES.get(elem.VR)
+    if parse is None or elem.value in (None, ""):
+        return True
+    values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+    try:
+        for v in values:
+            if v not in (None, "") and parse(v) is None:
+                return False
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
+
+
 def _evidence_header(ds: Dataset) -> Dataset:
-    """A pixel-free copy of a source header with the attributes highdicom needs present."""
+    """A pixel-free copy of a source header with the attributes highdicom needs present, its text
+    decoded and marked UTF-8 (``SR_CHARACTER_SET``): highdicom copies the character set of the
+    first header into the SR and refuses a misspelled or unknown one (``ISO IR 100``). Values it
+    would refuse otherwise are emptied (``_value_usable``): one bad field never costs the SR."""
     for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         if not ds.get(key):
             raise SRBuildError(f"source header lacks {key}")
     out = Dataset()
-    for elem in ds:
-        if elem.tag.group >= 0x7FE0 or elem.keyword in ("PixelData", "FloatPixelData",
-                                                         "DoubleFloatPixelData"):
-            continue
-        out.add(elem)
+    with warnings.catch_warnings():  # pydicom warns about the bad character set it then works around
+        warnings.simplefilter("ignore")
+        for elem in ds:
+            if elem.tag.group >= 0x7FE0 or elem.keyword in ("PixelData", "FloatPixelData",
+                                                             "DoubleFloatPixelData"):
+                continue
+            if elem.VR == "SQ":  # decode nested text now, while the items know the source's character set
+                for item in elem.value:
+                    for _ in item.iterall():
+                        pass
+            out.add(elem if _value_usable(elem) else DataElement(elem.tag, elem.VR, ""))
+    out.SpecificCharacterSet = SR_CHARACTER_SET
     for key in _REQUIRED_TYPE2:
         if key not in out:
             setattr(out, key, "")

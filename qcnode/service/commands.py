@@ -1,4 +1,4 @@
-"""CLI commands of the daemon: ``serve``, ``status``, ``db upgrade``, ``db current``."""
+"""CLI commands of the daemon: ``serve``, ``status``, ``rescore``, ``db upgrade``, ``db current``."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def register(subparsers: Any) -> None:
-    """Add serve / status / db to the ``qcnode`` parser."""
+    """Add serve / status / rescore / db to the ``qcnode`` parser."""
     p = subparsers.add_parser("serve", help="run the DICOM node (SCP, tracker, worker, outbox, audit)")
     p.add_argument("--config", help="config.toml (default: the project's config.toml)")
     p.add_argument("--no-worker", action="store_true", help="receive only (no scoring/outbox/audit here)")
@@ -25,6 +25,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_status)
+
+    p = subparsers.add_parser("rescore", help="queue series for scoring again now (e.g. those that gave up)")
+    p.add_argument("--config")
+    p.add_argument("series_uids", nargs="*", metavar="SERIES_UID", help="SeriesInstanceUID of a series to rescore")
+    p.add_argument("--failed", action="store_true", help="every series whose scoring gave up")
+    p.set_defaults(func=_cmd_rescore)
 
     p = subparsers.add_parser("db", help="database schema (Alembic)")
     dbsub = p.add_subparsers(dest="db_command", metavar="DB_COMMAND")
@@ -94,6 +100,41 @@ def _cmd_db_current(args: argparse.Namespace) -> int:
     return 0
 
 
+@_db_errors("rescore")
+def _cmd_rescore(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from qcnode.db.engine import make_engine, session_factory
+    from qcnode.db.models import Series
+    from qcnode.dicom.series import rescore_series
+    from qcnode.service.daemon import current_revision, head_revision
+    if not args.series_uids and not args.failed:
+        return _fail("rescore", "name series (SERIES_UID ...) or --failed")
+    cfg = load_config(args.config)
+    if current_revision(cfg.database_url) != head_revision():
+        return _fail("rescore", "database not at the current revision: run `qcnode db upgrade`")
+    engine = make_engine(cfg.database_url)
+    code = 0
+    try:
+        sf = session_factory(engine)
+        with sf() as s:
+            cond = Series.series_instance_uid.in_(args.series_uids)
+            if args.failed:
+                cond = cond | (Series.status == "failed")
+            found = dict(s.execute(select(Series.series_instance_uid, Series.id).where(cond)).all())
+        for uid in args.series_uids:
+            if uid not in found:
+                print(f"{uid}: no such series", file=sys.stderr)
+                code = 1
+        for uid, series_id in sorted(found.items()):
+            version = rescore_series(sf, series_id)
+            print(f"{uid}: " + (f"queued (version {version})" if version is not None
+                                else "still receiving (scored once it is stable)"))
+    finally:
+        engine.dispose()
+    return code
+
+
 def collect_status(cfg: Any) -> dict[str, Any]:
     """Queue depths, last errors, dead letters, quarantine, model and disk, as a dict."""
     from sqlalchemy import func, select
@@ -127,6 +168,10 @@ def collect_status(cfg: Any) -> dict[str, Any]:
             out["jobs"] = counts(Job.status)
             out["deliveries"] = counts(Delivery.status)
             out["quarantine"] = int(s.scalar(select(func.count(QuarantineRecord.id))) or 0)
+            out["failed_series"] = [
+                {"series_id": x.id, "series_instance_uid": x.series_instance_uid, "version": x.version,
+                 "failures": x.failures, "retry_at": str(x.retry_at) if x.retry_at else None}
+                for x in s.scalars(select(Series).where(Series.status == "failed").order_by(Series.id).limit(20))]
             out["last_job_errors"] = [
                 {"job_id": j.id, "series_id": j.series_id, "version": j.series_version, "status": j.status,
                  "attempts": j.attempts, "error": (j.last_error or "").splitlines()[0][:300]}
@@ -180,6 +225,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"model      {st['model']['checkpoint']} ({'present' if st['model']['present'] else 'MISSING'}),"
           f" last used version {st['model'].get('last_version_used')}")
     print(f"disk free  {st['disk_free_mb']} MiB (watermark {st['min_free_disk_mb']} MiB)")
+    n_failed = st["series"].get("failed", 0)
+    if n_failed:
+        print(f"ALERT      {n_failed} series gave up scoring (no SR): retried with back-off, "
+              f"or now with `qcnode rescore --failed`")
+        for item in st["failed_series"]:
+            print("  " + "  ".join(f"{k}={v}" for k, v in item.items()))
     if "clock_skew_seconds" in st:
         print(f"clock      {st['clock_skew_seconds']:+.3f} s to the database server")
     for title, key in (("last job errors", "last_job_errors"), ("dead letters", "dead_letters"),

@@ -170,7 +170,7 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
         children[-1].start()
     elif run_tracker:
         spawn("tracker", run_tracker_loop, sf, cfg.series.stable_seconds, cfg.series.tracker_interval_seconds,
-              stop)
+              stop, cfg.worker.retry_failed_seconds)
     scheduler = None
     if run_worker and not child_worker:
         from qcnode.db.queue import make_owner
