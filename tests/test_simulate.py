@@ -323,3 +323,19 @@ def test_default_real_sources_hold_three_real_heads_for_training(shared_ct):
             im = simulate.load_source(spec, 128)
             assert im.hu.shape == (128, 128)
             assert im.hu.min() >= -1000.0 and im.hu.max() > 300.0  # air clamped; skull present
+
+
+def test_series_noise_level_is_the_median_of_the_acquisition():
+    from qcnode.dicom.pixels import load_slices
+    from qcnode.iqa.physics import global_noise_level
+    files = sorted((simulate_data_root() / "lidc_idri_0001").glob("*.dcm"))[20:25]
+    single = sorted((simulate_data_root() / "lung_pet_ct_dx" / "series2").glob("*.dcm"))[0]
+    sources = [(f"a{i}", "lidc", str(f)) for i, f in enumerate(files)] + [("b", "other", str(single))]
+    levels = simulate.series_noise_levels(sources, 256)
+
+    def own(path):
+        sl = load_slices(path)[0]
+        return global_noise_level(*simulate.resample_square(sl.hu, sl.pixel_spacing_mm[0], 256))
+    each = [own(f) for f in files]
+    assert [levels[f"a{i}"] for i in range(5)] == [pytest.approx(float(np.median(each)))] * 5
+    assert levels["b"] == pytest.approx(own(single))  # a series of one keeps its own measurement

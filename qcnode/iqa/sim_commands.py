@@ -88,11 +88,16 @@ def run_simulate(args: argparse.Namespace) -> int:
     real_train: list = []
     real_test: list = []
     real_val: list = []
+    acquisitions: dict[str, tuple[str, str]] = {}
     if not args.no_real:
         clinical = _clinical_sources(args, simulate)
         if clinical is None:
             return 2
-        real_train, real_val = clinical
+        train_slices, val_slices, every_slice = clinical
+        real_train = [r.as_source() for r in train_slices]
+        real_val = [r.as_source() for r in val_slices]
+        # the noise of an acquisition is measured on all its slices, also those thinned out
+        acquisitions = {r.source_id: (f"{r.patient}/{r.series}", r.path) for r in every_slice}
         if args.sources is not None:
             missing = [str(s) for s in [*args.sources, *(args.test_sources or [])] if not s.exists()]
             if missing:
@@ -106,10 +111,16 @@ def run_simulate(args: argparse.Namespace) -> int:
                       file=sys.stderr)
             for src in simulate.default_real_sources(DEFAULT_SHARED_CT):
                 (real_test if src[1] in TEST_SERIES else real_train).append(src)
+    keys = {sid: (series, path) for sid, series, _, path in [*real_train, *real_val, *real_test]}
+    keys.update(acquisitions)  # clinical slices: one acquisition is one patient's series
+    if keys:
+        print(f"simulate: measuring the own noise of {len(keys)} real slices", file=sys.stderr)
+    own_noise = simulate.series_noise_levels([(sid, key, path) for sid, (key, path) in keys.items()], args.size)
     try:
         splits = simulate.plan(doses=args.doses, views=args.views, train_phantoms=args.train_phantoms,
                                test_phantoms=args.test_phantoms, unlabeled_phantoms=args.unlabeled_phantoms,
-                               seed=args.seed, real_train=real_train, real_test=real_test, real_val=real_val)
+                               seed=args.seed, real_train=real_train, real_test=real_test, real_val=real_val,
+                               own_noise=own_noise)
     except ValueError as exc:
         print(f"qcnode simulate: {exc}", file=sys.stderr)
         return 2
@@ -126,11 +137,12 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _clinical_sources(args: argparse.Namespace, simulate) -> tuple[list, list] | None:
-    """(train, val) sources of the clinical folders, split by patient; None after an error message."""
+def _clinical_sources(args: argparse.Namespace, simulate) -> tuple[list, list, list] | None:
+    """(train, val, all) RealSlices of the clinical folders (train and val split by patient and
+    thinned); None after an error message."""
     dirs = args.clinical if args.clinical is not None else ([DEFAULT_CLINICAL] if DEFAULT_CLINICAL.is_dir() else [])
     if not dirs:
-        return [], []
+        return [], [], []
     missing = [str(d) for d in dirs if not d.exists()]
     if missing:
         print(f"qcnode simulate: clinical folder not found: {', '.join(missing)}", file=sys.stderr)
@@ -141,9 +153,9 @@ def _clinical_sources(args: argparse.Namespace, simulate) -> tuple[list, list] |
         print(f"qcnode simulate: cannot read --validation-patients {args.validation_patients}: {exc}",
               file=sys.stderr)
         return None
-    slices = simulate.thin_series(simulate.find_real_slices(dirs), args.max_per_series)
-    train, val = simulate.split_by_patient(slices, held_out)
+    every_slice = simulate.find_real_slices(dirs)
+    train, val = simulate.split_by_patient(simulate.thin_series(every_slice, args.max_per_series), held_out)
     n_patients = [len({r.patient for r in side}) for side in (train, val)]
     print(f"simulate: clinical: {len(train)} slices of {n_patients[0]} patients train, "
           f"{len(val)} slices of {n_patients[1]} patients val", file=sys.stderr)
-    return [r.as_source() for r in train], [r.as_source() for r in val]
+    return train, val, every_slice

@@ -113,6 +113,7 @@ class SourceSpec:
     variants: list[tuple[float, int]] = field(default_factory=list)  # (dose_fraction, views)
     first_index: int = 0  # file number of the first variant in its split
     phantom: str = ""  # phantom kind for make_phantom ("head", "skull_air", ...); empty: the anatomy
+    own_noise_hu: float | None = None  # a real slice's own noise (series_noise_levels); None: measure it
 
 
 @dataclass
@@ -159,7 +160,34 @@ def load_source(spec: SourceSpec, size: int) -> SourceImage:
     sl = load_slices(spec.path)[0]
     spacing = sl.pixel_spacing_mm[0] if sl.pixel_spacing_mm else None
     hu, px = resample_square(sl.hu, spacing, size)
-    return SourceImage(hu, px, "real", global_noise_level(hu, px))
+    return SourceImage(hu, px, "real", spec.own_noise_hu or global_noise_level(hu, px))
+
+
+def series_noise_levels(sources: Sequence[tuple[str, str, str]], size: int,
+                        min_series: int = 3) -> dict[str, float]:
+    """Own noise (HU at ``size``) per real source id: the median global noise level of its series.
+
+    ``sources``: (source id, series key, path), the key naming one acquisition (patient and series).
+
+    One slice's noise level can be far off where little homogeneous soft tissue is left (a chest
+    slice through the heart and thin chest wall reads 2-4x its series' level); the noise of one
+    acquisition varies little along it, so a series of ``min_series`` slices or more gives each of
+    its slices the series median. Shorter series keep their own measurement."""
+    from qcnode.dicom.pixels import load_slices
+    from qcnode.iqa.physics import global_noise_level
+    by_series: dict[str, list[tuple[str, float | None]]] = {}
+    for sid, series, path in sources:
+        sl = load_slices(path)[0]
+        hu, px = resample_square(sl.hu, sl.pixel_spacing_mm[0] if sl.pixel_spacing_mm else None, size)
+        by_series.setdefault(series, []).append((sid, global_noise_level(hu, px)))
+    out: dict[str, float] = {}
+    for members in by_series.values():
+        levels = [v for _, v in members if v]
+        median = float(np.median(levels)) if len(levels) >= min_series else None
+        for sid, own in members:
+            if median or own:
+                out[sid] = median or own
+    return out
 
 
 # Real CT slices bundled with pydicom (on every machine): (series, file). Two are 512x512 heads from
@@ -510,7 +538,8 @@ def _run_batch(specs: list[SourceSpec], size: int, out_dir: str, width: int) -> 
 def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, test_phantoms: int,
          unlabeled_phantoms: int, unlabeled_variants: int = 3, seed: int = 0,
          real_train: Iterable[tuple[str, str, str, str]] = (), real_test: Iterable[tuple[str, str, str, str]] = (),
-         real_val: Iterable[tuple[str, str, str, str]] = ()) -> dict[str, list[SourceSpec]]:
+         real_val: Iterable[tuple[str, str, str, str]] = (),
+         own_noise: dict[str, float] | None = None) -> dict[str, list[SourceSpec]]:
     """The sources of each split with their variants and file numbers (deterministic for a seed).
 
     Phantom seeds are drawn from one SeedSequence stream per split, so train, test and unlabeled
@@ -528,7 +557,8 @@ def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, t
     splits: dict[str, list[SourceSpec]] = {"train": [], "val": [], "test": [], "unlabeled": []}
     for split, real in (("train", real_train), ("val", real_val), ("test", real_test)):
         for sid, series, anatomy, path in real:
-            splits[split].append(SourceSpec(sid, "real", anatomy, series, split, path=path, variants=list(grid)))
+            splits[split].append(SourceSpec(sid, "real", anatomy, series, split, path=path, variants=list(grid),
+                                            own_noise_hu=(own_noise or {}).get(sid)))
     counts = {"train": train_phantoms, "test": test_phantoms, "unlabeled": unlabeled_phantoms}
     used_seeds: set[int] = set()
     for split, count in counts.items():
