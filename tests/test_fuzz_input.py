@@ -5,7 +5,8 @@ C-STOREs per association, the raw mutated bytes on the wire) and through the sco
 known status, every failure a quarantine record, every success a stored instance. Plus aborted
 associations, truncated PDUs, a 4096x4096 slice, path-traversal UIDs, non-CT SOP classes, and (on both
 C-STORE paths) PixelData lengths that do not fit the image, contradictory or absurd pixel metadata and
-UIDs with leading zeros, which are refused, and unusable pixel spacings, which are stored, never scored."""
+UIDs with leading zeros, which are refused, and unusable pixel spacings, which are stored, never scored;
+plain TCP connections that never associate (health checks), which must not hold association slots."""
 from __future__ import annotations
 
 import os
@@ -29,7 +30,7 @@ from pynetdicom.sop_class import (CTImageStorage, EnhancedCTImageStorage, MRImag
 from sqlalchemy import func, select
 
 from conftest import free_port
-from daemon_helpers import checkpoint_for_tests
+from daemon_helpers import checkpoint_for_tests, serve_process, stop_process, wait_for, wait_port, write_config
 from qcnode.db.models import Instance, QuarantineRecord
 from qcnode.dicom import scp as scp_mod
 from reliability_helpers import RssSampler, start_scp
@@ -523,3 +524,63 @@ def test_unusable_pixel_spacing_is_stored_but_never_scored(node, scorer, tmp_pat
     file = _file_with_body(str(ds.SOPInstanceUID), str(CTImageStorage), _encode_body(ds), tmp_path / "f.dcm")
     assert _score_path(file, scorer) == "skipped"
 
+
+# ---- connections that never associate (a load balancer's health check) ------------------------------
+
+def _connect_and_close(port: int, count: int) -> None:
+    """``count`` plain TCP connections that close without sending a byte; every other one with a reset."""
+    for i in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            if i % 2:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _echo_seconds(port: int) -> float:
+    """Seconds from connecting to a C-ECHO answered with Success (infinite when it is not)."""
+    t0 = time.monotonic()
+    return time.monotonic() - t0 if echo_ok(port) else float("inf")
+
+
+def test_connection_that_never_sends_an_association_request_is_dropped_quickly(tmp_path):
+    """A connection that sends no A-ASSOCIATE-RQ (nothing, or part of a PDU) holds an association slot
+    only until the ARTIM timer (node.artim_timeout, a few seconds), not for node.acse_timeout or until
+    the peer goes; closed ones free theirs at once."""
+    n = start_scp(tmp_path, free_port(), node={"max_associations": 2})
+    rq = _associate_rq_pdu("STALLER", "QCNODE")
+    try:
+        stalled = []
+        for part in (b"", b"\x01\x00\x00", rq[:len(rq) // 2]):
+            sock = socket.create_connection(("127.0.0.1", n.scp.port), timeout=15)
+            sock.sendall(part)
+            stalled.append(sock)
+        t0 = time.monotonic()
+        for sock in stalled:
+            with sock:
+                assert sock.recv(1) == b""  # closed by the node
+        assert time.monotonic() - t0 < 6
+        _connect_and_close(n.scp.port, 40)
+        assert _echo_seconds(n.scp.port) < 1.0
+    finally:
+        n.stop()
+
+
+@pytest.mark.timeout(300)
+def test_burst_of_1000_health_checks_leaves_echo_answered_within_a_second(tmp_path):
+    """`qcnode serve` (two SCP processes on one listening socket, the default on two cores): 1000 plain
+    TCP connect-and-close in a burst, then a C-ECHO is answered within 1 s (it was "Local Limit Exceeded"
+    for up to node.acse_timeout)."""
+    port = free_port()
+    cfg = write_config(tmp_path, port, extra={"node": {"scp_processes": 2}, "worker": {"enabled": False}})
+    proc = serve_process(cfg)
+    try:
+        wait_port(port, 120, proc)
+        wait_for(lambda: echo_ok(port), 60, what="C-ECHO before the burst")
+        t0 = time.monotonic()
+        _connect_and_close(port, 1000)
+        burst = time.monotonic() - t0
+        echo = _echo_seconds(port)
+        print(f"\n1000 connect-and-close in {burst:.1f}s; the C-ECHO after them took {echo:.3f}s")
+        assert burst < 120 and echo < 1.0
+        assert proc.poll() is None
+    finally:
+        stop_process(proc)

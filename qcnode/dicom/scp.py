@@ -24,7 +24,9 @@ Associations are refused with an A-ASSOCIATE-RJ: calling AE title not in the all
 service user, no-reason-given; an IPv4 peer of a dual-stack ``node.host`` such as ``::``, seen as
 ``::ffff:a.b.c.d``, is matched as that IPv4 address too); free disk below
 ``storage.min_free_disk_mb`` or more than ``node.max_associations`` (transient, service provider,
-local-limit-exceeded).
+local-limit-exceeded). A connection that sends no A-ASSOCIATE-RQ (a load balancer's health check) is
+closed after ``node.artim_timeout`` seconds, or at once when its peer has closed it, and holds no
+association slot after that (``qcnode.dicom.reactors``, ``qcnode.dicom.listener``).
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ from qcnode.activity import open_activity
 from qcnode.config import Config
 from qcnode.db.models import DoseReport, Instance, QuarantineRecord, Series, Study, utcnow
 from qcnode.dicom.dose import dose_fields, is_dose_sr, parse_dose_sr
-from qcnode.dicom.listener import SharedListener, balanced_server_class
+from qcnode.dicom.listener import NodeAssociationServer, SharedListener, balanced_server_class
 from qcnode.dicom.pixels import (CT_IMAGE_CLASSES, decode_public_elements, functional_groups_error,
                                  pixel_metadata_error, skip_reason)
 from qcnode.dicom.reactors import use_fast_receive
@@ -290,15 +292,12 @@ class StorageSCP:
                     (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_REJECTED, self._on_rejected)]
         address = (self.cfg.node.host, self.cfg.node.port)
-        if listener is not None:
-            # what AE.start_server(block=False) does, with a server class over the shared socket
-            self.server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=self.ssl_context(),
-                                              server_class=balanced_server_class(listener))
-            threading.Thread(target=self.server.serve_forever, name="scp-acceptor", daemon=True).start()
-            self.ae._servers.append(self.server)  # noqa: SLF001 - as start_server does (shutdown removes it)
-        else:
-            self.server = self.ae.start_server(address, block=False, evt_handlers=handlers,
-                                               ssl_context=self.ssl_context())
+        # what AE.start_server(block=False) does, with the node's server class (over the shared socket)
+        server_class = NodeAssociationServer if listener is None else balanced_server_class(listener)
+        self.server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=self.ssl_context(),
+                                          server_class=server_class)
+        threading.Thread(target=self.server.serve_forever, name="scp-acceptor", daemon=True).start()
+        self.ae._servers.append(self.server)  # noqa: SLF001 - as start_server does (shutdown removes it)
         log.info("scp_listening", ae_title=self.cfg.node.ae_title, host=self.cfg.node.host,
                  port=self.server.server_address[1], tls=self.cfg.node.tls_enabled,
                  shared_listener=None if listener is None else f"{listener.index + 1}/{listener.processes}")
@@ -353,8 +352,9 @@ class StorageSCP:
 
     def _on_conn_open(self, event: Any) -> None:
         event.assoc.acse = _PolicyACSE(event.assoc, self.association_policy)
-        # one-buffer reads, no 1 ms polling, P-DATA without copies, plain C-STOREs served in the DUL thread
-        use_fast_receive(event.assoc, store_handler=self._on_direct_store)
+        # one-buffer reads, no 1 ms polling, P-DATA without copies, plain C-STOREs served in the DUL thread,
+        # a connection that sends no A-ASSOCIATE-RQ closed after node.artim_timeout
+        use_fast_receive(event.assoc, store_handler=self._on_direct_store, artim_timeout=self.cfg.node.artim_timeout)
 
     def _on_conn_close(self, event: Any) -> None:
         closed = getattr(self.server, "connection_closed", None)
