@@ -35,6 +35,7 @@ class NodeConfig:
     port: int = 11112
     max_associations: int = 16
     acse_timeout: float = 30.0
+    artim_timeout: float = 3.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     max_pdu_size: int = 262144
@@ -302,6 +303,7 @@ def _validate(cfg: Config) -> None:
     _check(_is_ae_title(node.ae_title), "node.ae_title must be 1-16 characters")
     _check(0 < node.port < 65536, "node.port must be 1-65535")
     _check(node.max_associations >= 1, "node.max_associations must be at least 1")
+    _check(node.artim_timeout > 0, "node.artim_timeout must be positive")
     _check(0 <= node.scp_processes <= 64, "node.scp_processes must be 0 (one per CPU core) to 64")
     _check(node.max_pdu_size == 0 or node.max_pdu_size >= 4096,
            "node.max_pdu_size must be 0 (unlimited) or at least 4096 bytes")

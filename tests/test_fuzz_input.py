@@ -3,7 +3,10 @@ element level and pushes each mutant through the SCP's receive path (a real asso
 C-STOREs per association, the raw mutated bytes on the wire) and through the scoring path of
 `qcnode score` / the worker (read -> HU slices -> model). Nothing may crash: every C-STORE gets a
 known status, every failure a quarantine record, every success a stored instance. Plus aborted
-associations, truncated PDUs, a 4096x4096 slice, path-traversal UIDs and non-CT SOP classes."""
+associations, truncated PDUs, a 4096x4096 slice, path-traversal UIDs, non-CT SOP classes, and (on both
+C-STORE paths) PixelData lengths that do not fit the image, contradictory or absurd pixel metadata and
+UIDs with leading zeros, which are refused, and unusable pixel spacings, which are stored, never scored;
+plain TCP connections that never associate (health checks), which must not hold association slots."""
 from __future__ import annotations
 
 import os
@@ -21,14 +24,17 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
-from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import (CTImageStorage, EnhancedCTImageStorage, MRImageStorage,
+                                  SecondaryCaptureImageStorage)
 from sqlalchemy import func, select
 
 from conftest import free_port
-from daemon_helpers import checkpoint_for_tests
+from daemon_helpers import checkpoint_for_tests, serve_process, stop_process, wait_for, wait_port, write_config
 from qcnode.db.models import Instance, QuarantineRecord
 from qcnode.dicom import scp as scp_mod
 from reliability_helpers import RssSampler, start_scp
+from test_scp_hardening import RawStore, _store_command
 
 FUZZ_EXAMPLES = int(os.environ.get("QCNODE_FUZZ_EXAMPLES", "1000"))
 KNOWN_STATUSES = {scp_mod.SUCCESS, scp_mod.DATASET_MISMATCH, scp_mod.CANNOT_UNDERSTAND, scp_mod.INVALID_UID,
@@ -463,3 +469,194 @@ def test_sop_instance_moved_to_another_series_keeps_counts_consistent(tmp_path, 
         assert rows == {old_series: 1, str(ds.SeriesInstanceUID): 1}
     finally:
         node.stop()
+
+
+# ---- inconsistent pixel data and metadata, on both C-STORE paths -------------------------------------
+
+def _pixel_length_claim(ds: pydicom.Dataset, claimed: int) -> bytes:
+    """``ds`` encoded (implicit VR little endian) with its PixelData length field set to ``claimed``."""
+    data = encode(ds, True, True)
+    i = data.rindex(b"\xe0\x7f\x10\x00")
+    return data[:i + 4] + struct.pack("<L", claimed) + data[i + 8:]
+
+
+def _with(**values) -> pydicom.Dataset:
+    ds = _fresh_base()
+    for key, value in values.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def _rgb_one_sample() -> pydicom.Dataset:
+    return _with(PhotometricInterpretation="RGB")
+
+
+def _monochrome_three_samples() -> pydicom.Dataset:
+    ds = _with(SamplesPerPixel=3, PlanarConfiguration=0)
+    ds.PixelData = ds.PixelData * 3  # the length fits: only the photometric interpretation contradicts
+    return ds
+
+
+def _enhanced_ct_without_functional_groups() -> pydicom.Dataset:
+    return _with(SOPClassUID=EnhancedCTImageStorage, NumberOfFrames=1)
+
+
+def _odd_8_bit_slice() -> pydicom.Dataset:
+    """127 x 127 8-bit pixels: an odd length, padded with one byte on the wire (valid)."""
+    ds = _with(Rows=127, Columns=127, BitsAllocated=8, BitsStored=8, HighBit=7, PixelRepresentation=0)
+    ds.PixelData = bytes(range(127)) * 127
+    return ds
+
+
+def _claiming_0xfffffff0(ds: pydicom.Dataset) -> bytes:
+    return _pixel_length_claim(ds, 0xFFFFFFF0)
+
+
+def _implicit_le(ds: pydicom.Dataset) -> bytes:
+    return encode(ds, True, True)
+
+
+# case: (data set, its encoding on the wire, context SOP class, expected status, refusal reason part)
+_PIXEL_CASES = {
+    "pixel-length-claims-0xFFFFFFF0": (_fresh_base, _claiming_0xfffffff0, CTImageStorage, scp_mod.INCONSISTENT,
+                                       "pixel data element declares 4294967280 bytes"),
+    "pixel-data-too-long": (lambda: _with(PixelData=_fresh_base().PixelData + b"\x00" * 100), _implicit_le,
+                            CTImageStorage, scp_mod.INCONSISTENT, "pixel data has 32868 bytes"),
+    "pixel-data-too-short": (lambda: _with(PixelData=_fresh_base().PixelData[:1000]), _implicit_le,
+                             CTImageStorage, scp_mod.INCONSISTENT, "pixel data has 1000 bytes"),
+    "odd-length-with-pad-byte": (_odd_8_bit_slice, _implicit_le, CTImageStorage, scp_mod.SUCCESS, ""),
+    "rescale-slope-nan-intercept-inf": (lambda: _with(RescaleSlope="nan", RescaleIntercept="inf"), _implicit_le,
+                                        CTImageStorage, scp_mod.INCONSISTENT, "RescaleSlope"),
+    "rescale-slope-1e308": (lambda: _with(RescaleSlope="1e308"), _implicit_le, CTImageStorage,
+                            scp_mod.INCONSISTENT, "HU"),
+    "rescale-slope-0": (lambda: _with(RescaleSlope="0"), _implicit_le, CTImageStorage, scp_mod.INCONSISTENT,
+                        "RescaleSlope"),
+    "rgb-with-one-sample": (_rgb_one_sample, _implicit_le, CTImageStorage, scp_mod.INCONSISTENT,
+                            "PhotometricInterpretation"),
+    "monochrome-with-three-samples": (_monochrome_three_samples, _implicit_le, CTImageStorage,
+                                      scp_mod.INCONSISTENT, "PhotometricInterpretation"),
+    "enhanced-ct-without-functional-groups": (_enhanced_ct_without_functional_groups, _implicit_le,
+                                              EnhancedCTImageStorage, scp_mod.DATASET_MISMATCH,
+                                              "PerFrameFunctionalGroupsSequence"),
+    "leading-zero-sop-instance-uid": (lambda: _with(SOPInstanceUID="1.2.03.4"), _implicit_le, CTImageStorage,
+                                      scp_mod.INVALID_UID, "'1.2.03.4'"),
+    "leading-zero-study-uid": (lambda: _with(StudyInstanceUID="1.2.840.010.5"), _implicit_le, CTImageStorage,
+                               scp_mod.INVALID_UID, "Study Instance UID"),
+}
+# cases whose file is also put through the scoring path (which must skip it)
+_SCORE_PATH_CASES = {"rescale-slope-nan-intercept-inf", "rescale-slope-1e308", "rescale-slope-0",
+                     "rgb-with-one-sample", "monochrome-with-three-samples", "enhanced-ct-without-functional-groups"}
+
+
+def _store_on_path(node, data: bytes, sop_uid: str, sop_class: str, path: str) -> int | None:
+    """One C-STORE of the encoded data set ``data`` on the DUL-thread path or on pynetdicom's (a command
+    set split over two PDUs); asserts that the path named served it."""
+    before = node.scp.direct_stores
+    raw = RawStore(node.scp.port, sop_class)
+    try:
+        status = raw.store(_store_command(sop_uid, sop_class=sop_class), data,
+                           split_command=path == "pynetdicom")
+    finally:
+        raw.close()
+    assert node.scp.direct_stores - before == (1 if path == "dul-thread" else 0)
+    return status
+
+
+@pytest.mark.parametrize("path", ["dul-thread", "pynetdicom"])
+@pytest.mark.parametrize("case", list(_PIXEL_CASES))
+def test_inconsistent_pixel_data_and_metadata_are_refused_and_quarantined(node, scorer, tmp_path, case, path):
+    """A PixelData length that is not Rows x Columns x bits x samples x frames (even one that claims
+    0xFFFFFFF0 bytes), non-finite, zero or absurd rescale values, a photometric interpretation that
+    contradicts SamplesPerPixel, an Enhanced CT image without functional groups and a UID component with
+    a leading zero are refused before Success and quarantined with the reason; the scoring path skips
+    such a file with a reason, never scores it."""
+    make, wire, sop_class, expected, reason = _PIXEL_CASES[case]
+    ds = make()
+    sop_uid = str(ds.SOPInstanceUID)
+    status = _store_on_path(node, wire(ds), sop_uid, str(sop_class), path)
+    assert status == expected, "no response" if status is None else f"0x{status:04X}"
+    with node.sf() as s:
+        stored = s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid))
+        reasons = s.scalars(select(QuarantineRecord.reason).where(QuarantineRecord.status_code == expected)
+                            .where((QuarantineRecord.sop_instance_uid == sop_uid)
+                                   | QuarantineRecord.reason.contains(sop_uid))).all()
+    assert (stored is not None) == (expected == scp_mod.SUCCESS)
+    if expected != scp_mod.SUCCESS:
+        assert any(reason in r for r in reasons), reasons
+    if case in _SCORE_PATH_CASES:
+        file = _file_with_body(sop_uid, str(sop_class), _encode_body(ds), tmp_path / "f.dcm")
+        assert _score_path(file, scorer) == "skipped"
+
+
+@pytest.mark.parametrize("spacing", [["0", "0"], ["-0.5", "0.5"], ["nan", "0.5"]], ids=["zero", "negative", "nan"])
+def test_unusable_pixel_spacing_is_stored_but_never_scored(node, scorer, tmp_path, spacing):
+    """PixelSpacing 0, negative or not a number: the image is stored (the DICOM is readable) and
+    skipped with the reason, on receipt and by the scoring path."""
+    ds = _with(PixelSpacing=spacing)
+    assert _send_ds(node.scp.port, ds) == scp_mod.SUCCESS
+    with node.sf() as s:
+        inst = s.scalars(select(Instance).where(Instance.sop_instance_uid == str(ds.SOPInstanceUID))).one()
+    assert not inst.scorable and "PixelSpacing" in inst.skip_reason
+    file = _file_with_body(str(ds.SOPInstanceUID), str(CTImageStorage), _encode_body(ds), tmp_path / "f.dcm")
+    assert _score_path(file, scorer) == "skipped"
+
+
+# ---- connections that never associate (a load balancer's health check) ------------------------------
+
+def _connect_and_close(port: int, count: int) -> None:
+    """``count`` plain TCP connections that close without sending a byte; every other one with a reset."""
+    for i in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            if i % 2:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _echo_seconds(port: int) -> float:
+    """Seconds from connecting to a C-ECHO answered with Success (infinite when it is not)."""
+    t0 = time.monotonic()
+    return time.monotonic() - t0 if echo_ok(port) else float("inf")
+
+
+def test_connection_that_never_sends_an_association_request_is_dropped_quickly(tmp_path):
+    """A connection that sends no A-ASSOCIATE-RQ (nothing, or part of a PDU) holds an association slot
+    only until the ARTIM timer (node.artim_timeout, a few seconds), not for node.acse_timeout or until
+    the peer goes; closed ones free theirs at once."""
+    n = start_scp(tmp_path, free_port(), node={"max_associations": 2})
+    rq = _associate_rq_pdu("STALLER", "QCNODE")
+    try:
+        stalled = []
+        for part in (b"", b"\x01\x00\x00", rq[:len(rq) // 2]):
+            sock = socket.create_connection(("127.0.0.1", n.scp.port), timeout=15)
+            sock.sendall(part)
+            stalled.append(sock)
+        t0 = time.monotonic()
+        for sock in stalled:
+            with sock:
+                assert sock.recv(1) == b""  # closed by the node
+        assert time.monotonic() - t0 < 6
+        _connect_and_close(n.scp.port, 40)
+        assert _echo_seconds(n.scp.port) < 1.0
+    finally:
+        n.stop()
+
+
+@pytest.mark.timeout(300)
+def test_burst_of_1000_health_checks_leaves_echo_answered_within_a_second(tmp_path):
+    """`qcnode serve` (two SCP processes on one listening socket, the default on two cores): 1000 plain
+    TCP connect-and-close in a burst, then a C-ECHO is answered within 1 s (it was "Local Limit Exceeded"
+    for up to node.acse_timeout)."""
+    port = free_port()
+    cfg = write_config(tmp_path, port, extra={"node": {"scp_processes": 2}, "worker": {"enabled": False}})
+    proc = serve_process(cfg)
+    try:
+        wait_port(port, 120, proc)
+        wait_for(lambda: echo_ok(port), 60, what="C-ECHO before the burst")
+        t0 = time.monotonic()
+        _connect_and_close(port, 1000)
+        burst = time.monotonic() - t0
+        echo = _echo_seconds(port)
+        print(f"\n1000 connect-and-close in {burst:.1f}s; the C-ECHO after them took {echo:.3f}s")
+        assert burst < 120 and echo < 1.0
+        assert proc.poll() is None
+    finally:
+        stop_process(proc)

@@ -119,6 +119,32 @@ def test_tls_client_certificate_required(tmp_path, port, shared_ct, certs):
         node.stop()
 
 
+def test_tls_node_keeps_accepting_while_a_connection_sends_nothing(tmp_path, port, certs):
+    """A plain TCP connection that sends nothing (no TLS ClientHello) stopped pynetdicom's accepting
+    thread in the TLS handshake: no other peer was accepted. Now the handshake waits in the
+    connection's own thread, and the node closes the silent connection after node.artim_timeout."""
+    import socket
+    import ssl
+
+    from pynetdicom import AE
+    skey, scert = certs["server"]
+    node = start_scp(tmp_path, port, node={"tls_enabled": True, "tls_cert": str(scert), "tls_key": str(skey)})
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as silent:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(scert))
+            with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),
+                                 server_hostname="127.0.0.1") as tls:  # the handshake is answered
+                assert tls.version() is not None
+            ae = AE(ae_title="PYTLS")
+            ae.add_requested_context("1.2.840.10008.1.1")
+            assoc = ae.associate("127.0.0.1", port, ae_title="QCNODE", tls_args=(ctx, "127.0.0.1"))
+            assert assoc.is_established and int(assoc.send_c_echo().Status) == 0
+            assoc.release()
+            assert silent.recv(1) == b""  # closed by the node (ARTIM), well before the 15 s
+    finally:
+        node.stop()
+
+
 PATIENT = ("Zyxwvut^Qwertina^Marie", "PID-H6-7731942")
 
 

@@ -7,6 +7,12 @@ throughput. Instead the parent ``serve`` opens the listening socket once and han
 children; every process publishes how many associations it holds in a small shared array and only
 accepts a waiting connection while no other process holds fewer (after ``ACCEPT_YIELD_S`` it
 accepts anyway, so a stalled process cannot hold a sender back). Works for port 0 as well.
+
+Every SCP server (shared listener or not) is a :class:`NodeAssociationServer`: a connection whose peer
+has already closed it when it is accepted (a load balancer's health check: connect, close) is closed
+at once, before pynetdicom starts its threads for an association; the listen backlog is
+``LISTEN_BACKLOG`` (pynetdicom's is 5), so that a burst of such connections is not met with dropped SYNs;
+a TLS handshake is done in the association's thread, not in the accepting one.
 """
 from __future__ import annotations
 
@@ -14,14 +20,16 @@ import dataclasses
 import errno
 import multiprocessing
 import socket
+import ssl
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom.transport import ThreadedAssociationServer
 
 ACCEPT_YIELD_S = 0.25   # a busier process waits at most this long for a less busy one to accept
 _POLL_S = 0.002
+LISTEN_BACKLOG = 128    # connections the kernel holds until they are accepted
 
 
 @dataclasses.dataclass
@@ -42,7 +50,39 @@ class SharedListener:
         return len(self.loads)
 
 
-def open_shared_listener(host: str, port: int, processes: int, backlog: int = 128,
+def peer_closed(sock: socket.socket) -> bool:
+    """True when the peer of an accepted connection has already closed it (end of stream or reset
+    with nothing to read); never waits. A TLS connection is not looked at (it is not read before
+    its handshake, done later in the association's thread)."""
+    if isinstance(sock, ssl.SSLSocket):
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False  # open, nothing sent yet
+    except OSError:
+        return True  # reset
+
+
+class NodeAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with a deeper listen backlog, closing connections whose peer has
+    already gone when they are accepted instead of starting an association for them. With TLS the
+    handshake is left to the association's first read, in its own thread: pynetdicom does it in the
+    accepting thread, where one connection that sends nothing stops every other from being accepted."""
+
+    request_queue_size = LISTEN_BACKLOG
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        client, address = cast(socket.socket, self.socket).accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return not peer_closed(request)  # False: socketserver closes the connection
+
+
+def open_shared_listener(host: str, port: int, processes: int, backlog: int = LISTEN_BACKLOG,
                          bind_wait_s: float = 10.0) -> SharedListener:
     """Bind and listen on ``host:port`` (non-blocking) for ``processes`` SCP processes.
 
@@ -67,10 +107,10 @@ def open_shared_listener(host: str, port: int, processes: int, backlog: int = 12
     return SharedListener(sock, loads)
 
 
-def balanced_server_class(listener: SharedListener) -> type[ThreadedAssociationServer]:
+def balanced_server_class(listener: SharedListener) -> type[NodeAssociationServer]:
     """A pynetdicom server class that serves ``listener`` (for ``AE.make_server(server_class=...)``)."""
 
-    class BalancedAssociationServer(ThreadedAssociationServer):
+    class BalancedAssociationServer(NodeAssociationServer):
         shared = listener
 
         def server_bind(self) -> None:
@@ -116,5 +156,11 @@ def balanced_server_class(listener: SharedListener) -> type[ThreadedAssociationS
             request = super().get_request()
             self._publish(+1)
             return request
+
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            if super().verify_request(request, client_address):
+                return True
+            self._publish(-1)  # closed here: no association, so no EVT_CONN_CLOSE will count it off
+            return False
 
     return BalancedAssociationServer

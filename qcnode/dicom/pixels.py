@@ -31,6 +31,14 @@ UNSUPPORTED_TRANSFER_SYNTAXES = {
 # A slice is axial when its normal is within about 37 degrees of the patient z axis: tilted-gantry
 # head scans (commonly up to 30 degrees) count as axial; coronal/sagittal (90 degrees) do not.
 AXIAL_MIN_COS = 0.8
+# No CT value lies beyond this after rescale (air is -1000 HU, dense metal a few 10 000 HU on an
+# extended scale): a RescaleSlope/Intercept that maps the stored pixel range further is nonsense.
+HU_LIMIT = 1e6
+# SamplesPerPixel each PhotometricInterpretation requires (PS3.3 C.7.6.3.1.2)
+PHOTOMETRIC_SAMPLES = {"MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "RGB": 3, "HSV": 3, "YBR_FULL": 3,
+                       "YBR_FULL_422": 3, "YBR_PARTIAL_422": 3, "YBR_PARTIAL_420": 3, "YBR_ICT": 3, "YBR_RCT": 3,
+                       "ARGB": 4, "CMYK": 4}
+GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 
 
 class SkipSlice(Exception):
@@ -60,8 +68,9 @@ class CTSlice:
 
 # VRs whose value conversion cannot fail unless pydicom's reading validation is RAISE (text is
 # decoded with replacement, UIDs/dates stay strings, byte VRs stay bytes): skipped by the eager decode
+# ("OB or OW": implicit VR pixel data, left raw so that its declared length can still be checked)
 _LENIENT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "LO", "SH", "LT", "ST", "UC", "UT", "UR",
-                          "PN", "OB", "OD", "OF", "OL", "OV", "OW"})
+                          "PN", "OB", "OD", "OF", "OL", "OV", "OW", "OB or OW"})
 
 
 # (tag, VR, byte order, implicit VR, raw value) of small elements that converted without error: the
@@ -131,7 +140,9 @@ def _read(path: str | Path, stop_before_pixels: bool) -> Dataset:
 def skip_reason(ds: Dataset) -> str | None:
     """Why this dataset cannot be scored (None if it is a scorable axial CT image).
 
-    Looks at headers only (no pixel decoding), so the SCP can call it at receipt.
+    Looks at headers only (no pixel decoding), so the SCP can call it at receipt. Contradictory
+    pixel metadata (:func:`functional_groups_error`, :func:`pixel_metadata_error`, which the SCP
+    refuses at receipt) and an unusable PixelSpacing are skip reasons too.
     """
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class not in CT_IMAGE_CLASSES:
@@ -144,15 +155,107 @@ def skip_reason(ds: Dataset) -> str | None:
     ts = _transfer_syntax(ds)
     if ts in UNSUPPORTED_TRANSFER_SYNTAXES:
         return f"unsupported transfer syntax {ts} ({UNSUPPORTED_TRANSFER_SYNTAXES[ts]})"
+    error = functional_groups_error(ds) or pixel_metadata_error(ds)
+    if error:
+        return f"inconsistent pixel metadata: {error}"
     if sop_class == CT_IMAGE_STORAGE:
         orientation = ds.get("ImageOrientationPatient")
         if orientation is not None and not is_axial(orientation):
             return "not an axial image (ImageOrientationPatient)"
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         return "not a grayscale image (SamplesPerPixel != 1)"
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if photometric not in GRAYSCALE:
+        shown = photometric if photometric in PHOTOMETRIC_SAMPLES else "missing or unknown"
+        return f"not a grayscale image (PhotometricInterpretation {shown})"
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows < 32 or cols < 32:
         return f"image too small ({rows}x{cols})"
+    for spacing in _pixel_values(ds, "PixelMeasuresSequence", "PixelSpacing"):
+        error = _spacing_error(spacing)
+        if error:
+            return error
+    return None
+
+
+def functional_groups_error(ds: Dataset) -> str | None:
+    """Why an Enhanced CT image lacks the functional groups its IOD requires (None if it has them, or
+    is no Enhanced CT image): a Per-frame Functional Groups Sequence with one item per frame."""
+    if str(ds.get("SOPClassUID", "")) != ENHANCED_CT_IMAGE_STORAGE:
+        return None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not per_frame:
+        return "Enhanced CT image without PerFrameFunctionalGroupsSequence"
+    frames = _int_or_none(ds.get("NumberOfFrames"))
+    if frames != len(per_frame):
+        return f"Enhanced CT image with {len(per_frame)} PerFrameFunctionalGroupsSequence items for " \
+               f"NumberOfFrames {frames}"
+    return None
+
+
+def pixel_metadata_error(ds: Dataset) -> str | None:
+    """How the pixel description of a CT image contradicts itself (None if it does not): a
+    PhotometricInterpretation that needs another SamplesPerPixel, or a RescaleSlope/RescaleIntercept
+    that is not a finite number, is 0, or maps the stored pixel range beyond ``HU_LIMIT``."""
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    value = ds.get("SamplesPerPixel")
+    samples = 1 if value in (None, "") else _int_or_none(value)
+    needed = PHOTOMETRIC_SAMPLES.get(photometric)
+    if needed is not None and samples != needed:
+        return f"PhotometricInterpretation {photometric} with SamplesPerPixel {samples} (needs {needed})"
+    slopes = list(_pixel_values(ds, "PixelValueTransformationSequence", "RescaleSlope")) or [None]
+    intercepts = list(_pixel_values(ds, "PixelValueTransformationSequence", "RescaleIntercept")) or [None]
+    low, high = _stored_range(ds)
+    for slope_value in slopes:
+        for intercept_value in intercepts:
+            try:
+                slope = float(slope_value if slope_value not in (None, "") else 1)
+                intercept = float(intercept_value if intercept_value not in (None, "") else 0)
+            except (TypeError, ValueError):
+                return "RescaleSlope or RescaleIntercept is not a number"
+            if not (math.isfinite(slope) and math.isfinite(intercept)):
+                return f"RescaleSlope {slope} and RescaleIntercept {intercept} must be finite numbers"
+            if slope == 0:
+                return "RescaleSlope 0 maps every pixel to one value"
+            extreme = max(abs(slope * low + intercept), abs(slope * high + intercept))
+            if not extreme <= HU_LIMIT:
+                return f"RescaleSlope {slope:g} and RescaleIntercept {intercept:g} map the stored pixel range " \
+                       f"to {extreme:.3g} HU (more than {HU_LIMIT:g})"
+    return None
+
+
+def _stored_range(ds: Dataset) -> tuple[int, int]:
+    """The smallest and largest stored pixel value BitsStored and PixelRepresentation allow."""
+    allocated = _int_or_none(ds.get("BitsAllocated")) or 16
+    stored = _int_or_none(ds.get("BitsStored"))
+    bits = min(max(stored if stored and 0 < stored <= allocated else allocated, 1), 64)
+    if _int_or_none(ds.get("PixelRepresentation")) == 1:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _pixel_values(ds: Dataset, sequence: str, keyword: str) -> Iterator[Any]:
+    """Every value of ``keyword`` that applies to the image: the data set's own (CT Image), or those in
+    ``sequence`` of the shared and of each per-frame functional group (Enhanced CT)."""
+    if str(ds.get("SOPClassUID", "")) != ENHANCED_CT_IMAGE_STORAGE:
+        if keyword in ds:
+            yield ds.get(keyword)
+        return
+    for groups in (ds.get("SharedFunctionalGroupsSequence") or [], ds.get("PerFrameFunctionalGroupsSequence") or []):
+        for group in groups:
+            for item in group.get(sequence) or []:
+                if keyword in item:
+                    yield item.get(keyword)
+
+
+def _spacing_error(value: Any) -> str | None:
+    """Why a PixelSpacing value is unusable (None if it is two positive finite numbers)."""
+    try:
+        row, col = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return "unusable PixelSpacing (not two numbers)"
+    if not (math.isfinite(row) and math.isfinite(col) and row > 0 and col > 0):
+        return f"unusable PixelSpacing {row:g}\\{col:g} (must be positive)"
     return None
 
 
@@ -182,7 +285,14 @@ def to_hu(ds: Dataset) -> np.ndarray:
         raise SkipSlice(f"unexpected pixel array shape {arr.shape}")
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    return (arr.astype(np.float32) * np.float32(slope) + np.float32(intercept))
+    return _finite(arr.astype(np.float32) * np.float32(slope) + np.float32(intercept))
+
+
+def _finite(hu: np.ndarray) -> np.ndarray:
+    """``hu`` if every value is finite; else SkipSlice (a score of NaN or infinite HU means nothing)."""
+    if not np.isfinite(hu).all():
+        raise SkipSlice("non-finite HU after rescale")
+    return hu
 
 
 def _pixel_array(ds: Dataset) -> np.ndarray:
@@ -243,8 +353,8 @@ def _enhanced_frames(ds: Dataset, sop_uid: str, series_uid: str, number: int | N
         pix = _functional(item, shared_item, "PixelMeasuresSequence", "PixelSpacing")
         slope = _functional(item, shared_item, "PixelValueTransformationSequence", "RescaleSlope")
         intercept = _functional(item, shared_item, "PixelValueTransformationSequence", "RescaleIntercept")
-        hu = arr[i].astype(np.float32) * np.float32(float(slope if slope is not None else 1)) \
-            + np.float32(float(intercept if intercept is not None else 0))
+        hu = _finite(arr[i].astype(np.float32) * np.float32(float(slope if slope is not None else 1))
+                     + np.float32(float(intercept if intercept is not None else 0)))
         spacing = (float(pix[0]), float(pix[1])) if pix is not None and len(pix) == 2 else None
         yield CTSlice(hu, sop_uid, series_uid, number, spacing, path, frame=i)
 

@@ -38,10 +38,18 @@ thread otherwise) the connection is quiet because the node is busy, not the peer
 timeout (pynetdicom's idle timer) is held while it runs and restarted after it, so a slow
 handler (a long database lock wait) still gets its response sent and keeps its association.
 
-The loops are pynetdicom 3.0's ``DULServiceProvider.run_reactor`` and
-``Association._run_reactor`` (MIT licence) with only the waits changed. :func:`use_fast_receive`
-switches an acceptor association to them, and its socket to :class:`FastRecvSocket`, before its
-threads start (``EVT_CONN_OPEN``); an association of any other shape is left as pynetdicom made it.
+A connection that sends no A-ASSOCIATE-RQ (a load balancer's health check) holds an association
+slot only briefly: the DUL's ARTIM timer, which pynetdicom runs for ``acse_timeout`` while it waits for
+the request, runs for ``artim_timeout`` (``node.artim_timeout``, a few seconds) and then closes the
+connection; until the request is in, a socket read (of a PDU sent in part, or a TLS handshake) also
+gives up after that long; and the association thread, which pynetdicom keeps waiting for the request
+for ``acse_timeout`` even after the connection is gone, ends as soon as its DUL thread has ended.
+
+The loops are pynetdicom 3.0's ``DULServiceProvider.run_reactor``, ``Association.run_reactor``
+(acceptor part) and ``Association._run_reactor`` (MIT licence) with only the waits changed.
+:func:`use_fast_receive` switches an acceptor association to them, and its socket to
+:class:`FastRecvSocket`, before its threads start (``EVT_CONN_OPEN``); an association of any other
+shape is left as pynetdicom made it.
 """
 from __future__ import annotations
 
@@ -59,10 +67,11 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import LOGGER as DUL_LOGGER, DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_items import PresentationDataValueItem
-from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket
+from pynetdicom.utils import set_timer_resolution
 
 from qcnode.dicom.direct_store import DirectStore
 from qcnode.log import get_logger
@@ -215,9 +224,11 @@ class EventDrivenDUL(DULServiceProvider):
     pdu_limits: list[int]  # longest PDU length read now, by PDU type (see pdu_length_limits)
     pdata_limit: int  # longest P-DATA-TF once established (see pdata_length_limit)
     discarding: bool  # an over-long PDU aborted the association: the rest of the input is dropped
+    request_read_timeout: bool  # socket reads time out (limit_request_wait) until the A-ASSOCIATE-RQ is in
 
     def _setup_wakeup(self, max_pdu_size: int | None = None) -> None:
         self.idle_timeouts = 0
+        self.request_read_timeout = False
         self.direct_store = None
         self.pdu_limits = pdu_length_limits()  # until established
         self.pdata_limit = pdata_length_limit(max_pdu_size)
@@ -225,6 +236,28 @@ class EventDrivenDUL(DULServiceProvider):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+
+    def limit_request_wait(self, artim_timeout: float) -> None:
+        """Until the A-ASSOCIATE-RQ has arrived, the ARTIM timer runs ``artim_timeout`` and a socket read
+        (the rest of a PDU begun, a TLS handshake) waits at most that long: a peer that sends nothing
+        or stalls half-way is dropped then."""
+        self.artim_timer.timeout = artim_timeout
+        raw = getattr(self.socket, "socket", None)
+        if raw is not None:
+            raw.settimeout(artim_timeout)
+            self.request_read_timeout = True
+
+    def _end_request_wait(self) -> None:
+        """Blocking reads again (as pynetdicom) once the DUL has left Sta2 (awaiting A-ASSOCIATE-RQ)."""
+        if self.state_machine.current_state == "Sta2":
+            return
+        self.request_read_timeout = False
+        raw = getattr(self.socket, "socket", None)
+        if raw is not None:
+            try:
+                raw.settimeout(None)
+            except OSError:  # closed meanwhile
+                pass
 
     def wake(self) -> None:
         """Make the reactor look at its queues and flags now."""
@@ -415,6 +448,8 @@ class EventDrivenDUL(DULServiceProvider):
                 idle = True
                 continue
             self.state_machine.do_action(event)
+            if self.request_read_timeout:
+                self._end_request_wait()
             self._wake_association()  # it may have queued a DIMSE message or an ACSE primitive
             idle = False
 
@@ -437,6 +472,47 @@ class EventDrivenAssociation(Association):
         self._kill = True
         self.wake()
         super().kill()
+
+    def run(self) -> None:
+        # the Thread was made with target=<the original run_reactor>, bound before the class switch
+        self.run_reactor()
+
+    def run_reactor(self) -> None:
+        """pynetdicom's acceptor run: wait for the A-ASSOCIATE-RQ, negotiate, serve; the wait ends
+        when the DUL thread ends (the peer closed the connection, or the ARTIM timer expired)."""
+        if not self._started_dul:
+            self.dul.start()
+            self._started_dul = True
+            self._dul_ready.wait()
+        primitive = self._wait_for_association_request()
+        if primitive is None:  # no A-ASSOCIATE-RQ
+            self.kill()
+        else:
+            self.requestor.primitive = primitive
+            evt.trigger(self, evt.EVT_REQUESTED, {})
+            if not self.is_aborted and not self.is_rejected:  # (a handler may have sent either)
+                self.acse.negotiate_association()
+            if self.is_established:
+                with set_timer_resolution(self._timer_resolution):
+                    self._run_reactor()
+        sock = cast(AssociationSocket, self.dul.socket)
+        if self._server and sock.socket:  # as pynetdicom: make sure the connection is shut down
+            self._server.shutdown_request(sock.socket)
+
+    def _wait_for_association_request(self) -> A_ASSOCIATE | None:
+        """The A-ASSOCIATE primitive from the DUL, or None once the DUL thread has ended without one
+        or ``acse_timeout`` has passed (pynetdicom waits ``acse_timeout`` in any case)."""
+        timeout = self.acse_timeout
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        while True:
+            self._wakeup.clear()  # before looking: a wake-up after this point is not lost
+            primitive = self.dul.receive_pdu(wait=False)
+            if primitive is not None:
+                return cast(A_ASSOCIATE, primitive)
+            if self._kill or not self.dul.is_alive() or time.monotonic() >= deadline:
+                return cast("A_ASSOCIATE | None", self.dul.receive_pdu(wait=False))  # one queued just before
+            if not self._wakeup.wait(IDLE_WAIT_S):
+                self.idle_timeouts += 1
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
         """pynetdicom's dispatch, except that a C-STORE of a SOP class pynetdicom has no storage
@@ -513,10 +589,13 @@ class EventDrivenAssociation(Association):
                 return
 
 
-def use_fast_receive(assoc: Any, store_handler: Callable[[Any], int] | None = None) -> bool:
+def use_fast_receive(assoc: Any, store_handler: Callable[[Any], int] | None = None,
+                     artim_timeout: float | None = None) -> bool:
     """Switch a not yet started acceptor association to :class:`FastRecvSocket` and the
     event-driven reactors (call it from ``EVT_CONN_OPEN``). With ``store_handler`` (the node's
-    ``EVT_C_STORE`` handler) plain C-STOREs are served in the DUL thread (:mod:`direct_store`).
+    ``EVT_C_STORE`` handler) plain C-STOREs are served in the DUL thread (:mod:`direct_store`);
+    with ``artim_timeout`` a connection is dropped when its A-ASSOCIATE-RQ is not in after that long
+    (:meth:`EventDrivenDUL.limit_request_wait`).
 
     Returns False (and changes nothing) for anything but a plain pynetdicom acceptor whose
     threads have not started."""
@@ -532,6 +611,8 @@ def use_fast_receive(assoc: Any, store_handler: Callable[[Any], int] | None = No
     # (up to acse_timeout / network_timeout) kept the process alive after a graceful stop
     dul.daemon = True
     cast(EventDrivenDUL, dul)._setup_wakeup(assoc.acceptor.maximum_length)  # noqa: SLF001
+    if artim_timeout is not None:
+        cast(EventDrivenDUL, dul).limit_request_wait(artim_timeout)
     if store_handler is not None:
         cast(EventDrivenDUL, dul).direct_store = DirectStore(dul, store_handler)
     assoc.__class__ = EventDrivenAssociation

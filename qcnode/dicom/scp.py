@@ -8,8 +8,11 @@ quarantine copy with the reason; the server keeps running.
 
 Failure statuses: 0xA700 out of resources (free disk below the watermark, the spool's file system
 full or over quota while writing, or shutting down), 0xA900 dataset does not match the SOP class
-(or the request's UIDs), 0xC210 cannot understand (undecodable dataset), 0xC001 invalid UIDs (in
-the dataset or in the C-STORE request), 0xC002 no pixel data, 0xC003 inconsistent pixel data,
+(or the request's UIDs; an Enhanced CT image without its per-frame functional groups), 0xC210 cannot
+understand (undecodable dataset), 0xC001 invalid UIDs (in the dataset or in the C-STORE request; also a
+component with a leading zero), 0xC002 no pixel data, 0xC003 inconsistent pixel data (a native PixelData
+length other than Rows x Columns x BitsAllocated x SamplesPerPixel x frames, a PhotometricInterpretation
+that contradicts SamplesPerPixel, a RescaleSlope/Intercept that is not finite, is 0 or gives absurd HU),
 0xC004 cannot store/record, 0x0122 SOP class not supported (non-CT storage objects and SRs
 that are not dose reports; other storage classes are accepted at negotiation only so that they
 can be refused with a clear status and a quarantine copy; also a C-STORE whose SOP Class UID is not
@@ -21,7 +24,9 @@ Associations are refused with an A-ASSOCIATE-RJ: calling AE title not in the all
 service user, no-reason-given; an IPv4 peer of a dual-stack ``node.host`` such as ``::``, seen as
 ``::ffff:a.b.c.d``, is matched as that IPv4 address too); free disk below
 ``storage.min_free_disk_mb`` or more than ``node.max_associations`` (transient, service provider,
-local-limit-exceeded).
+local-limit-exceeded). A connection that sends no A-ASSOCIATE-RQ (a load balancer's health check) is
+closed after ``node.artim_timeout`` seconds, or at once when its peer has closed it, and holds no
+association slot after that (``qcnode.dicom.reactors``, ``qcnode.dicom.listener``).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import threading
 import time
 from typing import Any, Callable, cast
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import (ALL_TRANSFER_SYNTAXES, AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
                         AllStoragePresentationContexts, evt)
@@ -48,8 +54,9 @@ from qcnode.activity import open_activity
 from qcnode.config import Config
 from qcnode.db.models import DoseReport, Instance, QuarantineRecord, Series, Study, utcnow
 from qcnode.dicom.dose import dose_fields, is_dose_sr, parse_dose_sr
-from qcnode.dicom.listener import SharedListener, balanced_server_class
-from qcnode.dicom.pixels import CT_IMAGE_CLASSES, decode_public_elements, skip_reason
+from qcnode.dicom.listener import NodeAssociationServer, SharedListener, balanced_server_class
+from qcnode.dicom.pixels import (CT_IMAGE_CLASSES, decode_public_elements, functional_groups_error,
+                                 pixel_metadata_error, skip_reason)
 from qcnode.dicom.reactors import use_fast_receive
 from qcnode.dicom.recorder import InstanceRecorder, PendingInstance
 from qcnode.dicom.spool import InvalidUID, Spool, check_uid
@@ -67,6 +74,7 @@ NO_PIXEL_DATA = 0xC002
 INCONSISTENT = 0xC003
 CANNOT_STORE = 0xC004
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+PIXEL_DATA_TAG = 0x7FE00010
 
 # OSErrors while writing the spool that mean "no space", not "cannot store": answered 0xA700
 _NO_SPACE_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None)
@@ -192,7 +200,8 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def _check_native_pixel_length(ds: Dataset) -> None:
-    """For uncompressed syntaxes: PixelData must hold Rows x Columns x frames x samples x bits."""
+    """For uncompressed syntaxes: the PixelData element must declare and hold exactly Rows x Columns x
+    frames x samples x bits (plus the one pad byte that makes an odd length even)."""
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if ts is None or ts.is_compressed or "PixelData" not in ds:
@@ -204,12 +213,18 @@ def _check_native_pixel_length(ds: Dataset) -> None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError) as exc:
         raise Refused(INCONSISTENT, f"image pixel module incomplete: {_error(exc)}") from exc
-    expected = rows * cols * spp * frames * bits // 8
-    if not ds.PixelData:  # present but empty
+    expected = (rows * cols * spp * frames * bits + 7) // 8
+    element = ds.get_item(PIXEL_DATA_TAG)  # still raw (not decoded at receipt): its declared length as sent
+    value = element.value or b""
+    if not value:  # present but empty
         raise Refused(NO_PIXEL_DATA, "CT image with empty pixel data")
-    actual = len(ds.PixelData)
-    if actual < expected:
-        raise Refused(INCONSISTENT, f"pixel data has {actual} bytes, Rows x Columns x frames needs {expected}")
+    actual = len(value)
+    declared = element.length if isinstance(element, RawDataElement) else actual
+    if declared != actual:
+        raise Refused(INCONSISTENT, f"pixel data element declares {declared} bytes, {actual} follow")
+    if actual != expected and not (expected % 2 and actual == expected + 1):
+        raise Refused(INCONSISTENT, f"pixel data has {actual} bytes, Rows x Columns x frames x samples x "
+                                    f"bits needs {expected}")
 
 
 class StorageSCP:
@@ -278,15 +293,12 @@ class StorageSCP:
                     (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_REJECTED, self._on_rejected)]
         address = (self.cfg.node.host, self.cfg.node.port)
-        if listener is not None:
-            # what AE.start_server(block=False) does, with a server class over the shared socket
-            self.server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=self.ssl_context(),
-                                              server_class=balanced_server_class(listener))
-            threading.Thread(target=self.server.serve_forever, name="scp-acceptor", daemon=True).start()
-            self.ae._servers.append(self.server)  # noqa: SLF001 - as start_server does (shutdown removes it)
-        else:
-            self.server = self.ae.start_server(address, block=False, evt_handlers=handlers,
-                                               ssl_context=self.ssl_context())
+        # what AE.start_server(block=False) does, with the node's server class (over the shared socket)
+        server_class = NodeAssociationServer if listener is None else balanced_server_class(listener)
+        self.server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=self.ssl_context(),
+                                          server_class=server_class)
+        threading.Thread(target=self.server.serve_forever, name="scp-acceptor", daemon=True).start()
+        self.ae._servers.append(self.server)  # noqa: SLF001 - as start_server does (shutdown removes it)
         log.info("scp_listening", ae_title=self.cfg.node.ae_title, host=self.cfg.node.host,
                  port=self.server.server_address[1], tls=self.cfg.node.tls_enabled,
                  shared_listener=None if listener is None else f"{listener.index + 1}/{listener.processes}")
@@ -361,8 +373,9 @@ class StorageSCP:
 
     def _on_conn_open(self, event: Any) -> None:
         event.assoc.acse = _PolicyACSE(event.assoc, self.association_policy)
-        # one-buffer reads, no 1 ms polling, P-DATA without copies, plain C-STOREs served in the DUL thread
-        use_fast_receive(event.assoc, store_handler=self._on_direct_store)
+        # one-buffer reads, no 1 ms polling, P-DATA without copies, plain C-STOREs served in the DUL thread,
+        # a connection that sends no A-ASSOCIATE-RQ closed after node.artim_timeout
+        use_fast_receive(event.assoc, store_handler=self._on_direct_store, artim_timeout=self.cfg.node.artim_timeout)
 
     def _on_conn_close(self, event: Any) -> None:
         closed = getattr(self.server, "connection_closed", None)
@@ -451,6 +464,8 @@ class StorageSCP:
         if sop_uid != info["sop_instance_uid"]:
             raise Refused(DATASET_MISMATCH, "SOP Instance UID of the dataset differs from the C-STORE request")
         try:
+            for what, uid in (("Study Instance UID", study_uid), ("Series Instance UID", series_uid)):
+                check_uid(uid, what, strict=True)
             rel = Spool.instance_relpath(study_uid, series_uid, sop_uid)
         except InvalidUID as exc:
             raise Refused(INVALID_UID, str(exc)) from exc
@@ -462,6 +477,12 @@ class StorageSCP:
             reason = skip_reason(ds)
             if reason == "no pixel data":
                 raise Refused(NO_PIXEL_DATA, "CT image without pixel data")
+            error = functional_groups_error(ds)
+            if error:
+                raise Refused(DATASET_MISMATCH, error)
+            error = pixel_metadata_error(ds)
+            if error:
+                raise Refused(INCONSISTENT, error)
             _check_native_pixel_length(ds)
             scorable, skip = reason is None, reason
         elif sop_class in DOSE_SR_CLASSES:
@@ -551,8 +572,9 @@ class StorageSCP:
 
 
 def _uid_or_none(value: Any) -> str | None:
+    """``value`` if it is a valid DICOM UID (no component with a leading zero), else None."""
     try:
-        return check_uid(value)
+        return check_uid(value, strict=True)
     except InvalidUID:
         return None
 

@@ -20,6 +20,7 @@ from typing import Any
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+_STRICT_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")  # PS3.5 9.1: no leading zeros
 # what instance_relpath / sr_relpath build: UID folders and a UID file name (no resolve() needed)
 _SAFE_RELPATH_RE = re.compile(r"(sr/)?([0-9]+(\.[0-9]+)*/){2}[0-9]+(\.[0-9]+)*\.dcm")
 
@@ -28,11 +29,13 @@ class InvalidUID(ValueError):
     """A UID that is not a valid DICOM UID was to be used in a file name."""
 
 
-def check_uid(value: Any, what: str = "UID") -> str:
-    """Return ``value`` as str if it is a valid DICOM UID, else raise InvalidUID."""
+def check_uid(value: Any, what: str = "UID", strict: bool = False) -> str:
+    """Return ``value`` as str if it is a valid DICOM UID, else raise InvalidUID.
+
+    Digits and dots only: safe as a file name. A component with a leading zero (which DICOM forbids)
+    is tolerated unless ``strict`` (the SCP refuses it at receipt; files already spooled keep working)."""
     text = str(value) if value is not None else ""
-    # digits and dots only (leading zeros, common in the wild, are tolerated): safe as a file name
-    if len(text) > 64 or not _UID_RE.fullmatch(text):
+    if len(text) > 64 or not (_STRICT_UID_RE if strict else _UID_RE).fullmatch(text):
         raise InvalidUID(f"invalid {what}: {text[:80]!r}")
     return text
 
