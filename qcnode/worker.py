@@ -318,6 +318,8 @@ class Worker:
                              stage="after scoring")
                 return
             self.spool.write(sr_rel, sr_bytes(sr))  # only the round that is stored writes its SR
+            if outbox.wants_kind(self.cfg, summary["verdict"], outbox.KIND_KOS):
+                self._write_kos(ctx, headers, slices, model_info, version)
             try:
                 result = SeriesResult(
                     series_id=ctx["series_id"], version=version, model_version=model_version,
@@ -346,6 +348,18 @@ class Worker:
         log.info("series_scored", job_id=job_id, series_id=ctx["series_id"], version=version,
                  verdict=summary["verdict"], mean_score=round(summary["mean_score"], 3),
                  n_slices=summary["n_slices"], n_skipped=n_skipped, sr_sop_instance_uid=sr_uid)
+
+    def _write_kos(self, ctx: dict[str, Any], headers: list[Dataset], slices: list[dict[str, Any]],
+                   model_info: dict[str, str], version: int) -> None:
+        """Write the Quality Issue KOS (failing slices) where the outbox looks for it."""
+        from qcnode import outbox
+        from qcnode.dicom.kos import build_quality_issue_kos, failing_slices
+        from qcnode.dicom.sr import sr_bytes
+        threshold = self.cfg.verdict.slice_threshold
+        kos = build_quality_issue_kos(headers, failing_slices(slices, threshold), model_info, version,
+                                      threshold, content_datetime=ctx["created_at"])
+        self.spool.write(outbox.kos_relpath(ctx["study_uid"], ctx["series_uid"], model_info["version"], version),
+                         sr_bytes(kos))
 
     @staticmethod
     def _mark_skipped(s: Session, skipped: dict[int, str]) -> None:
