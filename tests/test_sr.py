@@ -225,3 +225,21 @@ def test_sr_passes_pixelmed_validator(ge_headers, tmp_path):
     warnings = pixelmed_sr_validator(write_validated(sr, tmp_path / "sr.dcm"))
     # accepted (README, Interoperability): PixelMed's TID 1501 lacks qualitative evaluations and text
     assert all("Content Item not in template" in w for w in warnings), warnings
+
+
+def test_quality_issue_kos_lists_failing_slices(ge_headers, tmp_path):
+    from qcnode.dicom.kos import FlaggedSlice, build_quality_issue_kos, failing_slices, kos_sop_uid
+    slices = slice_scores(ge_headers[:4])  # 1.0, 1.1, 1.2, 1.3
+    assert [f.score for f in failing_slices(slices, 1.15)] == [1.0, 1.1]
+    # a FAIL by the series mean alone still flags its worst slice
+    assert failing_slices(slices, 0.5) == [FlaggedSlice(slices[0]["sop_instance_uid"], 1.0)]
+    kos = build_quality_issue_kos(ge_headers, failing_slices(slices, 1.15), MODEL_INFO, 2, 1.15,
+                                  content_datetime=WHEN)
+    back = pydicom.dcmread(write_validated(kos, tmp_path / "kos.dcm"))
+    assert back.SOPInstanceUID == kos_sop_uid(ge_headers[0].SeriesInstanceUID, MODEL_INFO["version"], 2)
+    assert back.ConceptNameCodeSequence[0].CodeValue == "113010"
+    assert back.StudyInstanceUID == ge_headers[0].StudyInstanceUID and back.InstanceNumber == 2
+    device = [e for e in back.ContributingEquipmentSequence if e.get("DeviceUID")]
+    assert device[0].DeviceUID == sr_mod.algorithm_device_uid(MODEL_INFO["name"], MODEL_INFO["version"])
+    with pytest.raises(SRBuildError, match="at least one flagged slice"):
+        build_quality_issue_kos(ge_headers, [], MODEL_INFO, 1, 1.15)
