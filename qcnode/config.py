@@ -374,4 +374,4 @@ def database_url_problem(url: str) -> str | None:
 
 
 SUPPORTED_DATABASES = ("sqlite", "postgresql")
-SEND_RULES = {"sr", "series", "series:PASS", "series:WARN", "series:FAIL"}
+SEND_RULES = {"sr", "series", "series:PASS", "series:WARN", "series:FAIL", "kos:WARN", "kos:FAIL"}

@@ -1,4 +1,4 @@
-"""Outbox: durable delivery of SRs (and series forwarded by verdict) to configured destinations.
+"""Outbox: durable delivery of SRs, Quality Issue KOS and series forwarded by verdict.
 
 ``enqueue`` adds one ``deliveries`` row per destination and payload kind in the caller's
 transaction (the worker commits it with the result). ``OutboxSender.run_once`` claims due rows
@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from qcnode.config import Config, Destination
-from qcnode.db.models import Delivery, Instance, Series, SeriesResult, utcnow
+from qcnode.db.models import Delivery, Instance, Series, SeriesResult, Study, utcnow
 from qcnode.db.queue import LeaseKeeper, claim_rows
 from qcnode.dicom.scu import DeliveryError, send_datasets
 from qcnode.log import get_logger
@@ -30,6 +30,7 @@ log = get_logger(__name__)
 
 KIND_SR = "sr"
 KIND_SERIES = "series"
+KIND_KOS = "kos"  # by verdict only ("kos:FAIL", "kos:WARN"): the failing slices, see qcnode.dicom.kos
 SENDING = "sending"
 SUPERSEDED = "superseded"
 
@@ -41,7 +42,21 @@ def payload_kinds(destination: Destination, verdict: str) -> list[str]:
         kinds.append(KIND_SR)
     if KIND_SERIES in destination.send or f"{KIND_SERIES}:{verdict}" in destination.send:
         kinds.append(KIND_SERIES)
+    if f"{KIND_KOS}:{verdict}" in destination.send:
+        kinds.append(KIND_KOS)
     return kinds
+
+
+def wants_kind(cfg: Config, verdict: str, kind: str) -> bool:
+    """Whether any destination gets ``kind`` for a result with ``verdict``."""
+    return any(kind in payload_kinds(d, verdict) for d in cfg.destinations)
+
+
+def kos_relpath(study_uid: str, series_uid: str, model_version: str, result_version: int) -> str:
+    """Spool path of the Quality Issue KOS of one result (derived: no column needed)."""
+    from qcnode.dicom.kos import kos_sop_uid
+    from qcnode.dicom.spool import Spool
+    return Spool.sr_relpath(study_uid, series_uid, kos_sop_uid(series_uid, model_version, result_version))
 
 
 def enqueue(session: Session, series_result: SeriesResult, cfg: Config) -> list[Delivery]:
@@ -116,6 +131,15 @@ class OutboxSender:
             if not result.sr_path:
                 raise DeliveryError(f"series result {series_result_id} has no SR file yet")
             return [self.spool_dir / result.sr_path]
+        if kind == KIND_KOS:
+            study = session.get(Study, series.study_id) if series is not None else None
+            if study is None:
+                raise DeliveryError(f"series of result {series_result_id} no longer exists")
+            path = self.spool_dir / kos_relpath(study.study_instance_uid, series.series_instance_uid,
+                                                result.model_version, result.version)
+            if not path.exists():
+                raise DeliveryError(f"series result {series_result_id} has no KOS file")
+            return [path]
         if kind == KIND_SERIES:
             rows = session.scalars(select(Instance.spool_path).where(Instance.series_id == result.series_id)
                                    .order_by(Instance.instance_number, Instance.id)).all()

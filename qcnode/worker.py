@@ -62,6 +62,7 @@ class _InstanceResult:
     dw: list[float] = field(default_factory=list)
     ssde: list[float] = field(default_factory=list)
     frames: list[int | None] = field(default_factory=list)  # frame index per score (multi-frame objects)
+    ctdivol: float | None = None  # from the instance's header, as recorded
 
 
 def _mean(values: list[float]) -> float | None:
@@ -88,6 +89,14 @@ def _physics(hu: np.ndarray, spacing: tuple[float, float] | None, ctdivol: float
     except (ValueError, ArithmeticError) as exc:
         log.warning("physics_failed", error=str(exc))
     return noise, dw, ssde
+
+
+def series_physics(results: list[_InstanceResult]) -> dict[str, float | None]:
+    """Series noise (median over slices), Dw, SSDE and CTDIvol (means): stored and put in the SR."""
+    return {"noise_hu": _median([x for r in results for x in r.noise]),
+            "dw_cm": _mean([x for r in results for x in r.dw]),
+            "ssde_mgy": _mean([x for r in results for x in r.ssde]),
+            "ctdivol_mgy": _mean([r.ctdivol for r in results])}
 
 
 def _dlp_for_series(session: Session, study_id: int, protocol: str | None) -> float | None:
@@ -230,7 +239,7 @@ class Worker:
                 if phantom is None:
                     from qcnode.dicom.dose import ssde_phantom
                     phantom = ssde_phantom(ctx["protocol_name"], ctx["body_part"], ds)
-                res = _InstanceResult(row.id, row.sop_instance_uid)
+                res = _InstanceResult(row.id, row.sop_instance_uid, ctdivol=row.ctdivol_mgy)
                 for sl in slices:
                     hus.append((sl, row.ctdivol_mgy))
                     owners.append((res, sl.frame))
@@ -283,6 +292,8 @@ class Worker:
         all_scores = [sc[0] for r in results for sc in r.scores]
         summary = summarise(all_scores, v.slice_threshold, v)
         summary["n_skipped"] = n_skipped
+        physics = series_physics(results)
+        summary.update(physics)
         model_version = str(scorer.version)[:64]
         model_info = {"name": str((getattr(scorer, "info", None) or {}).get("name") or "MD-IQA"),
                       "version": model_version}
@@ -290,7 +301,6 @@ class Worker:
         sr = build_series_sr(headers, slices, summary, model_info, version, content_datetime=ctx["created_at"])
         sr_uid = str(sr.SOPInstanceUID)
         sr_rel = Spool.sr_relpath(ctx["study_uid"], ctx["series_uid"], sr_uid)
-        all_noise = [x for r in results for x in r.noise]
         with self.session_factory() as s:
             job = s.get(Job, job_id)
             # first (it locks the series row): an instance that arrived while this round was being
@@ -308,18 +318,15 @@ class Worker:
                              stage="after scoring")
                 return
             self.spool.write(sr_rel, sr_bytes(sr))  # only the round that is stored writes its SR
+            if outbox.wants_kind(self.cfg, summary["verdict"], outbox.KIND_KOS):
+                self._write_kos(ctx, headers, slices, model_info, version)
             try:
                 result = SeriesResult(
                     series_id=ctx["series_id"], version=version, model_version=model_version,
                     n_slices=summary["n_slices"], n_skipped=n_skipped, mean_score=summary["mean_score"],
                     min_score=summary["min_score"], p10_score=summary["p10_score"],
                     fraction_below=summary["fraction_below"], verdict=summary["verdict"],
-                    noise_hu=_median(all_noise),
-                    ctdivol_mgy=_mean([c for c in s.scalars(select(Instance.ctdivol_mgy).where(
-                        Instance.id.in_([r.instance_id for r in results])))]),
-                    dw_cm=_mean([x for r in results for x in r.dw]),
-                    ssde_mgy=_mean([x for r in results for x in r.ssde]),
-                    dlp_mgycm=dlp, sr_sop_instance_uid=sr_uid, sr_path=sr_rel)
+                    **physics, dlp_mgycm=dlp, sr_sop_instance_uid=sr_uid, sr_path=sr_rel)
                 s.add(result)
                 s.flush()
                 for r in results:
@@ -341,6 +348,18 @@ class Worker:
         log.info("series_scored", job_id=job_id, series_id=ctx["series_id"], version=version,
                  verdict=summary["verdict"], mean_score=round(summary["mean_score"], 3),
                  n_slices=summary["n_slices"], n_skipped=n_skipped, sr_sop_instance_uid=sr_uid)
+
+    def _write_kos(self, ctx: dict[str, Any], headers: list[Dataset], slices: list[dict[str, Any]],
+                   model_info: dict[str, str], version: int) -> None:
+        """Write the Quality Issue KOS (failing slices) where the outbox looks for it."""
+        from qcnode import outbox
+        from qcnode.dicom.kos import build_quality_issue_kos, failing_slices
+        from qcnode.dicom.sr import sr_bytes
+        threshold = self.cfg.verdict.slice_threshold
+        kos = build_quality_issue_kos(headers, failing_slices(slices, threshold), model_info, version,
+                                      threshold, content_datetime=ctx["created_at"])
+        self.spool.write(outbox.kos_relpath(ctx["study_uid"], ctx["series_uid"], model_info["version"], version),
+                         sr_bytes(kos))
 
     @staticmethod
     def _mark_skipped(s: Session, skipped: dict[int, str]) -> None:

@@ -77,3 +77,13 @@ def db_url(request, tmp_path):
         yield f"sqlite:///{tmp_path / 'qcnode.db'}"
     else:
         yield request.getfixturevalue("pg_url")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many SR/KOS files went through dciodvfy in this run, with error and warning totals."""
+    helpers = sys.modules.get("sr_helpers")
+    runs = getattr(helpers, "VALIDATION_RUNS", None)
+    if runs:
+        terminalreporter.write_line(
+            f"dciodvfy: {len(runs)} SR/KOS files checked, {sum(r[1] for r in runs)} errors, "
+            f"{sum(r[2] for r in runs)} warnings")

@@ -26,8 +26,9 @@ from qcnode.db.models import Delivery, Instance, Series, SeriesResult, Study
 from qcnode.db.queue import as_utc
 from qcnode.dicom.scu import DeliveryError, send_datasets
 from qcnode.dicom.sr import build_series_sr, read_series_sr, write_sr
-from qcnode.outbox import OutboxSender, enqueue, payload_kinds
-from sr_helpers import MODEL_INFO, WHEN, slice_scores, summary_for
+from qcnode.dicom.kos import build_quality_issue_kos, failing_slices
+from qcnode.outbox import KIND_KOS, OutboxSender, enqueue, kos_relpath, payload_kinds, wants_kind
+from sr_helpers import MODEL_INFO, WHEN, slice_scores, summary_for, write_validated
 
 N_SLICES = 4
 
@@ -106,6 +107,12 @@ def _seed(cfg: Config, ct_files: list[Path], verdict: str = "FAIL", version: int
                          content_datetime=WHEN)
     sr_rel = f"sr/{sr.SOPInstanceUID}.dcm"
     write_sr(sr, spool / sr_rel)
+    if wants_kind(cfg, verdict, KIND_KOS):  # as the worker does
+        threshold = cfg.verdict.slice_threshold
+        kos = build_quality_issue_kos(headers, failing_slices(slices, threshold), MODEL_INFO, version, threshold,
+                                      content_datetime=WHEN)
+        write_validated(kos, spool / kos_relpath(str(headers[0].StudyInstanceUID),
+                                                 str(headers[0].SeriesInstanceUID), MODEL_INFO["version"], version))
     with sf() as s:
         study = Study(study_instance_uid=str(headers[0].StudyInstanceUID))
         series = Series(series_instance_uid=str(headers[0].SeriesInstanceUID), study=study,
@@ -237,6 +244,35 @@ def test_forwarding_by_verdict(tmp_path, scp_factory, ct_files):
     _run_until(OutboxSender(cfg, sf, "test-sender"), sf, lambda ds: all(d.status == "delivered" for d in ds))
     ct_uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in ct_files]
     assert sorted(scp.uids()) == sorted([sr.SOPInstanceUID, *ct_uids])
+
+
+@pytest.mark.parametrize("verdict", ["FAIL", "WARN"])
+def test_quality_issue_kos_for_fail_only(tmp_path, scp_factory, ct_files, verdict):
+    """``send = ["sr", "kos:FAIL"]``: a FAIL series' failing slices go out as a Quality Issue KOS
+    (never a rejection note); a WARN series gets its SR only."""
+    scp = scp_factory()
+    dest = _dest("viewer", scp.port, ["sr", "kos:FAIL"])
+    assert payload_kinds(dest, "FAIL") == ["sr", "kos"] and payload_kinds(dest, "WARN") == ["sr"]
+    cfg = _config(tmp_path, f"sqlite:///{tmp_path / 'q.db'}", [dest])
+    cfg.verdict.slice_threshold = 1.15  # two of the four slices are below
+    sf, _result_id, sr = _seed(cfg, ct_files, verdict=verdict)
+    assert sorted(d.kind for d in _deliveries(sf)) == (["kos", "sr"] if verdict == "FAIL" else ["sr"])
+    _run_until(OutboxSender(cfg, sf, "test-sender"), sf, lambda ds: all(d.status == "delivered" for d in ds))
+    kos = [ds for _, ds in scp.received if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"]
+    assert [str(ds.SOPInstanceUID) for _, ds in scp.received if ds not in kos] == [sr.SOPInstanceUID]
+    if verdict != "FAIL":
+        assert not kos
+        return
+    assert len(kos) == 1
+    title = kos[0].ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == ("113010", "DCM", "Quality Issue")
+    # the slices below the threshold (the helper's scores are 1.0, 1.1, ...), no others
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in ct_files]
+    scores = {str(h.SOPInstanceUID): s["score"] for h, s in zip(headers, slice_scores(headers))}
+    referenced = {str(r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                  for r in kos[0].ContentSequence if r.ValueType == "IMAGE"}
+    assert referenced == {u for u, sc in scores.items() if sc < cfg.verdict.slice_threshold} and referenced
+    assert kos[0].StudyInstanceUID == headers[0].StudyInstanceUID
 
 
 def test_unconfigured_destination_and_expired_lease(tmp_path, scp_factory, ct_files):

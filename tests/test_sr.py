@@ -9,10 +9,12 @@ import subprocess
 import highdicom as hd
 import pydicom
 import pytest
+from pydicom.sr.codedict import codes
 
 from qcnode.dicom import sr as sr_mod
-from qcnode.dicom.sr import SRBuildError, build_series_sr, read_series_sr, sr_bytes, write_sr
-from sr_helpers import MODEL_INFO, WHEN, read_headers, slice_scores, summary_for
+from qcnode.dicom.sr import SRBuildError, build_series_sr, read_series_sr, sr_bytes
+from sr_helpers import (MODEL_INFO, PHYSICS, WHEN, pixelmed_sr_validator, read_headers, slice_scores,
+                        summary_for, write_validated)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def _build(headers, version=1, model=MODEL_INFO, verdict="WARN", when=WHEN):
 
 def test_sr_round_trip_with_highdicom(ge_headers, tmp_path):
     sr, slices = _build(ge_headers)
-    path = write_sr(sr, tmp_path / "sr.dcm")
+    path = write_validated(sr, tmp_path / "sr.dcm")
 
     # highdicom reads the file back as a Comprehensive 3D SR holding a TID 1500 report
     back = hd.sr.srread(path)
@@ -48,9 +50,10 @@ def test_sr_round_trip_with_highdicom(ge_headers, tmp_path):
         assert g["score_low"] == pytest.approx(s["score_low"], abs=1e-6)
         assert g["score_high"] == pytest.approx(s["score_high"], abs=1e-6)
     summary = summary_for(slices)
-    for key in ("mean_score", "min_score", "p10_score", "fraction_below"):
+    for key in ("mean_score", "min_score", "p10_score", "fraction_below", *PHYSICS):
         assert parsed["summary"][key] == pytest.approx(summary[key], abs=1e-6)
     assert parsed["summary"]["verdict"] == "WARN"
+    assert parsed["summary"]["verdict_text"] == "CT image quality verdict: Warning"
     assert parsed["summary"]["n_slices"] == len(ge_headers)
     assert parsed["summary"]["n_skipped"] == 1
     assert parsed["algorithm"] == MODEL_INFO
@@ -65,9 +68,9 @@ def test_sr_round_trip_with_highdicom(ge_headers, tmp_path):
     evidence = {str(sop_uid) for _study, _series, sop_uid, _cls in back.get_evidence()}
     assert evidence == {h.SOPInstanceUID for h in ge_headers}
 
-    # each measurement group references its source image by SOP class + instance
-    first = groups[0]
-    assert first.source_images[0].referenced_sop_class_uid == src.SOPClassUID
+    # the series summary comes first; each slice group references its source image by SOP class + instance
+    assert groups[0].tracking_identifier == sr_mod.SERIES_SUMMARY_ID
+    assert groups[1].source_images[0].referenced_sop_class_uid == src.SOPClassUID
 
 
 def test_sr_is_valid_for_dcmtk(ge_headers, tmp_path):
@@ -75,12 +78,12 @@ def test_sr_is_valid_for_dcmtk(ge_headers, tmp_path):
     if dsrdump is None:
         pytest.skip("DCMTK dsrdump not installed")
     sr, _ = _build(ge_headers[:3], verdict="FAIL")
-    path = write_sr(sr, tmp_path / "sr.dcm")
+    path = write_validated(sr, tmp_path / "sr.dcm")
     res = subprocess.run([dsrdump, "-Ec", str(path)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "Comprehensive 3D SR" in res.stdout
     assert '(QCFAIL,99QCNODE,"Fail")' in res.stdout
-    assert "range of upper measurement uncertainty" in res.stdout
+    assert "95th Percentile Value of population" in res.stdout
     assert "warning" not in res.stderr.lower() and "error" not in res.stderr.lower()
 
 
@@ -112,7 +115,7 @@ def test_sr_of_another_series_gets_other_uids(shared_ct, ge_headers):
     assert b.StudyInstanceUID == philips[0].StudyInstanceUID
 
 
-def test_sr_frame_reference_for_multiframe(ge_headers):
+def test_sr_frame_reference_for_multiframe(ge_headers, tmp_path):
     headers = [copy.deepcopy(ge_headers[0])]
     headers[0].SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # pretend Enhanced CT (multi-frame IOD)
     headers[0].NumberOfFrames = 2
@@ -125,6 +128,8 @@ def test_sr_frame_reference_for_multiframe(ge_headers):
                              content_datetime=WHEN)  # a single-frame object: no frame reference
     assert read_series_sr(single)["slices"][0]["frame"] is None
     assert parsed["summary"]["verdict"] == "PASS"
+    for name, ds in (("multiframe.dcm", sr), ("single.dcm", single)):
+        write_validated(ds, tmp_path / name)
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -156,7 +161,85 @@ def test_sr_times_are_marked_utc(ge_headers, tmp_path):
     content time given in another zone is converted."""
     cest = dt.timezone(dt.timedelta(hours=2))
     sr, _ = _build(ge_headers[:2], when=dt.datetime(2026, 6, 1, 1, 30, tzinfo=cest))
-    back = pydicom.dcmread(write_sr(sr, tmp_path / "sr.dcm"))
+    back = pydicom.dcmread(write_validated(sr, tmp_path / "sr.dcm"))
     assert back.TimezoneOffsetFromUTC == "+0000"
     assert (back.ContentDate, back.ContentTime[:4]) == ("20260531", "2330")
     assert (back.InstanceCreationDate, back.InstanceCreationTime) == (back.ContentDate, back.ContentTime)
+
+
+def _codes(items) -> set[tuple[str, str, str]]:
+    return {(c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning) for c in items}
+
+
+def test_sr_follows_ihe_ai_results(ge_headers, tmp_path):
+    """IHE AIR: the algorithm in Contributing Equipment with a Device UID that is also the observer's,
+    an Image Library, standard codes for the physics and percentiles, private schemes declared,
+    the Patient module consistent (DeidentificationMethod with PatientIdentityRemoved YES)."""
+    sr, slices = _build(ge_headers, verdict="FAIL")
+    back = pydicom.dcmread(write_validated(sr, tmp_path / "sr.dcm"))
+
+    device_uid = sr_mod.algorithm_device_uid(MODEL_INFO["name"], MODEL_INFO["version"])
+    assert device_uid.startswith("2.25.") and len(device_uid) <= 64
+    algo = [e for e in back.ContributingEquipmentSequence if e.get("DeviceUID")]
+    assert len(algo) == 1
+    assert _codes(algo[0].PurposeOfReferenceCodeSequence) == {("1630", "99IHE", "Processing Algorithm")}
+    assert (algo[0].Manufacturer, algo[0].ManufacturerModelName, algo[0].SoftwareVersions, algo[0].DeviceUID) == (
+        "qcnode", MODEL_INFO["name"], MODEL_INFO["version"], device_uid)
+    retrained = sr_mod.algorithm_device_uid(MODEL_INFO["name"], "0.2.0")
+    assert retrained != device_uid and sr_mod.algorithm_device_uid(MODEL_INFO["name"], "0.1.0") == device_uid
+
+    hsr = hd.sr.Comprehensive3DSR.from_dataset(back)
+    report = hd.sr.MeasurementReport.from_sequence(hsr.content)
+    assert report.get_observer_contexts()[0].observer_identifying_attributes.uid == device_uid
+    library = [i for i in back.ContentSequence
+               if i.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImageLibrary.value]
+    assert len(library) == 1
+    entries = [e for g in library[0].ContentSequence for e in g.ContentSequence if e.ValueType == "IMAGE"]
+    assert {e.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for e in entries} == {
+        h.SOPInstanceUID for h in ge_headers}
+
+    summary = report.get_image_measurement_groups()[0]
+    names = {(m.name.value, m.name.scheme_designator) for m in summary.get_measurements()}
+    assert {("113980", "DCM"), ("113930", "DCM"), ("113830", "DCM"), ("QC006", "99QCNODE")} <= names
+    derivations = {m.derivation.value for m in summary.get_measurements() if m.derivation}
+    assert "371890005" in derivations  # SCT 10th percentile
+    first_slice = report.get_image_measurement_groups()[1]
+    assert {m.derivation.value for m in first_slice.get_measurements() if m.derivation} == {"371888009", "371889001"}
+    assert [e.value.value for e in summary.get_qualitative_evaluations()] == ["QCFAIL"]
+
+    declared = {i.CodingSchemeDesignator for i in back.CodingSchemeIdentificationSequence}
+    assert {"99QCNODE", "99IHE"} <= declared
+    assert back.PatientIdentityRemoved == "YES" and back.DeidentificationMethod
+
+
+def test_sr_without_physics_leaves_it_out(ge_headers, tmp_path):
+    slices = slice_scores(ge_headers[:2])
+    summary = dict(summary_for(slices, physics=False), ctdivol_mgy=None)
+    sr = build_series_sr(ge_headers[:2], slices, summary, MODEL_INFO, 1, content_datetime=WHEN)
+    parsed = read_series_sr(pydicom.dcmread(write_validated(sr, tmp_path / "sr.dcm")))
+    assert not set(PHYSICS) & set(parsed["summary"])
+
+
+def test_sr_passes_pixelmed_validator(ge_headers, tmp_path):
+    sr, _ = _build(ge_headers[:3], verdict="FAIL")
+    warnings = pixelmed_sr_validator(write_validated(sr, tmp_path / "sr.dcm"))
+    # accepted (README, Interoperability): PixelMed's TID 1501 lacks qualitative evaluations and text
+    assert all("Content Item not in template" in w for w in warnings), warnings
+
+
+def test_quality_issue_kos_lists_failing_slices(ge_headers, tmp_path):
+    from qcnode.dicom.kos import FlaggedSlice, build_quality_issue_kos, failing_slices, kos_sop_uid
+    slices = slice_scores(ge_headers[:4])  # 1.0, 1.1, 1.2, 1.3
+    assert [f.score for f in failing_slices(slices, 1.15)] == [1.0, 1.1]
+    # a FAIL by the series mean alone still flags its worst slice
+    assert failing_slices(slices, 0.5) == [FlaggedSlice(slices[0]["sop_instance_uid"], 1.0)]
+    kos = build_quality_issue_kos(ge_headers, failing_slices(slices, 1.15), MODEL_INFO, 2, 1.15,
+                                  content_datetime=WHEN)
+    back = pydicom.dcmread(write_validated(kos, tmp_path / "kos.dcm"))
+    assert back.SOPInstanceUID == kos_sop_uid(ge_headers[0].SeriesInstanceUID, MODEL_INFO["version"], 2)
+    assert back.ConceptNameCodeSequence[0].CodeValue == "113010"
+    assert back.StudyInstanceUID == ge_headers[0].StudyInstanceUID and back.InstanceNumber == 2
+    device = [e for e in back.ContributingEquipmentSequence if e.get("DeviceUID")]
+    assert device[0].DeviceUID == sr_mod.algorithm_device_uid(MODEL_INFO["name"], MODEL_INFO["version"])
+    with pytest.raises(SRBuildError, match="at least one flagged slice"):
+        build_quality_issue_kos(ge_headers, [], MODEL_INFO, 1, 1.15)

@@ -17,6 +17,8 @@ from qcnode.dicom.scp import StorageSCP
 from qcnode.dicom.series import mark_stable_series
 from qcnode.dicom.spool import Spool
 from qcnode.dicom.sr import read_series_sr
+from qcnode.outbox import kos_relpath
+from sr_helpers import dciodvfy
 from qcnode.worker import Worker, summarise
 from daemon_helpers import checkpoint_for_tests, storescu
 
@@ -35,7 +37,9 @@ def test_worker_scores_series_once(tmp_path, port, shared_ct):
     import torch
     torch.set_num_threads(1)
     cfg = load_config(write_config(tmp_path, port, checkpoint=checkpoint_for_tests(tmp_path),
-                                   destinations=[{"name": "pacs", "ae_title": "PACS", "port": 1, "send": ["sr"]}]))
+                                   destinations=[{"name": "pacs", "ae_title": "PACS", "port": 1, "send": ["sr"]},
+                                                 {"name": "viewer", "ae_title": "VIEWER", "port": 1,
+                                                  "send": ["kos:WARN", "kos:FAIL"]}]))
     upgrade(cfg.database_url)
     engine = make_engine(cfg.database_url)
     sf = session_factory(engine)
@@ -63,7 +67,15 @@ def test_worker_scores_series_once(tmp_path, port, shared_ct):
         assert s.get(Instance, bad.id).scorable is False and s.get(Instance, bad.id).skip_reason
         assert s.scalars(select(Series)).one().status == "scored"
         assert s.scalars(select(Job)).one().status == "done"
-        assert s.scalar(select(func.count(Delivery.id))) == 1
+        flagged = result.verdict != "PASS"  # the viewer gets a Quality Issue KOS for WARN and FAIL
+        assert s.scalar(select(func.count(Delivery.id))) == 1 + flagged
+        series = s.scalars(select(Series)).one()
+        kos_path = spool.abspath(kos_relpath(series.study.study_instance_uid, series.series_instance_uid,
+                                             result.model_version, result.version))
+        assert kos_path.exists() == flagged
+        if flagged:
+            dciodvfy(kos_path)
+        dciodvfy(spool.abspath(result.sr_path))  # the SR with real physics values
         sr = pydicom.dcmread(spool.abspath(result.sr_path))
         parsed = read_series_sr(sr)
         assert len(parsed["slices"]) == 3 and parsed["summary"]["verdict"] == result.verdict

@@ -3,28 +3,38 @@
 One Comprehensive 3D SR per scoring round of a series, in the same study as a new series.
 
 Content tree (TID 1500 Measurement Report, title DCM 126000 "Imaging Measurement Report",
-procedure reported SCT 77477000 "Computed tomography", observer = the qcnode device):
+procedure reported LN 25045-6 "CT unspecified body region" (CID 100), observer = the algorithm
+as a device whose UID changes with the model, see ``algorithm_device_uid``), following IHE AI
+Results (AIR): the algorithm is also a Contributing Equipment item (purpose 99IHE 1630
+"Processing Algorithm", Manufacturer qcnode, model name, software version = model version,
+Device UID), and the report has an Image Library listing every source image.
 
-* one TID 1501 Measurement Group per scored slice, with
+* first, the series-level TID 1501 group (tracking identifier "series summary") with
+  - the score with derivation SCT 373098007 "Mean", SCT 255605001 "Minimum" and SCT 371890005
+    "10th Percentile Value of population",
+  - QC003 "Fraction of slices below quality threshold" (UCUM ``1``),
+  - QC004 "Number of scored slices" (``{slices}``), QC005 "Number of skipped images" (``{images}``),
+  - where computed: QC006 "Global noise level" (HU, derivation SCT "Median" over slices),
+    DCM 113980 "Water Equivalent Diameter" (cm), DCM 113930 "Size Specific Dose Estimate" (mGy)
+    and DCM 113830 "Mean CTDIvol" (mGy), the first two with derivation SCT "Mean" over slices,
+  - the verdict as a qualitative evaluation: QC002 "CT image quality verdict" =
+    QCPASS "Pass" / QCWARN "Warning" / QCFAIL "Fail", all 99QCNODE, and the same verdict as a
+    TEXT item DCM 121106 "Comment" for renderers that show text only,
+  - the algorithm identification (TID 4019).
+* then one TID 1501 group per scored slice, with
   - a tracking identifier ("slice <n>") whose UID is derived from the slice's SOP Instance UID
     (so the same slice keeps its tracking UID across SR versions),
   - the referenced source image (group ``source_images``, DCM "Source of Measurement";
     multi-frame objects reference their frame),
   - the algorithm name and version (TID 4019 Algorithm Identification),
   - the measurement 99QCNODE QC001 "CT image quality score", unit UCUM ``{score}`` (0-4 scale),
-  - its uncertainty interval as TID 310 Measurement Properties: SCT 371886008
-    "+, range of upper measurement uncertainty" = ``score_high - score`` and SCT 371885007
-    "-, range of lower measurement uncertainty" = ``score - score_low`` (both >= 0).
-    The interval is the model's 5th-95th percentile of the predicted score distribution, so
-    ``[score - lower, score + upper]`` is ``[score_low, score_high]``. highdicom writes those
-    two items, in the unit of the score (``{score}``).
-* one series-level TID 1501 group (tracking identifier "series summary") with
-  - the score with derivation SCT "Mean", SCT "Minimum" and 99QCNODE QC010 "10th percentile",
-  - QC003 "Fraction of slices below quality threshold" (UCUM ``1``),
-  - QC004 "Number of scored slices" (``{slices}``), QC005 "Number of skipped images" (``{images}``),
-  - the verdict as a qualitative evaluation: QC002 "CT image quality verdict" =
-    QCPASS "Pass" / QCWARN "Warning" / QCFAIL "Fail", all 99QCNODE,
-  - the algorithm identification.
+  - its 5-95 % interval as TID 311 Measurement Statistical Properties: SCT 371888009 "5th
+    Percentile Value of population" = ``score_low`` and SCT 371889001 "95th Percentile Value of
+    population" = ``score_high`` (the population is the model's predicted score distribution).
+
+Every private code's scheme (99QCNODE, 99IHE) is declared in the Coding Scheme Identification
+Sequence. A source header that says PatientIdentityRemoved YES without a de-identification
+method gets a DeidentificationMethod text (Type 1C in the Patient module).
 
 UIDs are derived (pydicom ``generate_uid(entropy_srcs=...)``) so that a retry builds the same
 object: SeriesInstanceUID from (source series UID, model version); SOPInstanceUID from (source
@@ -36,6 +46,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import uuid
 import warnings
 from io import BytesIO
 from pathlib import Path
@@ -55,6 +66,8 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, DT, TM
 
+from qcnode import __version__ as QCNODE_VERSION
+
 QC_SCHEME = "99QCNODE"
 UID_NAMESPACE = "qcnode-sr"
 
@@ -63,7 +76,21 @@ VERDICT = Code("QC002", QC_SCHEME, "CT image quality verdict")
 FRACTION_BELOW = Code("QC003", QC_SCHEME, "Fraction of slices below quality threshold")
 N_SLICES = Code("QC004", QC_SCHEME, "Number of scored slices")
 N_SKIPPED = Code("QC005", QC_SCHEME, "Number of skipped images")
-P10 = Code("QC010", QC_SCHEME, "10th percentile")
+NOISE = Code("QC006", QC_SCHEME, "Global noise level")
+LEGACY_P10 = Code("QC010", QC_SCHEME, "10th percentile")  # read back from SRs before IHE AIR
+P10 = Code("371890005", "SCT", "10th Percentile Value of population")
+P5 = Code("371888009", "SCT", "5th Percentile Value of population")
+P95 = Code("371889001", "SCT", "95th Percentile Value of population")
+WATER_EQUIVALENT_DIAMETER = Code("113980", "DCM", "Water Equivalent Diameter")
+SSDE = Code("113930", "DCM", "Size Specific Dose Estimate")
+MEAN_CTDIVOL = Code("113830", "DCM", "Mean CTDIvol")
+COMMENT = Code("121106", "DCM", "Comment")
+CT_PROCEDURE = Code("25045-6", "LN", "CT unspecified body region")
+IHE_SCHEME = "99IHE"
+PROCESSING_ALGORITHM = Code("1630", IHE_SCHEME, "Processing Algorithm")  # IHE AIR's purpose of reference
+HU_UNIT = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+CM_UNIT = Code("cm", "UCUM", "centimeter")
+MGY_UNIT = Code("mGy", "UCUM", "milligray")
 VERDICT_CODES = {
     "PASS": Code("QCPASS", QC_SCHEME, "Pass"),
     "WARN": Code("QCWARN", QC_SCHEME, "Warning"),
@@ -78,6 +105,19 @@ LOWER_UNCERTAINTY = Code("371885007", "SCT", "-, range of lower measurement unce
 ALGORITHM_NAME = Code("111001", "DCM", "Algorithm Name")
 ALGORITHM_VERSION = Code("111003", "DCM", "Algorithm Version")
 SERIES_NUMBER_BASE = 9000
+DEIDENTIFICATION_UNSTATED = "de-identified at the source; method not stated"
+VERDICT_TEXT = {"PASS": "Pass", "WARN": "Warning", "FAIL": "Fail"}
+# (summary key, concept, unit, derivation across slices) of the per-series physics
+PHYSICS_MEASUREMENTS = (("noise_hu", NOISE, HU_UNIT, codes.SCT.Median),
+                        ("dw_cm", WATER_EQUIVALENT_DIAMETER, CM_UNIT, codes.SCT.Mean),
+                        ("ssde_mgy", SSDE, MGY_UNIT, codes.SCT.Mean),
+                        ("ctdivol_mgy", MEAN_CTDIVOL, MGY_UNIT, None))
+CODING_SCHEMES = (
+    CodingSchemeIdentificationItem(designator=QC_SCHEME, name="qcnode image quality codes",
+                                   responsible_organization="qcnode"),
+    CodingSchemeIdentificationItem(designator=IHE_SCHEME, name="IHE temporary codes",
+                                   responsible_organization="IHE"),
+)
 MANUFACTURER = "qcnode"
 SERIES_SUMMARY_ID = "series summary"
 SR_CHARACTER_SET = "ISO_IR 192"  # UTF-8: holds any text decoded from a source header
@@ -102,8 +142,55 @@ def sr_sop_uid(source_series_uid: str, model_version: str, result_version: int) 
                                       str(int(result_version))])
 
 
-def _uid(*parts: str) -> str:
+def derived_uid(*parts: str) -> str:
+    """A UID derived from ``parts`` (same parts, same UID: retries write the same objects)."""
     return generate_uid(entropy_srcs=[UID_NAMESPACE, *parts])
+
+
+def algorithm_device_uid(name: str, version: str) -> str:
+    """Device UID of a model (``2.25`` + a name-based UUID of name and version): the same model
+    always has the same UID, a retrained or renamed model another (IHE AIR)."""
+    return "2.25." + str(uuid.uuid5(uuid.NAMESPACE_OID, f"{UID_NAMESPACE}/device/{name}/{version}").int)
+
+
+def algorithm_equipment(name: str, version: str, when: dt.datetime) -> hd.ContributingEquipment:
+    """The Contributing Equipment item IHE AIR asks for: the algorithm, with its Device UID."""
+    item = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=name[:64], software_versions=version[:64],
+        contribution_datetime=when.strftime("%Y%m%d%H%M%S"),
+        contribution_description=f"image quality scoring by qcnode {QCNODE_VERSION}"[:1024])
+    # highdicom accepts CID 7005 purposes only; AIR's code is not (yet) one of them
+    item.PurposeOfReferenceCodeSequence = [CodedConcept.from_code(PROCESSING_ALGORITHM)]
+    item.DeviceUID = algorithm_device_uid(name, version)
+    return item
+
+
+def device_observer(name: str, version: str) -> hd.sr.ObserverContext:
+    """The algorithm as the observing device (same UID as its Contributing Equipment item)."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=algorithm_device_uid(name, version), name=name, manufacturer_name=MANUFACTURER,
+            model_name=name))
+
+
+def utc_naive(when: dt.datetime | None) -> dt.datetime:
+    """``when`` (default: now) as a naive UTC date-time; naive input is taken as UTC already."""
+    when = when or dt.datetime.now(dt.timezone.utc)
+    return when.astimezone(dt.timezone.utc).replace(tzinfo=None) if when.tzinfo else when
+
+
+def pin_times(ds: Dataset, when: dt.datetime) -> None:
+    """Set content, creation and contribution times to ``when`` (UTC) and say so: highdicom stamps
+    its own with now(), and a retry must be byte-identical."""
+    ds.ContentDate, ds.ContentTime = DA(when.date()), TM(when.time())
+    ds.InstanceCreationDate = ds.ContentDate
+    ds.InstanceCreationTime = ds.ContentTime
+    ds.TimezoneOffsetFromUTC = "+0000"  # DICOM's default is local time
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = str(ds.ContentDate) + str(ds.ContentTime)
 
 
 _DATE_TIME_TYPES = {"DA": DA, "DT": DT, "TM": TM}
@@ -129,11 +216,13 @@ def _value_usable(elem: DataElement) -> bool:
     return True
 
 
-def _evidence_header(ds: Dataset) -> Dataset:
+def evidence_header(ds: Dataset) -> Dataset:
     """A pixel-free copy of a source header with the attributes highdicom needs present, its text
     decoded and marked UTF-8 (``SR_CHARACTER_SET``): highdicom copies the character set of the
     first header into the SR and refuses a misspelled or unknown one (``ISO IR 100``). Values it
-    would refuse otherwise are emptied (``_value_usable``): one bad field never costs the SR."""
+    would refuse otherwise are emptied (``_value_usable``): one bad field never costs the SR.
+    A header marked PatientIdentityRemoved YES without a method gets ``DEIDENTIFICATION_UNSTATED``
+    (DeidentificationMethod is Type 1C in the Patient module, so the copy must not be empty)."""
     for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
         if not ds.get(key):
             raise SRBuildError(f"source header lacks {key}")
@@ -153,17 +242,19 @@ def _evidence_header(ds: Dataset) -> Dataset:
     for key in _REQUIRED_TYPE2:
         if key not in out:
             setattr(out, key, "")
+    if (str(out.get("PatientIdentityRemoved", "")).upper() == "YES" and not out.get("DeidentificationMethod")
+            and not out.get("DeidentificationMethodCodeSequence")):
+        out.DeidentificationMethod = DEIDENTIFICATION_UNSTATED
     return out
 
 
-def _measurement_properties(score: float, low: float, high: float) -> hd.sr.MeasurementProperties:
+def _slice_measurements(score: float, low: float, high: float) -> list[hd.sr.Measurement]:
+    """The score and its 5-95 % interval as two more scores with derivation 5th / 95th percentile
+    (siblings, not TID 310 properties: validators read those as misplaced INFERRED FROM items)."""
     if not (low <= score <= high):
         raise SRBuildError(f"score {score} is not inside its interval [{low}, {high}]")
-    props = hd.sr.MeasurementProperties(upper_measurement_uncertainty=_ds_value(high - score),
-                                        lower_measurement_uncertainty=_ds_value(score - low))
-    for item in props:  # highdicom writes unit "1"; the ranges are in score units (TID 310)
-        item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence = [CodedConcept.from_code(SCORE_UNIT)]
-    return props
+    return [hd.sr.Measurement(name=SCORE, value=value, unit=SCORE_UNIT, derivation=derivation)
+            for value, derivation in ((score, None), (low, P5), (high, P95))]
 
 
 def _ds_value(x: float) -> float:
@@ -179,7 +270,8 @@ def build_series_sr(source_headers: Sequence[Dataset], slices: Sequence[dict[str
     ``source_headers``: headers of the scored instances (pixels not needed); ``slices``: dicts
     with sop_instance_uid, score, score_low, score_high (optional ``frame``: 1-based frame
     number, used for multi-frame objects only);
-    ``summary``: mean_score, min_score, p10_score, fraction_below, verdict, n_slices, n_skipped;
+    ``summary``: mean_score, min_score, p10_score, fraction_below, verdict, n_slices, n_skipped,
+    optionally the series physics noise_hu, dw_cm, ssde_mgy, ctdivol_mgy (None or absent: left out);
     ``model_info``: name, version. ``content_datetime`` fixes the content/creation date-time
     (pass the result's creation time so a retry is byte-identical; default: now, UTC).
     """
@@ -193,11 +285,9 @@ def build_series_sr(source_headers: Sequence[Dataset], slices: Sequence[dict[str
     name, version = str(model_info.get("name", "")), str(model_info.get("version", ""))
     if not name or not version:
         raise SRBuildError("model_info needs a name and a version")
-    when = content_datetime or dt.datetime.now(dt.timezone.utc)
-    if when.tzinfo is not None:
-        when = when.astimezone(dt.timezone.utc)  # naive values are taken as UTC already
+    when = utc_naive(content_datetime)
 
-    headers = {str(h.SOPInstanceUID): _evidence_header(h) for h in source_headers}
+    headers = {str(h.SOPInstanceUID): evidence_header(h) for h in source_headers}
     first = headers[str(source_headers[0].SOPInstanceUID)]
     source_series = str(first.SeriesInstanceUID)
     study_uid = str(first.StudyInstanceUID)
@@ -206,7 +296,7 @@ def build_series_sr(source_headers: Sequence[Dataset], slices: Sequence[dict[str
             raise SRBuildError("source headers belong to more than one series")
 
     algorithm = hd.sr.AlgorithmIdentification(name=name, version=version)
-    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = []
+    groups = [_summary_group(summary, algorithm, source_series)]  # IHE AIR: the summary first
     referenced: list[str] = []
     multiframe_by_class: dict[str, bool] = {}  # highdicom's IOD look-up takes ~10 ms: once per SOP class
     for i, s in enumerate(slices):
@@ -220,42 +310,31 @@ def build_series_sr(source_headers: Sequence[Dataset], slices: Sequence[dict[str
             multiframe_by_class[sop_class] = is_multiframe_image(header)
         multiframe = multiframe_by_class[sop_class]
         frames = [int(frame)] if frame is not None and multiframe else None
-        score = _ds_value(s["score"])
-        measurement = hd.sr.Measurement(
-            name=SCORE, value=score, unit=SCORE_UNIT,
-            properties=_measurement_properties(score, _ds_value(s["score_low"]), _ds_value(s["score_high"])),
-        )
         number = header.get("InstanceNumber")
         label = f"slice {number}" if number not in (None, "") else f"slice #{i + 1}"
         if frames:
             label += f" frame {frames[0]}"
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=_uid("track", uid, str(frames[0] if frames else 0)), identifier=label),
+                uid=derived_uid("track", uid, str(frames[0] if frames else 0)), identifier=label),
             algorithm_id=algorithm,
-            measurements=[measurement],
+            measurements=_slice_measurements(_ds_value(s["score"]), _ds_value(s["score_low"]),
+                                             _ds_value(s["score_high"])),
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(
                 header, referenced_frame_numbers=frames)],
         ))
         referenced.append(uid)
 
-    groups.append(_summary_group(summary, algorithm, source_series))
-
-    observer = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=_uid("device", name), name=name, manufacturer_name=MANUFACTURER,
-                model_name=name)))
-    report = hd.sr.MeasurementReport(
-        observation_context=observer,
-        procedure_reported=codes.SCT.ComputedTomography,
-        imaging_measurements=groups,
-        title=codes.DCM.ImagingMeasurementReport,
-    )
     # every source header is evidence, scored or not; referenced ones first, in slice order
     evidence = [headers[u] for u in dict.fromkeys(referenced)]
     evidence += [h for u, h in headers.items() if u not in set(referenced)]
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(name, version)),
+        procedure_reported=CT_PROCEDURE,
+        imaging_measurements=groups,
+        title=codes.DCM.ImagingMeasurementReport,
+        referenced_images=evidence,  # the Image Library
+    )
     source_number = first.get("SeriesNumber")
     try:
         series_number = SERIES_NUMBER_BASE + int(source_number)
@@ -276,25 +355,19 @@ def build_series_sr(source_headers: Sequence[Dataset], slices: Sequence[dict[str
             series_description=f"QC image quality ({name})"[:64],
             software_versions=f"{name} {version}"[:64],
             content_date=when.date(),
-            content_time=when.time().replace(tzinfo=None),
+            content_time=when.time(),
             series_date=when.date(),
-            series_time=when.time().replace(tzinfo=None),
-            coding_schemes=[CodingSchemeIdentificationItem(
-                designator=QC_SCHEME, name="qcnode image quality codes",
-                responsible_organization="qcnode")],
+            series_time=when.time(),
+            coding_schemes=list(CODING_SCHEMES),
+            contributing_equipment=[algorithm_equipment(name, version, when)],
         )
-    # highdicom stamps its own creation times with now(): pin them for byte-identical retries
-    sr.InstanceCreationDate = sr.ContentDate
-    sr.InstanceCreationTime = sr.ContentTime
-    sr.TimezoneOffsetFromUTC = "+0000"  # every date and time above is UTC (DICOM's default is local time)
-    for item in sr.get("ContributingEquipmentSequence", []):
-        if "ContributionDateTime" in item:
-            item.ContributionDateTime = str(sr.ContentDate) + str(sr.ContentTime)
+    pin_times(sr, when)
     return sr
 
 
 def _summary_group(summary: dict[str, Any], algorithm: hd.sr.AlgorithmIdentification,
                    source_series: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The series summary: score statistics, counts, physics and the verdict (coded and as text)."""
     measurements: list[hd.sr.Measurement] = []
     for key, derivation in (("mean_score", codes.SCT.Mean), ("min_score", codes.SCT.Minimum),
                             ("p10_score", P10)):
@@ -308,14 +381,21 @@ def _summary_group(summary: dict[str, Any], algorithm: hd.sr.AlgorithmIdentifica
                                           unit=SLICES_UNIT))
     measurements.append(hd.sr.Measurement(name=N_SKIPPED, value=int(summary.get("n_skipped", 0) or 0),
                                           unit=IMAGES_UNIT))
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=_uid("track-series", source_series),
+    for key, concept, unit, derivation in PHYSICS_MEASUREMENTS:
+        if summary.get(key) is not None:
+            measurements.append(hd.sr.Measurement(name=concept, value=_ds_value(summary[key]), unit=unit,
+                                                  derivation=derivation))
+    verdict = str(summary["verdict"])
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid("track-series", source_series),
                                                      identifier=SERIES_SUMMARY_ID),
         algorithm_id=algorithm,
         measurements=measurements,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-            name=VERDICT, value=VERDICT_CODES[str(summary["verdict"])])],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=VERDICT, value=VERDICT_CODES[verdict])],
     )
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=COMMENT, value=f"CT image quality verdict: {VERDICT_TEXT[verdict]}", relationship_type="CONTAINS"))
+    return group
 
 
 def load_standard_tables() -> None:
@@ -352,6 +432,21 @@ def _code_eq(a: CodedConcept | Code | None, b: Code) -> bool:
     return a is not None and a.value == b.value and a.scheme_designator == b.scheme_designator
 
 
+def _nested_numbers(item: Dataset) -> dict[tuple[str, str], float]:
+    """{(code value, scheme): value} of the NUM items anywhere below ``item``."""
+    out: dict[tuple[str, str], float] = {}
+    for child in item.get("ContentSequence", []):
+        if child.ValueType == "NUM" and child.get("MeasuredValueSequence"):
+            name = child.ConceptNameCodeSequence[0]
+            out[(name.CodeValue, name.CodingSchemeDesignator)] = float(child.MeasuredValueSequence[0].NumericValue)
+        out.update(_nested_numbers(child))
+    return out
+
+
+def _key(code: Code | CodedConcept) -> tuple[str, str]:
+    return code.value, code.scheme_designator
+
+
 def _text_item(group_item: Dataset, code: Code) -> str | None:
     for item in group_item.get("ContentSequence", []):
         name = item.ConceptNameCodeSequence[0]
@@ -365,7 +460,9 @@ def read_series_sr(ds: Dataset) -> dict[str, Any]:
 
     Returns {sop_instance_uid, series_instance_uid, source_series_instance_uid, instance_number,
     algorithm: {name, version}, slices: [{sop_instance_uid, score, score_low, score_high, frame}],
-    summary: {mean_score, min_score, p10_score, fraction_below, n_slices, n_skipped, verdict}}.
+    summary: {mean_score, min_score, p10_score, fraction_below, n_slices, n_skipped, verdict,
+    verdict_text, and noise_hu, dw_cm, ssde_mgy, ctdivol_mgy where present}}.
+    SRs written before IHE AIR (interval as uncertainty ranges, QC010 percentile) read the same.
     """
     sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
     report = hd.sr.MeasurementReport.from_sequence(sr.content)
@@ -373,16 +470,20 @@ def read_series_sr(ds: Dataset) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     algorithm: dict[str, str | None] = {"name": None, "version": None}
     sources: set[str] = set()
+    physics_keys = {_key(concept): key for key, concept, _unit, _derivation in PHYSICS_MEASUREMENTS}
     for group in report.get_image_measurement_groups():
         algorithm = {"name": _text_item(group[0], ALGORITHM_NAME) or algorithm["name"],
                      "version": _text_item(group[0], ALGORITHM_VERSION) or algorithm["version"]}
         if group.tracking_identifier == SERIES_SUMMARY_ID:
             for m in group.get_measurements():
                 if _code_eq(m.name, SCORE):
-                    key = {codes.SCT.Mean.value: "mean_score", codes.SCT.Minimum.value: "min_score",
-                           P10.value: "p10_score"}.get(m.derivation.value if m.derivation else "")
+                    key = {_key(codes.SCT.Mean): "mean_score", _key(codes.SCT.Minimum): "min_score",
+                           _key(P10): "p10_score", _key(LEGACY_P10): "p10_score"}.get(
+                        _key(m.derivation) if m.derivation else None)
                     if key:
                         summary[key] = float(m.value)
+                elif _key(m.name) in physics_keys:
+                    summary[physics_keys[_key(m.name)]] = float(m.value)
                 elif _code_eq(m.name, FRACTION_BELOW):
                     summary["fraction_below"] = float(m.value)
                 elif _code_eq(m.name, N_SLICES):
@@ -391,27 +492,26 @@ def read_series_sr(ds: Dataset) -> dict[str, Any]:
                     summary["n_skipped"] = int(m.value)
             for ev in group.get_qualitative_evaluations(name=VERDICT):
                 summary["verdict"] = next((k for k, c in VERDICT_CODES.items() if _code_eq(ev.value, c)), None)
+            summary["verdict_text"] = _text_item(group[0], COMMENT)
             continue
-        for m in group.get_measurements(name=SCORE):
-            upper = lower = 0.0
-            for item in m[0].get("ContentSequence", []):
-                if item.ValueType != "NUM":
-                    continue
-                name = item.ConceptNameCodeSequence[0].CodeValue
-                value = float(item.MeasuredValueSequence[0].NumericValue)
-                if name == UPPER_UNCERTAINTY.value:
-                    upper = value
-                elif name == LOWER_UNCERTAINTY.value:
-                    lower = value
+        by_derivation = {_key(m.derivation) if m.derivation else None: m for m in group.get_measurements(name=SCORE)}
+        m = by_derivation.get(None)
+        if m is not None:
+            score = float(m.value)
+            # before IHE AIR the interval was TID 310 uncertainty ranges below the score
+            numbers = _nested_numbers(m[0])
+            low = float(by_derivation[_key(P5)].value) if _key(P5) in by_derivation else \
+                score - numbers.get(_key(LOWER_UNCERTAINTY), 0.0)
+            high = float(by_derivation[_key(P95)].value) if _key(P95) in by_derivation else \
+                score + numbers.get(_key(UPPER_UNCERTAINTY), 0.0)
             images = m.referenced_images or group.source_images
             if not images:
                 raise ValueError(f"measurement group {group.tracking_identifier!r} references no image")
             ref = images[0]
             uid = str(ref.referenced_sop_instance_uid)
             frames = ref.referenced_frame_numbers
-            score = float(m.value)
-            slices.append({"sop_instance_uid": uid, "score": score, "score_low": _ds_value(score - lower),
-                           "score_high": _ds_value(score + upper), "frame": frames[0] if frames else None})
+            slices.append({"sop_instance_uid": uid, "score": score, "score_low": _ds_value(low),
+                           "score_high": _ds_value(high), "frame": frames[0] if frames else None})
             sources.add(uid)
     source_series = sr.get_evidence_series()
     return {
