@@ -301,6 +301,7 @@ class Worker:
         sr = build_series_sr(headers, slices, summary, model_info, version, content_datetime=ctx["created_at"])
         sr_uid = str(sr.SOPInstanceUID)
         sr_rel = Spool.sr_relpath(ctx["study_uid"], ctx["series_uid"], sr_uid)
+        kos = self._build_kos(ctx, headers, slices, model_info, version, summary["verdict"])
         with self.session_factory() as s:
             job = s.get(Job, job_id)
             # first (it locks the series row): an instance that arrived while this round was being
@@ -318,8 +319,8 @@ class Worker:
                              stage="after scoring")
                 return
             self.spool.write(sr_rel, sr_bytes(sr))  # only the round that is stored writes its SR
-            if outbox.wants_kind(self.cfg, summary["verdict"], outbox.KIND_KOS):
-                self._write_kos(ctx, headers, slices, model_info, version)
+            if kos is not None:
+                self.spool.write(*kos)
             try:
                 result = SeriesResult(
                     series_id=ctx["series_id"], version=version, model_version=model_version,
@@ -349,17 +350,25 @@ class Worker:
                  verdict=summary["verdict"], mean_score=round(summary["mean_score"], 3),
                  n_slices=summary["n_slices"], n_skipped=n_skipped, sr_sop_instance_uid=sr_uid)
 
-    def _write_kos(self, ctx: dict[str, Any], headers: list[Dataset], slices: list[dict[str, Any]],
-                   model_info: dict[str, str], version: int) -> None:
-        """Write the Quality Issue KOS (failing slices) where the outbox looks for it."""
+    def _build_kos(self, ctx: dict[str, Any], headers: list[Dataset], slices: list[dict[str, Any]],
+                   model_info: dict[str, str], version: int, verdict: str) -> tuple[str, bytes] | None:
+        """(spool path, bytes) of the Quality Issue KOS when a destination wants one, built before the
+        result transaction; a KOS that cannot be built is logged and never costs the series its SR."""
         from qcnode import outbox
         from qcnode.dicom.kos import build_quality_issue_kos, failing_slices
         from qcnode.dicom.sr import sr_bytes
+        if not outbox.wants_kind(self.cfg, verdict, outbox.KIND_KOS):
+            return None
         threshold = self.cfg.verdict.slice_threshold
-        kos = build_quality_issue_kos(headers, failing_slices(slices, threshold), model_info, version,
-                                      threshold, content_datetime=ctx["created_at"])
-        self.spool.write(outbox.kos_relpath(ctx["study_uid"], ctx["series_uid"], model_info["version"], version),
-                         sr_bytes(kos))
+        try:
+            kos = build_quality_issue_kos(headers, failing_slices(slices, threshold), model_info, version,
+                                          threshold, content_datetime=ctx["created_at"])
+        except Exception as exc:  # noqa: BLE001 - the KOS is optional; its delivery fails visibly instead
+            log.error("kos_not_built", series_id=ctx["series_id"], version=version,
+                      error=f"{type(exc).__name__}: {exc}"[:300])
+            return None
+        return (outbox.kos_relpath(ctx["study_uid"], ctx["series_uid"], model_info["version"], version),
+                sr_bytes(kos))
 
     @staticmethod
     def _mark_skipped(s: Session, skipped: dict[int, str]) -> None:

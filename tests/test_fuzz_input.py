@@ -397,7 +397,7 @@ def test_4096_slice_is_scored_within_memory(node, scorer, tmp_path):
 
 
 BAD_HEADER_FIELDS = [("SpecificCharacterSet", "ISO IR 100"), ("SpecificCharacterSet", "ISO_IR 999"),
-                     ("PatientSex", "X"), ("StudyDate", "2024-13-45")]
+                     ("PatientSex", "X"), ("PatientSex", "m"), ("StudyDate", "2024-13-45")]
 
 
 def test_bad_header_fields_still_get_an_sr(scorer, tmp_path, shared_ct):

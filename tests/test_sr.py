@@ -243,3 +243,15 @@ def test_quality_issue_kos_lists_failing_slices(ge_headers, tmp_path):
     assert device[0].DeviceUID == sr_mod.algorithm_device_uid(MODEL_INFO["name"], MODEL_INFO["version"])
     with pytest.raises(SRBuildError, match="at least one flagged slice"):
         build_quality_issue_kos(ge_headers, [], MODEL_INFO, 1, 1.15)
+
+
+@pytest.mark.parametrize("sex", ["m", "X"])
+def test_patient_sex_highdicom_refuses_is_left_empty(ge_headers, sex):
+    from qcnode.dicom.kos import build_quality_issue_kos, failing_slices
+    headers = [copy.deepcopy(h) for h in ge_headers[:3]]
+    for h in headers:
+        h.PatientSex = sex
+    sr, slices = _build(headers)
+    assert sr.PatientSex == ""
+    kos = build_quality_issue_kos(headers, failing_slices(slices, 4.0), MODEL_INFO, 1, 4.0, content_datetime=WHEN)
+    assert kos.PatientSex == ""

@@ -202,7 +202,7 @@ def _value_usable(elem: DataElement) -> bool:
     the SR (an unparseable date or time, a PatientSex outside M/F/O): such a value is left empty
     (Type 2) rather than costing the series its SR."""
     if elem.keyword == "PatientSex":
-        return str(elem.value or "").strip().upper() in _PATIENT_SEX_VALUES
+        return str(elem.value or "").strip() in _PATIENT_SEX_VALUES  # highdicom takes these exactly
     parse = _DATE_TIME_TYPES.get(elem.VR)
     if parse is None or elem.value in (None, ""):
         return True
