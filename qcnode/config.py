@@ -86,7 +86,7 @@ class WorkerConfig:
     lease_seconds: float = 300.0
     poll_interval_seconds: float = 0.5
     max_attempts: int = 5
-    max_interruptions: int = 50
+    max_interruptions: int = 10
     retry_failed_seconds: float = 600.0
     separate_process: bool = True
     nice: int = 10

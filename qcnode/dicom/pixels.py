@@ -165,8 +165,8 @@ def skip_reason(ds: Dataset) -> str | None:
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         return "not a grayscale image (SamplesPerPixel != 1)"
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
-    if photometric not in GRAYSCALE:
-        shown = photometric if photometric in PHOTOMETRIC_SAMPLES else "missing or unknown"
+    if photometric and photometric not in GRAYSCALE:  # missing: read as grayscale, as before
+        shown = photometric if photometric in PHOTOMETRIC_SAMPLES else "unknown"
         return f"not a grayscale image (PhotometricInterpretation {shown})"
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows < 32 or cols < 32:
@@ -249,11 +249,12 @@ def _pixel_values(ds: Dataset, sequence: str, keyword: str) -> Iterator[Any]:
 
 
 def _spacing_error(value: Any) -> str | None:
-    """Why a PixelSpacing value is unusable (None if it is two positive finite numbers)."""
+    """Why a PixelSpacing value is unusable: zero, negative or not finite (None otherwise; an empty or
+    malformed value is a spacing left unknown, as it always was, not a reason to skip the slice)."""
     try:
         row, col = (float(v) for v in value)
     except (TypeError, ValueError):
-        return "unusable PixelSpacing (not two numbers)"
+        return None
     if not (math.isfinite(row) and math.isfinite(col) and row > 0 and col > 0):
         return f"unusable PixelSpacing {row:g}\\{col:g} (must be positive)"
     return None
