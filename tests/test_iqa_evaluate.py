@@ -120,3 +120,10 @@ def test_evaluate_a_dicom_folder_with_a_sites_labels(tmp_path, capsys, shared_ct
     assert qcnode_main(["evaluate", "--model", model, "--data", str(folder), "--labels",
                         str(tmp_path / "bad.csv")]) == 2
     assert "score column" in capsys.readouterr().err
+    # the same file name in two subfolders: a bare name is ambiguous, a relative path is not
+    (folder / "again").mkdir()
+    shutil.copy(files[0], folder / "again" / files[0].name)
+    (tmp_path / "same.json").write_text(json.dumps({files[0].name: 4}))
+    assert qcnode_main(["evaluate", "--model", model, "--data", str(folder), "--labels",
+                        str(tmp_path / "same.json")]) == 2
+    assert "several subfolders" in capsys.readouterr().err

@@ -339,3 +339,18 @@ def test_series_noise_level_is_the_median_of_the_acquisition():
     each = [own(f) for f in files]
     assert [levels[f"a{i}"] for i in range(5)] == [pytest.approx(float(np.median(each)))] * 5
     assert levels["b"] == pytest.approx(own(single))  # a series of one keeps its own measurement
+
+
+def test_extra_sources_cannot_leak_a_patient_into_two_splits(tmp_path, shared_ct, capsys):
+    from qcnode.cli import main
+    clinical = simulate_data_root() / "lung_pet_ct_dx"
+    base = ["simulate", "--size", "64", "--doses", "1", "--views", "720", "--train-phantoms", "0",
+            "--clinical", str(clinical)]
+    # a held-out patient's folder given again as a training source, or the clinical slices twice
+    assert main(base + ["--out", str(tmp_path / "a"), "--sources", str(clinical / "series2")]) == 2
+    assert "repeats slices of --clinical" in capsys.readouterr().err
+    assert main(["simulate", "--size", "64", "--doses", "1", "--views", "720", "--train-phantoms", "0",
+                 "--clinical", "--out", str(tmp_path / "b"), "--sources", str(clinical / "series1"),
+                 "--test-sources", str(clinical / "series3")]) == 2
+    assert "share a patient" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -27,7 +27,7 @@ import json
 import math
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -105,7 +105,13 @@ def load_dicom_labeled(folder: str | Path, labels_file: str | Path) -> EvalSet:
     folder = Path(folder)
     labels = read_label_file(labels_file)
     found: dict[str, tuple[str, object]] = {}
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    names = Counter(f.name for f in files)
+    ambiguous = sorted(k for k in labels if names[k] > 1)
+    if ambiguous:
+        raise ValueError(f"{labels_file}: file name {ambiguous[0]!r} is in several subfolders of {folder}; "
+                         "label it by its relative path or SOP Instance UID")
+    for f in files:
         try:
             slices = load_slices(f)
         except (SkipSlice, UnreadableFile):

@@ -13,10 +13,11 @@ On the held-out patients of ``models/clinical_split.json`` (split by patient, ne
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -94,8 +95,15 @@ def score_series(scorer, clinical_dirs: Sequence[Path], split: SplitFile, verdic
         group = "validation" if r.patient in split.validation_patients else "training"
         if patients != "all" and group != patients:
             continue
-        # single-slice series (one slice per patient) are judged per patient
-        groups[(r.series if not r.series.endswith("single_slices") else f"{r.series}/{r.patient}", group)].append(r)
+        groups[(r.acquisition, group)].append(r)
+    per_folder = Counter(slices[0].series for slices in groups.values())
+    named: dict[tuple[str, str], list] = {}
+    for (acquisition, group), slices in groups.items():
+        # a folder holding several acquisitions names each by a digest, never by the patient ID
+        folder = slices[0].series
+        digest = hashlib.sha256(acquisition.encode()).hexdigest()[:8]
+        named[(f"{folder}/{digest}" if per_folder[folder] > 1 else folder, group)] = slices
+    groups = named
     out = []
     for (series, group), slices in sorted(groups.items()):
         scores = [q.score for q in scorer.score_hu([load_slices(r.path)[0].hu for r in slices])]

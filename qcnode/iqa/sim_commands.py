@@ -97,14 +97,20 @@ def run_simulate(args: argparse.Namespace) -> int:
         real_train = [r.as_source() for r in train_slices]
         real_val = [r.as_source() for r in val_slices]
         # the noise of an acquisition is measured on all its slices, also those thinned out
-        acquisitions = {r.source_id: (f"{r.patient}/{r.series}", r.path) for r in every_slice}
+        acquisitions = {r.source_id: (r.acquisition, r.path) for r in every_slice}
         if args.sources is not None:
             missing = [str(s) for s in [*args.sources, *(args.test_sources or [])] if not s.exists()]
             if missing:
                 print(f"qcnode simulate: source not found: {', '.join(missing)}", file=sys.stderr)
                 return 2
-            real_train += simulate.real_sources_from_dirs(args.sources)
-            real_test = simulate.real_sources_from_dirs(args.test_sources or [])
+            extra_train = simulate.find_real_slices(args.sources)
+            extra_test = simulate.find_real_slices(args.test_sources or [])
+            problem = _split_leak(extra_train, extra_test, val_slices, every_slice)
+            if problem:
+                print(f"qcnode simulate: {problem}", file=sys.stderr)
+                return 2
+            real_train += [r.as_source() for r in extra_train]
+            real_test = [r.as_source() for r in extra_test]
         else:
             if not DEFAULT_SHARED_CT.is_dir():
                 print(f"qcnode simulate: {DEFAULT_SHARED_CT} not found; using pydicom's bundled CT slices only",
@@ -135,6 +141,20 @@ def run_simulate(args: argparse.Namespace) -> int:
     print(f"simulated {sum(counts.values())} images into {out} in {time.monotonic() - start:.0f} s: "
           + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
+
+
+def _split_leak(extra_train: list, extra_test: list, clinical_val: list, clinical_all: list) -> str | None:
+    """Why --sources / --test-sources would put one patient or slice in two splits (None if not)."""
+    val_patients = {r.patient for r in clinical_val}
+    clinical_paths = {Path(r.path).resolve() for r in clinical_all}
+    for name, side in (("--sources", extra_train), ("--test-sources", extra_test)):
+        if any(Path(r.path).resolve() in clinical_paths for r in side):
+            return f"{name} repeats slices of --clinical (they are split by patient already)"
+    if any(r.patient in val_patients for r in extra_train):
+        return "--sources holds slices of a validation patient (see --validation-patients)"
+    if {r.patient for r in extra_train} & {r.patient for r in extra_test}:
+        return "--sources and --test-sources share a patient"
+    return None
 
 
 def _clinical_sources(args: argparse.Namespace, simulate) -> tuple[list, list, list] | None:

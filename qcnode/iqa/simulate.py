@@ -233,6 +233,12 @@ class RealSlice:
     path: str
     patient: str  # PatientID (the split is by patient; never logged)
     kernel: str
+    series_uid: str = ""  # SeriesInstanceUID: one acquisition (a folder may hold several)
+
+    @property
+    def acquisition(self) -> str:
+        """Key of the acquisition (patient and series) the slice belongs to."""
+        return f"{self.patient}/{self.series_uid or self.series}"
 
     def as_source(self) -> tuple[str, str, str, str]:
         return self.source_id, self.series, self.anatomy, self.path
@@ -260,7 +266,8 @@ def find_real_slices(dirs: Sequence[Path]) -> list[RealSlice]:
             # the folder below the given one ("lung_pet_ct_dx/series1"), or the folder's own name
             series = f.parent.relative_to(d).as_posix() if d.is_dir() and f.parent != d else f.parent.name
             out.append(RealSlice(f"real:{series}/{f.stem}", series, anatomy, str(f),
-                                 str(ds.get("PatientID", "")) or series, str(ds.get("ConvolutionKernel", ""))))
+                                 str(ds.get("PatientID", "")) or series, str(ds.get("ConvolutionKernel", "")),
+                                 str(ds.get("SeriesInstanceUID", ""))))
     return out
 
 
@@ -270,19 +277,23 @@ def real_sources_from_dirs(dirs: Sequence[Path]) -> list[tuple[str, str, str, st
 
 
 def thin_series(slices: Sequence[RealSlice], max_per_series: int) -> list[RealSlice]:
-    """At most ``max_per_series`` slices of each patient's series, evenly spaced (0: keep all)."""
+    """At most ``max_per_series`` slices of each acquisition, evenly spaced (0: keep all); slices
+    stay grouped by patient and folder, in the order found."""
     if max_per_series <= 0:
         return list(slices)
-    by_series: dict[tuple[str, str], list[RealSlice]] = {}
+    by_folder: dict[tuple[str, str], list[RealSlice]] = {}
     for r in slices:
-        by_series.setdefault((r.patient, r.series), []).append(r)
+        by_folder.setdefault((r.patient, r.series), []).append(r)
     out = []
-    for group in by_series.values():
-        if len(group) <= max_per_series:
-            out += group
-        else:
-            idx = np.unique(np.round(np.linspace(0, len(group) - 1, max_per_series)).astype(int))
-            out += [group[i] for i in idx]
+    for group in by_folder.values():
+        by_acquisition: dict[str, list[RealSlice]] = {}
+        for r in group:
+            by_acquisition.setdefault(r.acquisition, []).append(r)
+        kept = set()
+        for members in by_acquisition.values():
+            idx = np.unique(np.round(np.linspace(0, len(members) - 1, min(len(members), max_per_series))).astype(int))
+            kept.update(members[i].source_id for i in idx)
+        out += [r for r in group if r.source_id in kept]
     return out
 
 
