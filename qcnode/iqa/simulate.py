@@ -11,13 +11,13 @@ Pipeline per source slice (a real normal-dose slice or a procedural phantom, see
 3. Dose fraction ``f`` (per-view tube current relative to full dose): detector counts
    ``N ~ Poisson(I0 f exp(-p)) + Normal(0, sigma_e^2)`` (electronic-noise floor), clipped at 1
    count, ``p_f = -ln(N / (I0 f))``. I0 is per anatomy (head protocols use more mAs).
-   Phantoms are noiseless, so they get the full noise ``p_f``. Real slices already carry
-   full-dose noise, so only the difference is inserted: ``p + k (p_f - p)`` with
-   ``k = sqrt(1 - var_1 / var_f)`` per detector bin (var_f: the variance of ``p_f`` at dose f);
-   at f = 1 nothing is added.
-4. View reduction: every (720/V)-th view is kept (V = 720/360/180). The tube current per view is
-   unchanged, so fewer views also means less dose (``relative_dose = f V / 720``) and streaks.
-5. FBP (Shepp-Logan filter) back to ``mu`` and HU.
+4. View reduction: V evenly spread views of the 720 are kept (default 720/256/128/64). The tube
+   current per view is unchanged, so fewer views also means less dose (``relative_dose = f V / 720``)
+   and streaks.
+5. FBP (Shepp-Logan filter) back to ``mu`` and HU. Phantoms (noiseless) are this image. A real
+   slice keeps its own pixels and gets only the artifacts: the streaks (noiseless FBP at V views
+   minus at full views) and the extra noise, the simulated noise image scaled so that the total is
+   ``own x sqrt(720 / (f V))`` (``real_noise_scale``; own noise: ``series_noise_levels``).
 
 Synthetic reader model (labels are synthetic; this is the whole definition):
 
@@ -25,15 +25,14 @@ Synthetic reader model (labels are synthetic; this is the whole definition):
   projector. ``noise_hu``: the standard deviation of (image - noiseless image at the same views)
   over soft tissue (local mean -20..150 HU inside the patient; the whole patient if that is too
   small: then -300..300 HU, then the whole patient outline, e.g. the air inside a tissue-free
-  skull phantom, where the noise is just as visible); for real slices the slice's own full-dose
-  noise is added in quadrature, taken as the
-  noise of a simulated f = 1 realisation. ``streak_index``: the RMS over the patient of
+  skull phantom, where the noise is just as visible); for real slices the slice's own noise
+  (its acquisition's global noise level) is added in quadrature. ``streak_index``: the RMS over the patient of
   (noiseless image at V views - noiseless image at 720 views), i.e. the deterministic,
   directional view-aliasing residual after removing the random noise.
 - R = 5 readers, each with a noise tolerance ``t_n`` (HU) and a noise step ``g_n`` (the noise
   ratio that costs one score step: perception of noise is roughly logarithmic, Weber-like), a
   streak tolerance ``t_s`` and step ``g_s``, a bias and a per-image jitter (sd, score steps);
-  see ``READERS``. Head images are judged on ``noise_hu x 1.6`` (brain grey/white contrast is
+  see ``READERS`` (fitted by scripts/calibrate_readers.py). Head images are judged on ``noise_hu x 1.6`` (brain grey/white contrast is
   a few HU, so the same noise is more disturbing than in the abdomen).
   Excess ``e_n = ln(max(noise, t_n) / t_n) / ln(g_n)``, ``e_s = ln(max(streak, t_s) / t_s) / ln(g_s)``;
   reader score = clip(round(4 + bias - sqrt(e_n^2 + e_s^2) + jitter), 0, 4), an integer like a
@@ -42,10 +41,10 @@ Synthetic reader model (labels are synthetic; this is the whole definition):
   The expected label is monotone (non-increasing) as dose or views fall, because both measures
   grow and the score is a non-increasing function of both.
 
-Output (LDCTIQAC2023 layout): OUT/{train,test}/image/NNNN.tif (float32 HU) + OUT/train/train.json /
+Output (LDCTIQAC2023 layout): OUT/{train,val,test}/image/NNNN.tif (float32 HU) + OUT/train/train.json /
 OUT/test/test.json ({file name: label}) + meta.csv; OUT/unlabeled/image/*.tif + meta.csv (no labels);
 OUT/simulation.json records every parameter. Splits are by anatomy object: no real slice or
-phantom seed appears in two splits.
+phantom seed appears in two splits, and clinical slices are split by patient.
 """
 from __future__ import annotations
 
@@ -271,11 +270,6 @@ def find_real_slices(dirs: Sequence[Path]) -> list[RealSlice]:
     return out
 
 
-def real_sources_from_dirs(dirs: Sequence[Path]) -> list[tuple[str, str, str, str]]:
-    """(source_id, series, anatomy, path) for every scorable slice under user-given folders."""
-    return [r.as_source() for r in find_real_slices(dirs)]
-
-
 def thin_series(slices: Sequence[RealSlice], max_per_series: int) -> list[RealSlice]:
     """At most ``max_per_series`` slices of each acquisition, evenly spaced (0: keep all); slices
     stay grouped by patient and folder, in the order found."""
@@ -321,13 +315,6 @@ def noisy_line_integrals(p: torch.Tensor, i0: float, dose: float, generator: tor
     counts = torch.poisson(expected, generator=generator)
     counts += electronic_sigma * torch.randn(p.shape, generator=generator)
     return -torch.log(torch.clamp(counts, min=1.0) / (i0 * dose))
-
-
-def line_integral_variance(p: torch.Tensor, i0: float, dose: float,
-                           electronic_sigma: float = ELECTRONIC_NOISE_COUNTS) -> torch.Tensor:
-    """First-order variance of the noisy line integral: (q + sigma_e^2) / q^2, q = I0 dose exp(-p)."""
-    q = torch.clamp((i0 * dose) * torch.exp(-p), min=1.0)
-    return (q + electronic_sigma ** 2) / (q * q)
 
 
 def view_indices(views: int, full_views: int = FULL_VIEWS) -> np.ndarray:
