@@ -34,8 +34,8 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from qcnode.iqa.commands import score_paths
-    from qcnode.iqa.scorer import Scorer
+    from qcnode.cli.model import score_paths
+    from qcnode.model.scorer import Scorer
 
     torch.set_num_threads(args.threads)
     sources = sorted(p for p in SHARED_CT.rglob("*.dcm") if "localizer" not in p.name)

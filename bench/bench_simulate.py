@@ -33,8 +33,9 @@ def main() -> None:
     import torch
     from skimage.transform import iradon, radon
 
-    from qcnode.iqa import ct_projector, physics, simulate
-    from qcnode.iqa.phantoms import make_phantom
+    from qcnode.dicom import physics
+    from qcnode.simulation import ct_projector, simulate
+    from qcnode.simulation.phantoms import make_phantom
 
     torch.set_num_threads(args.threads)
     n = args.size

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import optimize
 
-from qcnode.iqa import simulate
+from qcnode.simulation import simulate
 
 TARGET_PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
 TARGET_LABELS = np.array([0.4, 0.6, 1.2, 2.0, 3.0, 3.6, 3.8])

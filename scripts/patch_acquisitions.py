@@ -5,8 +5,8 @@ fix (same groups, same seeds), so the result equals a full `qcnode simulate` run
 import csv, json, sys
 from pathlib import Path
 import numpy as np, tifffile
-from qcnode.iqa import simulate
-from qcnode.iqa.sim_commands import DEFAULT_CLINICAL, DEFAULT_SHARED_CT, DEFAULT_SPLIT_FILE, TEST_SERIES
+from qcnode.simulation import simulate
+from qcnode.cli.simulate import DEFAULT_CLINICAL, DEFAULT_SHARED_CT, DEFAULT_SPLIT_FILE, TEST_SERIES
 
 out = Path(sys.argv[1])
 params = json.loads((out / "simulation.json").read_text())

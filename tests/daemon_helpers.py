@@ -26,7 +26,7 @@ def checkpoint_for_tests(tmp_path: Path) -> Path:
     default = PROJECT_ROOT / "models" / "mdiqa-default.pt"
     if default.is_file():
         return default
-    from qcnode.iqa.scorer import write_untrained_checkpoint
+    from qcnode.model.scorer import write_untrained_checkpoint
     path = tmp_path / "m.pt"
     if not path.exists():
         write_untrained_checkpoint(path)

@@ -32,9 +32,9 @@ def start_scp(tmp_path: Path, port: int, **sections: dict[str, Any]) -> InProces
     """Start ``StorageSCP`` on 127.0.0.1:``port`` with config overrides per section (node=..., storage=...)."""
     from qcnode.config import load_config
     from qcnode.db.engine import make_engine, session_factory
-    from qcnode.dicom.scp import StorageSCP
-    from qcnode.dicom.spool import Spool
-    from qcnode.service.daemon import migrate
+    from qcnode.ingest.scp import StorageSCP
+    from qcnode.ingest.spool import Spool
+    from qcnode.db.migrate import migrate
 
     cfg = load_config(write_config(tmp_path, port, extra=dict(sections)))
     migrate(cfg.database_url)

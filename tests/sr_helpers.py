@@ -1,4 +1,4 @@
-"""Inputs for ``qcnode.dicom.sr.build_series_sr`` made from real CT headers, and the validators
+"""Inputs for ``qcnode.report.sr.build_series_sr`` made from real CT headers, and the validators
 (dciodvfy, PixelMed) every SR and KOS the tests write goes through (tests only)."""
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def pixelmed_sr_validator(path: Path) -> list[str]:
 
 def write_validated(ds: Dataset, path: Path) -> Path:
     """Write an SR or KOS as qcnode stores it and check it with dciodvfy (0 errors)."""
-    from qcnode.dicom.sr import write_sr
+    from qcnode.report.sr import write_sr
     write_sr(ds, path)
     dciodvfy(path)
     return path

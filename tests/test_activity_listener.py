@@ -8,12 +8,12 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from daemon_helpers import copy_series, write_config
-from qcnode.activity import ACTIVITY_FILE, Pacer, ReceiveActivity
+from qcnode.ingest.activity import ACTIVITY_FILE, Pacer, ReceiveActivity
 from qcnode.config import load_config
 from qcnode.db.engine import make_engine, session_factory, upgrade
-from qcnode.dicom.listener import open_shared_listener
-from qcnode.dicom.scp import StorageSCP
-from qcnode.dicom.spool import Spool
+from qcnode.net.listener import open_shared_listener
+from qcnode.ingest.scp import StorageSCP
+from qcnode.ingest.spool import Spool
 
 
 def test_activity_is_shared_through_the_file(tmp_path):
@@ -124,7 +124,7 @@ def test_fast_recv_reads_whole_pdus_and_stops_at_close():
     import socket
     import threading
 
-    from qcnode.dicom.reactors import FastRecvSocket
+    from qcnode.net.reactors import FastRecvSocket
     a, b = socket.socketpair()
     b.settimeout(10)
     sock = object.__new__(FastRecvSocket)  # only .socket is used by recv()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from qcnode.audit import commands as audit_commands
+from qcnode.cli import audit as audit_commands
 from qcnode.audit.flags import CTDIVOL_ABOVE_REFERENCE, NOISE_DRIFT, SCORE_DRIFT
 from qcnode.audit.run import NIGHTLY_JOB_ID, nightly_window, run_audit, schedule
 from qcnode.config import Config, ReferenceLevel

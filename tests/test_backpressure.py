@@ -19,7 +19,7 @@ from daemon_helpers import (PROJECT_ROOT, Destination, checkpoint_for_tests, ser
 from qcnode.config import load_config
 from qcnode.db.engine import make_engine, session_factory
 from qcnode.db.models import Delivery, Instance
-from qcnode.dicom import scp as scp_mod
+from qcnode.ingest import scp as scp_mod
 from reliability_helpers import make_slices, start_scp
 
 HUGE_MB = 10**9  # a watermark no disk can meet

@@ -22,7 +22,7 @@ from daemon_helpers import (STORESCU, Destination, checkpoint_for_tests, serve_p
 from qcnode.config import load_config
 from qcnode.db.engine import make_engine, session_factory
 from qcnode.db.models import Delivery, Instance, Job, Series, SeriesResult, SliceScore
-from qcnode.dicom.spool import Spool
+from qcnode.ingest.spool import Spool
 from reliability_helpers import acknowledged_files, make_slices
 
 KILLS = int(os.environ.get("QCNODE_KILLS", "20"))

@@ -1,4 +1,4 @@
-"""C-STOREs served in the DUL thread (qcnode.dicom.direct_store): same bytes on the wire as
+"""C-STOREs served in the DUL thread (qcnode.net.direct_store): same bytes on the wire as
 pynetdicom, same results, and pynetdicom still serves everything else."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 
 from daemon_helpers import copy_series, storescu
 from qcnode.db.models import Instance
-from qcnode.dicom.direct_store import (StoreCommand, _store_response_size, encode_store_response,
+from qcnode.net.direct_store import (StoreCommand, _store_response_size, encode_store_response,
                                          parse_store_command)
 from test_scp import start_node  # noqa: F401 - the fixture
 
@@ -173,7 +173,7 @@ def test_every_read_of_the_receive_path_asks_for_immediate_acks():
     stalled one C-STORE in 13 by 40 ms); the PDU bytes come through unchanged."""
     import socket
 
-    from qcnode.dicom.reactors import FastRecvSocket
+    from qcnode.net.reactors import FastRecvSocket
     if not hasattr(socket, "TCP_QUICKACK"):
         pytest.skip("TCP_QUICKACK is Linux only")
     server = socket.create_server(("127.0.0.1", 0))

@@ -32,7 +32,7 @@ from sqlalchemy import func, select
 from conftest import free_port
 from daemon_helpers import checkpoint_for_tests, serve_process, stop_process, wait_for, wait_port, write_config
 from qcnode.db.models import Instance, QuarantineRecord
-from qcnode.dicom import scp as scp_mod
+from qcnode.ingest import scp as scp_mod
 from reliability_helpers import RssSampler, start_scp
 from test_scp_hardening import RawStore, _store_command
 
@@ -74,7 +74,7 @@ def node(tmp_path_factory):
 def scorer(tmp_path_factory):
     import torch
     torch.set_num_threads(1)
-    from qcnode.iqa.scorer import Scorer
+    from qcnode.model.scorer import Scorer
     return Scorer.load(str(checkpoint_for_tests(tmp_path_factory.mktemp("model"))), "cpu", 1)
 
 
@@ -193,7 +193,7 @@ def _mutant(muts: list) -> tuple[str, bytes]:
 def _score_path(path: Path, scorer) -> str:
     """`qcnode score`'s code path (``score_paths``) on one file: 'scored' or 'skipped'. A skip must
     carry a clear reason (SkipSlice / unreadable), never an unexpected exception."""
-    from qcnode.iqa.commands import score_paths
+    from qcnode.cli.model import score_paths
     doc = score_paths(scorer, [path], batch_size=4, progress=lambda *_: None)
     slices = [r for e in doc["series"] for r in e["slices"]]
     skipped = [r for e in doc["series"] for r in e["skipped"]]
@@ -405,8 +405,8 @@ def test_bad_header_fields_still_get_an_sr(scorer, tmp_path, shared_ct):
     builder used to refuse, is received by storescu, scored, and gets its SR (written in UTF-8)."""
     from daemon_helpers import storescu
     from qcnode.db.models import Job, Series, SeriesResult
-    from qcnode.dicom.series import mark_stable_series
-    from qcnode.worker import Worker
+    from qcnode.tracking.series import mark_stable_series
+    from qcnode.scoring.worker import Worker
     from reliability_helpers import make_slices
 
     node = start_scp(tmp_path, free_port())

@@ -10,7 +10,7 @@ import torch
 
 from iqa_helpers import make_tiny_dataset, noisy_phantom
 from qcnode.dicom.pixels import load_slices
-from qcnode.iqa import data
+from qcnode.training import data
 
 
 def test_ldctiqac_layout_loads(tmp_path):

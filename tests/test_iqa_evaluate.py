@@ -8,8 +8,8 @@ import torch
 
 from iqa_helpers import TINY_CONFIG, make_tiny_dataset
 from qcnode.cli import main as qcnode_main
-from qcnode.iqa.network import MDIQAConfig
-from qcnode.iqa.scorer import write_untrained_checkpoint
+from qcnode.model.network import MDIQAConfig
+from qcnode.model.scorer import write_untrained_checkpoint
 
 torch.set_num_threads(1)
 
@@ -38,7 +38,7 @@ def test_evaluate_writes_metrics_plot_and_baseline(tmp_path, capsys):
 def test_evaluate_reports_the_labels_ceiling(tmp_path, capsys):
     import csv
 
-    from qcnode.iqa.simulate import expected_reader_mean
+    from qcnode.simulation.simulate import expected_reader_mean
     data = make_tiny_dataset(tmp_path / "test", n_sources=3, size=64, split="test")
     model = write_untrained_checkpoint(tmp_path / "m.pt", MDIQAConfig.from_dict({**MDIQAConfig().to_dict(),
                                                                                **TINY_CONFIG}))

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcnode.iqa import heads
+from qcnode.model import heads
 
 SIGMAS = (0.1, 0.25, 0.5)
 

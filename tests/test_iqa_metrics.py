@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from qcnode.iqa import metrics
+from qcnode.training import metrics
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

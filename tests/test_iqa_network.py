@@ -6,7 +6,7 @@ import torch
 from torchvision.ops import DeformConv2d
 
 from iqa_helpers import TINY_CONFIG
-from qcnode.iqa.network import MDIQA, MDIQAConfig, preset_config
+from qcnode.model.network import MDIQA, MDIQAConfig, preset_config
 
 torch.set_num_threads(1)
 
@@ -68,7 +68,7 @@ def test_config_roundtrip_and_paper_preset_builds():
 def test_deform_conv3x3_equals_torchvision():
     from torchvision.ops import deform_conv2d
 
-    from qcnode.iqa.network import deform_conv3x3
+    from qcnode.model.network import deform_conv3x3
 
     torch.manual_seed(0)
     x = torch.randn(2, 5, 7, 9, requires_grad=True)
@@ -86,7 +86,7 @@ def test_deform_conv3x3_equals_torchvision():
 
 @pytest.mark.slow
 def test_paper_preset_trains_a_step():
-    from qcnode.iqa.train import loss_fn
+    from qcnode.training.train import loss_fn
 
     torch.manual_seed(0)
     m = MDIQA(preset_config("paper")).train()

@@ -9,10 +9,10 @@ import torch
 
 from iqa_helpers import TINY_CONFIG, make_tiny_dataset
 from qcnode.cli import main as qcnode_main
-from qcnode.iqa.data import cache_labeled, load_labeled
-from qcnode.iqa.network import MDIQA, MDIQAConfig
-from qcnode.iqa.scorer import Scorer, read_checkpoint
-from qcnode.iqa.train import TrainOptions, dose_order_partners, loss_fn, rank_loss, soft_score, train
+from qcnode.training.data import cache_labeled, load_labeled
+from qcnode.model.network import MDIQA, MDIQAConfig
+from qcnode.model.scorer import Scorer, read_checkpoint
+from qcnode.training.train import TrainOptions, dose_order_partners, loss_fn, rank_loss, soft_score, train
 
 torch.set_num_threads(1)
 CFG = {**MDIQAConfig().to_dict(), **TINY_CONFIG}
@@ -196,7 +196,7 @@ def test_separate_validation_folder(tiny_data, tmp_path, capsys):
 
 
 def test_sampling_pool_draws_real_slices_more_often():
-    from qcnode.iqa.train import sampling_pool
+    from qcnode.training.train import sampling_pool
     meta = [{"source_kind": k} for k in ("phantom", "real", "phantom", "real", "real")]
     tr_idx = [0, 1, 2, 3]  # image 4 is in validation
     assert sampling_pool(meta, tr_idx, 6, 1).tolist() == [0, 1, 2, 3, 4, 5]  # 6 rows: 2 pseudo-labeled

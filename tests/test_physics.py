@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from qcnode.iqa import physics
+from qcnode.dicom import physics
 
 
 def _disk_image(size: int, spacing_mm: float, radius_mm: float, hu: float = 0.0, table: bool = False,

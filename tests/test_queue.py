@@ -12,7 +12,7 @@ from qcnode.db.engine import make_engine, session_factory, upgrade
 from qcnode.db.models import Job, Series, Study, utcnow
 from qcnode.db.queue import (as_utc, claim_job, complete_job, enqueue_job, fail_job, make_owner,
                              release_dead_local_leases)
-from qcnode.dicom.series import mark_stable_series, rescore_series, retry_delay, retry_failed_series
+from qcnode.tracking.series import mark_stable_series, rescore_series, retry_delay, retry_failed_series
 
 
 @pytest.fixture

@@ -12,9 +12,10 @@ import torch
 
 from qcnode.config import VerdictConfig
 from qcnode.dicom.pixels import load_slices
-from qcnode.iqa import realval, simulate
-from qcnode.iqa.data import LDCTIQAC_WINDOW_HU, preprocess_tif
-from qcnode.iqa.scorer import Scorer
+from qcnode.training import realval
+from qcnode.simulation import simulate
+from qcnode.training.data import LDCTIQAC_WINDOW_HU, preprocess_tif
+from qcnode.model.scorer import Scorer
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CLINICAL = PROJECT_ROOT.parent / "shared" / "data" / "clinical_ct"

@@ -1,4 +1,4 @@
-"""Group commit of received instances (qcnode.dicom.recorder): batching, durability order, isolation
+"""Group commit of received instances (qcnode.ingest.recorder): batching, durability order, isolation
 of a bad record, idempotent resends. Real SQLite database migrated with Alembic."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from qcnode.db.engine import make_engine, session_factory, upgrade
 from qcnode.db.queue import as_utc
 from qcnode.db.models import Instance, Series, Study, utcnow
-from qcnode.dicom.recorder import InstanceRecorder, PendingInstance
+from qcnode.ingest.recorder import InstanceRecorder, PendingInstance
 
 
 @pytest.fixture

@@ -20,13 +20,13 @@ from qcnode.db.engine import make_engine, session_factory, upgrade
 from qcnode.db.models import Delivery, Job, Series, SeriesResult, utcnow
 from qcnode.db.queue import (LeaseKeeper, LeaseLost, as_utc, claim_job, fail_job, make_owner,
                              release_dead_local_leases)
-from qcnode.dicom.scp import StorageSCP
-from qcnode.dicom.series import mark_stable_series
-from qcnode.dicom.spool import Spool
-from qcnode.dicom.sr import read_series_sr
-from qcnode.iqa.scorer import Scorer
-from qcnode.outbox import OutboxSender
-from qcnode.worker import Worker
+from qcnode.ingest.scp import StorageSCP
+from qcnode.tracking.series import mark_stable_series
+from qcnode.ingest.spool import Spool
+from qcnode.report.sr import read_series_sr
+from qcnode.model.scorer import Scorer
+from qcnode.delivery.outbox import OutboxSender
+from qcnode.scoring.worker import Worker
 
 
 class _ScorerWithHook:
@@ -207,17 +207,17 @@ def test_dead_lease_of_an_earlier_process_with_the_same_pid_is_released(node):
 def test_clock_skew_to_the_database_server_is_measured_and_refused_over_half_a_lease(pg_url, monkeypatch):
     """Leases are stamped with each node's clock: a node whose clock is far off the shared
     PostgreSQL server's would take live leases (or keep dead ones), so ``serve`` refuses to start."""
-    from qcnode.db import queue
+    from qcnode.db import clock
     engine = make_engine(pg_url)
     try:
-        skew = queue.check_clock(engine, lease_seconds=60)
+        skew = clock.check_clock(engine, lease_seconds=60)
         assert skew is not None and abs(skew) < 0.5  # same host: the same clock
-        real_utcnow = queue.utcnow
-        monkeypatch.setattr(queue, "utcnow", lambda: real_utcnow() - dt.timedelta(seconds=45))
-        assert 44 < queue.database_clock_skew(engine) < 46  # this host 45 s behind the server
-        with pytest.raises(queue.ClockSkewError, match=r"45\.\d s behind the database server's; leases of 60 s"):
-            queue.check_clock(engine, lease_seconds=60)
-        assert queue.check_clock(engine, lease_seconds=120) == pytest.approx(45, abs=1)  # within half: a warning
+        real_utcnow = clock.utcnow
+        monkeypatch.setattr(clock, "utcnow", lambda: real_utcnow() - dt.timedelta(seconds=45))
+        assert 44 < clock.database_clock_skew(engine) < 46  # this host 45 s behind the server
+        with pytest.raises(clock.ClockSkewError, match=r"45\.\d s behind the database server's; leases of 60 s"):
+            clock.check_clock(engine, lease_seconds=60)
+        assert clock.check_clock(engine, lease_seconds=120) == pytest.approx(45, abs=1)  # within half: a warning
     finally:
         engine.dispose()
 
@@ -225,9 +225,9 @@ def test_clock_skew_to_the_database_server_is_measured_and_refused_over_half_a_l
 @pytest.mark.postgres
 def test_serve_refuses_to_start_with_a_skewed_clock(pg_url, tmp_path, monkeypatch, capsys):
     from qcnode import cli
-    from qcnode.db import queue
-    real_utcnow = queue.utcnow
-    monkeypatch.setattr(queue, "utcnow", lambda: real_utcnow() + dt.timedelta(seconds=40))
+    from qcnode.db import clock
+    real_utcnow = clock.utcnow
+    monkeypatch.setattr(clock, "utcnow", lambda: real_utcnow() + dt.timedelta(seconds=40))
     cfg = write_config(tmp_path, free_port(), db_url=pg_url, extra={"worker": {"lease_seconds": 30.0}})
     assert cli.main(["serve", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -236,7 +236,7 @@ def test_serve_refuses_to_start_with_a_skewed_clock(pg_url, tmp_path, monkeypatc
 
 
 def test_sqlite_has_no_clock_skew(tmp_path):
-    from qcnode.db import queue
+    from qcnode.db import clock
     engine = make_engine(f"sqlite:///{tmp_path / 'q.db'}")
-    assert queue.check_clock(engine, lease_seconds=0.001) is None
+    assert clock.check_clock(engine, lease_seconds=0.001) is None
     engine.dispose()

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from qcnode.iqa.scorer import DEFAULT_CHECKPOINT, Scorer, write_untrained_checkpoint
+from qcnode.model.scorer import DEFAULT_CHECKPOINT, Scorer, write_untrained_checkpoint
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,8 +16,8 @@ from daemon_helpers import copy_series, echoscu, storescu, write_config
 from qcnode.config import load_config
 from qcnode.db.engine import make_engine, session_factory, upgrade
 from qcnode.db.models import Instance, QuarantineRecord, Series
-from qcnode.dicom.scp import StorageSCP
-from qcnode.dicom.spool import Spool
+from qcnode.ingest.scp import StorageSCP
+from qcnode.ingest.spool import Spool
 
 
 @pytest.fixture
@@ -190,7 +190,7 @@ def test_part10_header_matches_pynetdicoms_encoder():
     """The SCP's own File Meta encoder writes exactly what pynetdicom's encoded_dataset() writes."""
     from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-    from qcnode.dicom.scp import part10_header
+    from qcnode.ingest.scp import part10_header
     for sop_class, sop_uid, syntax in [("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2"),
                                        ("1.2.840.10008.5.1.4.1.1.2.1", generate_uid(), "1.2.840.10008.1.2.1"),
                                        ("1.2", "1.23", "1.2.840.10008.1.2.4.50")]:
@@ -205,7 +205,7 @@ def test_associations_wait_for_events_instead_of_polling(start_node, port):
     do not wait for the idle timeout, open idle associations hardly wake up, release works."""
     import time
 
-    from qcnode.dicom.reactors import IDLE_WAIT_S, EventDrivenAssociation, EventDrivenDUL
+    from qcnode.net.reactors import IDLE_WAIT_S, EventDrivenAssociation, EventDrivenDUL
     scp, _, _ = start_node()
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
@@ -253,7 +253,7 @@ def _wait_no_associations(scp: StorageSCP, timeout: float = 5.0) -> None:
 def test_pdv_items_are_cut_from_the_p_data_tf_body():
     import struct
 
-    from qcnode.dicom.reactors import InvalidPDU, split_pdv_items
+    from qcnode.net.reactors import InvalidPDU, split_pdv_items
 
     def item(context_id: int, data: bytes) -> bytes:
         return struct.pack(">LB", len(data) + 1, context_id) + data

@@ -36,8 +36,8 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
 from qcnode.db.models import Instance, QuarantineRecord
-from qcnode.dicom import scp as scp_mod
-from qcnode.dicom.reactors import MAX_ASSOCIATION_PDU_LENGTH, pdata_length_limit
+from qcnode.ingest import scp as scp_mod
+from qcnode.net.reactors import MAX_ASSOCIATION_PDU_LENGTH, pdata_length_limit
 from qcnode.log import redact_quoted_values
 from test_scp import start_node  # noqa: F401 - the fixture
 
@@ -266,8 +266,8 @@ _PHI_SCRIPT = textwrap.dedent("""
     from daemon_helpers import write_config
     from qcnode.config import load_config
     from qcnode.db.engine import make_engine, session_factory, upgrade
-    from qcnode.dicom.scp import StorageSCP
-    from qcnode.dicom.spool import Spool
+    from qcnode.ingest.scp import StorageSCP
+    from qcnode.ingest.spool import Spool
     from qcnode.log import configure_logging
 
     tmp, port, src = Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -457,6 +457,6 @@ def test_ipv4_peer_of_a_dual_stack_listener_matches_ipv4_allowed_ips(start_node,
 def test_refusal_reasons_from_exceptions_never_quote_a_value():
     """A conversion error quotes the offending text, which may be a patient's name or ID sent
     under a numeric VR: reasons (logged and written next to the quarantine copy) redact it."""
-    from qcnode.dicom.scp import _error
+    from qcnode.ingest.scp import _error
     reason = _error(ValueError("invalid literal for int() with base 10: 'SMITH^JOHN'"))
     assert reason == "ValueError: invalid literal for int() with base 10: '<redacted>'"

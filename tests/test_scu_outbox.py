@@ -24,10 +24,10 @@ from qcnode.config import Config, Destination
 from qcnode.db.engine import make_engine, session_factory, upgrade
 from qcnode.db.models import Delivery, Instance, Series, SeriesResult, Study
 from qcnode.db.queue import as_utc
-from qcnode.dicom.scu import DeliveryError, send_datasets
-from qcnode.dicom.sr import build_series_sr, read_series_sr, write_sr
-from qcnode.dicom.kos import build_quality_issue_kos, failing_slices
-from qcnode.outbox import KIND_KOS, OutboxSender, enqueue, kos_relpath, payload_kinds, wants_kind
+from qcnode.delivery.scu import DeliveryError, send_datasets
+from qcnode.report.sr import build_series_sr, read_series_sr, write_sr
+from qcnode.report.kos import build_quality_issue_kos, failing_slices
+from qcnode.delivery.outbox import KIND_KOS, OutboxSender, enqueue, kos_relpath, payload_kinds, wants_kind
 from sr_helpers import MODEL_INFO, WHEN, slice_scores, summary_for, write_validated
 
 N_SLICES = 4

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from qcnode.iqa import ct_projector, simulate
-from qcnode.iqa.phantoms import make_phantom
+from qcnode.simulation import ct_projector, simulate
+from qcnode.simulation.phantoms import make_phantom
 
 torch.set_num_threads(1)
 
@@ -114,7 +114,7 @@ def test_real_slice_keeps_its_pixels_and_gets_the_extra_noise_of_lower_doses(sha
     """A real slice at full dose and views is the slice itself; lower doses and fewer views add the
     extra noise of quantum statistics on top of the slice's own measured noise, and streaks."""
     from qcnode.dicom.pixels import load_slices
-    from qcnode.iqa.physics import global_noise_level
+    from qcnode.dicom.physics import global_noise_level
     path = shared_ct / "ge_head" / "10.dcm"
     variants = [(1.0, 720), (0.5, 720), (0.25, 720), (1.0, 180), (0.25, 180)]
     spec = simulate.SourceSpec("real:ge_head/10", "real", "head", "ge_head", "train", path=str(path),
@@ -309,7 +309,7 @@ def test_default_real_sources_hold_three_real_heads_for_training(shared_ct):
     """The default real sources: the shared GE head series and pydicom's bundled CT slices (CT_small
     and two JPEG 2000 heads from other scanners) train; the Philips phantom is the test series; the
     localizer is left out; every source decodes to a square HU image."""
-    from qcnode.iqa.sim_commands import TEST_SERIES
+    from qcnode.cli.simulate import TEST_SERIES
     sources = simulate.default_real_sources(shared_ct)
     series = {s[1] for s in sources}
     assert {"ge_head", "philips_head_phantom", "pydicom_ct_small", "pydicom_head_j2k_a",
@@ -327,7 +327,7 @@ def test_default_real_sources_hold_three_real_heads_for_training(shared_ct):
 
 def test_series_noise_level_is_the_median_of_the_acquisition():
     from qcnode.dicom.pixels import load_slices
-    from qcnode.iqa.physics import global_noise_level
+    from qcnode.dicom.physics import global_noise_level
     files = sorted((simulate_data_root() / "lidc_idri_0001").glob("*.dcm"))[20:25]
     single = sorted((simulate_data_root() / "lung_pet_ct_dx" / "series2").glob("*.dcm"))[0]
     sources = [(f"a{i}", "lidc", str(f)) for i, f in enumerate(files)] + [("b", "other", str(single))]

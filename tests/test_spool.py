@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from qcnode.dicom.spool import InvalidUID, Spool, check_uid
+from qcnode.ingest.spool import InvalidUID, Spool, check_uid
 
 
 def test_write_is_atomic_and_owner_only(tmp_path):

@@ -11,8 +11,8 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from qcnode.dicom import sr as sr_mod
-from qcnode.dicom.sr import SRBuildError, build_series_sr, read_series_sr, sr_bytes
+from qcnode.report import sr as sr_mod
+from qcnode.report.sr import SRBuildError, build_series_sr, read_series_sr, sr_bytes
 from sr_helpers import (MODEL_INFO, PHYSICS, WHEN, pixelmed_sr_validator, read_headers, slice_scores,
                         summary_for, write_validated)
 
@@ -228,7 +228,7 @@ def test_sr_passes_pixelmed_validator(ge_headers, tmp_path):
 
 
 def test_quality_issue_kos_lists_failing_slices(ge_headers, tmp_path):
-    from qcnode.dicom.kos import FlaggedSlice, build_quality_issue_kos, failing_slices, kos_sop_uid
+    from qcnode.report.kos import FlaggedSlice, build_quality_issue_kos, failing_slices, kos_sop_uid
     slices = slice_scores(ge_headers[:4])  # 1.0, 1.1, 1.2, 1.3
     assert [f.score for f in failing_slices(slices, 1.15)] == [1.0, 1.1]
     # a FAIL by the series mean alone still flags its worst slice
@@ -247,7 +247,7 @@ def test_quality_issue_kos_lists_failing_slices(ge_headers, tmp_path):
 
 @pytest.mark.parametrize("sex", ["m", "X"])
 def test_patient_sex_highdicom_refuses_is_left_empty(ge_headers, sex):
-    from qcnode.dicom.kos import build_quality_issue_kos, failing_slices
+    from qcnode.report.kos import build_quality_issue_kos, failing_slices
     headers = [copy.deepcopy(h) for h in ge_headers[:3]]
     for h in headers:
         h.PatientSex = sex

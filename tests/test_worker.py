@@ -9,17 +9,17 @@ import pytest
 from sqlalchemy import func, select, update
 
 from daemon_helpers import copy_series, write_config
-from qcnode.activity import ACTIVITY_FILE, ReceiveActivity
+from qcnode.ingest.activity import ACTIVITY_FILE, ReceiveActivity
 from qcnode.config import load_config
 from qcnode.db.engine import make_engine, session_factory, upgrade
 from qcnode.db.models import Delivery, Instance, Job, Series, SeriesResult, SliceScore, utcnow
-from qcnode.dicom.scp import StorageSCP
-from qcnode.dicom.series import mark_stable_series
-from qcnode.dicom.spool import Spool
-from qcnode.dicom.sr import read_series_sr
-from qcnode.outbox import kos_relpath
+from qcnode.ingest.scp import StorageSCP
+from qcnode.tracking.series import mark_stable_series
+from qcnode.ingest.spool import Spool
+from qcnode.report.sr import read_series_sr
+from qcnode.delivery.outbox import kos_relpath
 from sr_helpers import dciodvfy
-from qcnode.worker import Worker, summarise
+from qcnode.scoring.worker import Worker, summarise
 from daemon_helpers import checkpoint_for_tests, storescu
 
 

@@ -2,7 +2,7 @@
 
 ``claim_rows`` is generic: any model with ``status``, ``attempts``, ``lease_owner`` and
 ``lease_expires_at`` columns can be claimed with it (jobs here, outbox deliveries in
-``qcnode.outbox``). A row is claimable when the caller's ``due`` condition holds, or when it
+``qcnode.delivery.outbox``). A row is claimable when the caller's ``due`` condition holds, or when it
 is in the running state with an expired lease (its worker died). On PostgreSQL the rows are
 locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` so several workers never claim the same row;
 on SQLite the engine starts every transaction with ``BEGIN IMMEDIATE`` (one writer at a time).
@@ -43,44 +43,6 @@ def _start_time(pid: int) -> int | None:
         return round(psutil.Process(pid).create_time() * 100)
     except psutil.Error:
         return None
-
-
-class ClockSkewError(RuntimeError):
-    """This host's clock and the shared database server's differ by more than leases tolerate."""
-
-
-CLOCK_SKEW_WARN_SECONDS = 1.0
-
-
-def database_clock_skew(engine: Any) -> float | None:
-    """Seconds the database server's clock is ahead of this host's (negative: behind), or None
-    for SQLite, whose clock is this host's. Leases are stamped and compared with each node's own
-    clock, so nodes sharing a database must agree with it."""
-    if engine.dialect.name != "postgresql":
-        return None
-    from sqlalchemy import text
-    with engine.connect() as conn:
-        before = utcnow()
-        server = conn.scalar(text("SELECT clock_timestamp()"))
-        after = utcnow()
-    return (server - (before + (after - before) / 2)).total_seconds()
-
-
-def check_clock(engine: Any, lease_seconds: float) -> float | None:
-    """Raise :class:`ClockSkewError` when the skew to the database server is over half of
-    ``lease_seconds`` (another node would take this node's leases while it still works on them);
-    log a warning over CLOCK_SKEW_WARN_SECONDS. Returns the skew (None for SQLite)."""
-    skew = database_clock_skew(engine)
-    if skew is None:
-        return None
-    if abs(skew) > lease_seconds / 2:
-        raise ClockSkewError(
-            f"this host's clock is {abs(skew):.1f} s {'behind' if skew > 0 else 'ahead of'} the database "
-            f"server's; leases of {lease_seconds:g} s need the nodes within {lease_seconds / 2:g} s of it "
-            f"(synchronise the clocks, e.g. with NTP)")
-    if abs(skew) > CLOCK_SKEW_WARN_SECONDS:
-        log.warning("clock_skew", seconds=round(skew, 2), limit_seconds=lease_seconds / 2)
-    return skew
 
 
 def as_utc(value: dt.datetime | None) -> dt.datetime | None:

@@ -1,1 +1,2 @@
-"""DICOM stages: pixels (decode/HU/classify), scp, spool, series tracking, sr, scu."""
+"""Pure DICOM helpers (no database, no network): pixels to HU, dose fields and dose SRs, physics
+(noise, water-equivalent diameter, SSDE), pseudonymisation."""

@@ -15,62 +15,17 @@ import threading
 import time
 from typing import Any, Callable
 
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from qcnode.config import Config
-from qcnode.db.engine import alembic_config, make_engine, session_factory, upgrade
-from qcnode.dicom.series import run_tracker as run_tracker_loop
-from qcnode.dicom.spool import Spool
+from qcnode.db.engine import make_engine, session_factory
+from qcnode.db.migrate import migrate
+from qcnode.tracking.series import run_tracker as run_tracker_loop
+from qcnode.ingest.spool import Spool
 from qcnode.log import configure_logging, get_logger
 from qcnode.service.memory import keep_freed_buffers
 
 log = get_logger("qcnode.daemon")
-
-PG_MIGRATION_LOCK = 7212001  # pg_advisory_lock key: one migrating process at a time
-
-
-def current_revision(url: str) -> str | None:
-    """The Alembic revision the database is at (None when never migrated)."""
-    from alembic.runtime.migration import MigrationContext
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
-    finally:
-        engine.dispose()
-
-
-def head_revision() -> str:
-    """The newest revision in ``migrations/``."""
-    from alembic.script import ScriptDirectory
-    return str(ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head())
-
-
-def migrate(url: str, revision: str = "head") -> None:
-    """Upgrade the database; on PostgreSQL under an advisory lock and only when not at head."""
-    if not url.startswith("postgresql"):
-        upgrade(url, revision)
-        return
-    if revision == "head" and current_revision(url) == head_revision():
-        return
-    from alembic import command
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PG_MIGRATION_LOCK})
-            conn.commit()
-            try:
-                with conn.begin():
-                    acfg = alembic_config(url)
-                    acfg.attributes["connection"] = conn
-                    command.upgrade(acfg, revision)
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_MIGRATION_LOCK})
-                conn.commit()
-    finally:
-        engine.dispose()
-
 
 SCP_GIL_SWITCH_INTERVAL_S = 0.001
 
@@ -106,7 +61,7 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
 
     Receiving is CPU-bound Python, so ``serve`` spreads it over processes: with ``node.scp_processes``
     > 1 (0 = one per core) more SCP processes serve the same listening socket, each taking new
-    associations while it is the least busy (``qcnode.dicom.listener``); with both the SCP and
+    associations while it is the least busy (``qcnode.net.listener``); with both the SCP and
     the worker, the worker side (tracker, worker, outbox, audit) runs in a child process at lower
     priority (``worker.separate_process``, ``worker.nice``), so scoring never holds the receiving
     process's GIL. Children die with this process (also on kill -9) and are restarted if they exit.
@@ -130,7 +85,7 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
     if migrate_db:
         migrate(url)
     engine = make_engine(url)
-    from qcnode.db.queue import check_clock
+    from qcnode.db.clock import check_clock
     check_clock(engine, min(cfg.worker.lease_seconds, cfg.outbox.lease_seconds))
     sf: Callable[[], Session] = session_factory(engine)
     spool = Spool(cfg.path(cfg.storage.spool_dir), cfg.path(cfg.storage.quarantine_dir))
@@ -152,9 +107,9 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
     scp = None
     children: list[ChildProcess] = []
     if run_scp:
-        from qcnode.dicom.scp import StorageSCP
+        from qcnode.ingest.scp import StorageSCP
         if listener is None and n_scp > 1:
-            from qcnode.dicom.listener import open_shared_listener
+            from qcnode.net.listener import open_shared_listener
             listener = open_shared_listener(cfg.node.host, cfg.node.port, n_scp)
             children += [ChildProcess(cfg, f"scp{i}", nice=0, run_scp=True, run_worker=False, scp_processes=1,
                                       listener=listener.for_process(i), run_tracker=False)
@@ -174,11 +129,11 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
     scheduler = None
     if run_worker and not child_worker:
         from qcnode.db.queue import make_owner
-        from qcnode.worker import Worker
+        from qcnode.scoring.worker import Worker
         worker = Worker(cfg, sf, spool)
         spawn("worker", worker.run, stop)
         try:
-            from qcnode import outbox
+            from qcnode.delivery import outbox
         except ImportError:
             outbox = None  # type: ignore[assignment]
         if outbox is not None:

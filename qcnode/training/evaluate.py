@@ -1,7 +1,7 @@
 """Evaluation of a checkpoint on a labeled LDCTIQAC2023-layout folder (``qcnode evaluate``).
 
 Reports, for the model and for the physics baseline (the global noise level, GNL: mode of the
-local standard deviation in soft tissue, HU, ``qcnode.iqa.physics.global_noise_level``; a higher
+local standard deviation in soft tissue, HU, ``qcnode.dicom.physics.global_noise_level``; a higher
 GNL means lower quality, so the baseline's prediction is -GNL):
 
 * raw PLCC, SROCC, KROCC and their sum (the challenge score), PLCC after the 4-parameter
@@ -13,7 +13,7 @@ GNL means lower quality, so the baseline's prediction is -GNL):
 * the labels' ceiling, when meta.csv carries the reader model's inputs (``noise_hu``,
   ``streak_index``, ``anatomy``, as ``qcnode simulate`` writes): the same metrics for an oracle
   that predicts the expected mean reader score from the true measures
-  (``qcnode.iqa.simulate.expected_reader_mean``). The readers' per-image jitter and the rounding
+  (``qcnode.simulation.simulate.expected_reader_mean``). The readers' per-image jitter and the rounding
   keep even the oracle below a perfect 3.0; no model can be expected to beat it;
 * a predicted-vs-label scatter plot (PNG) and a per-image predictions CSV.
 
@@ -35,8 +35,8 @@ from typing import Any, Callable
 import numpy as np
 from scipy import stats
 
-from qcnode.iqa.data import load_labeled, meta_value, preprocess, read_tif_hu
-from qcnode.iqa.metrics import all_metrics
+from qcnode.training.data import load_labeled, meta_value, preprocess, read_tif_hu
+from qcnode.training.metrics import all_metrics
 
 MIN_GROUP = 5
 
@@ -134,7 +134,7 @@ def load_dicom_labeled(folder: str | Path, labels_file: str | Path) -> EvalSet:
 
 def baseline_gnl(es: EvalSet, progress: Callable[[str], None] = _log) -> np.ndarray:
     """Global noise level (HU) per image; NaN where it is undefined (too little soft tissue)."""
-    from qcnode.iqa.physics import global_noise_level
+    from qcnode.dicom.physics import global_noise_level
 
     out = np.full(len(es), np.nan)
     for i in range(len(es)):
@@ -167,7 +167,7 @@ def dose_monotonicity(meta: list[dict[str, str]], pred: np.ndarray) -> dict[str,
 
 def reader_oracle(meta: list[dict[str, str]]) -> np.ndarray | None:
     """The reader-model oracle's prediction per image (None without the needed meta columns)."""
-    from qcnode.iqa.simulate import expected_reader_mean
+    from qcnode.simulation.simulate import expected_reader_mean
 
     oracle = []
     for m in meta:
@@ -211,7 +211,7 @@ def evaluate(model: str | Path | None, data: str | Path, out_dir: str | Path | N
     Returns the metrics dict (with ``with_predictions``, also {"predictions": {name: score}})."""
     import torch
 
-    from qcnode.iqa.scorer import Scorer
+    from qcnode.model.scorer import Scorer
 
     t0 = time.time()
     scorer = Scorer.load(model, threads=threads)

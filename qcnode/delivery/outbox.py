@@ -23,14 +23,14 @@ from sqlalchemy.orm import Session
 from qcnode.config import Config, Destination
 from qcnode.db.models import Delivery, Instance, Series, SeriesResult, Study, utcnow
 from qcnode.db.queue import LeaseKeeper, claim_rows
-from qcnode.dicom.scu import DeliveryError, send_datasets
+from qcnode.delivery.scu import DeliveryError, send_datasets
 from qcnode.log import get_logger
 
 log = get_logger(__name__)
 
 KIND_SR = "sr"
 KIND_SERIES = "series"
-KIND_KOS = "kos"  # by verdict only ("kos:FAIL", "kos:WARN"): the failing slices, see qcnode.dicom.kos
+KIND_KOS = "kos"  # by verdict only ("kos:FAIL", "kos:WARN"): the failing slices, see qcnode.report.kos
 SENDING = "sending"
 SUPERSEDED = "superseded"
 
@@ -54,8 +54,8 @@ def wants_kind(cfg: Config, verdict: str, kind: str) -> bool:
 
 def kos_relpath(study_uid: str, series_uid: str, model_version: str, result_version: int) -> str:
     """Spool path of the Quality Issue KOS of one result (derived: no column needed)."""
-    from qcnode.dicom.kos import kos_sop_uid
-    from qcnode.dicom.spool import Spool
+    from qcnode.report.kos import kos_sop_uid
+    from qcnode.ingest.spool import Spool
     return Spool.sr_relpath(study_uid, series_uid, kos_sop_uid(series_uid, model_version, result_version))
 
 

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import DeformConv2d
 
-from qcnode.iqa.heads import DistributionReadout
+from qcnode.model.heads import DistributionReadout
 
 BRANCHES = ("dual", "vit", "convnext")
 HEADS = ("multiscale", "single", "regression")

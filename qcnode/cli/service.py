@@ -52,7 +52,7 @@ def _db_errors(name: str) -> Callable[[Command], Command]:
             from alembic.util import CommandError
             from sqlalchemy.exc import OperationalError
 
-            from qcnode.db.queue import ClockSkewError
+            from qcnode.db.clock import ClockSkewError
             try:
                 return func(args)
             except OperationalError as exc:
@@ -83,7 +83,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 @_db_errors("db upgrade")
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from qcnode.service.daemon import current_revision, migrate
+    from qcnode.db.migrate import current_revision, migrate
     cfg = load_config(args.config)
     migrate(cfg.database_url, args.revision)
     print(f"database at revision {current_revision(cfg.database_url)}")
@@ -92,7 +92,7 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 @_db_errors("db current")
 def _cmd_db_current(args: argparse.Namespace) -> int:
-    from qcnode.service.daemon import current_revision, head_revision
+    from qcnode.db.migrate import current_revision, head_revision
     cfg = load_config(args.config)
     rev = current_revision(cfg.database_url)
     head = head_revision()
@@ -106,8 +106,8 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
 
     from qcnode.db.engine import make_engine, session_factory
     from qcnode.db.models import Series
-    from qcnode.dicom.series import rescore_series
-    from qcnode.service.daemon import current_revision, head_revision
+    from qcnode.tracking.series import rescore_series
+    from qcnode.db.migrate import current_revision, head_revision
     if not args.series_uids and not args.failed:
         return _fail("rescore", "name series (SERIES_UID ...) or --failed")
     cfg = load_config(args.config)
@@ -141,9 +141,9 @@ def collect_status(cfg: Any) -> dict[str, Any]:
 
     from qcnode.db.engine import make_engine, session_factory
     from qcnode.db.models import Delivery, Job, QuarantineRecord, Series, SeriesResult
-    from qcnode.db.queue import database_clock_skew
-    from qcnode.dicom.spool import free_disk_mb
-    from qcnode.service.daemon import current_revision, head_revision
+    from qcnode.db.clock import database_clock_skew
+    from qcnode.ingest.spool import free_disk_mb
+    from qcnode.db.migrate import current_revision, head_revision
 
     url = cfg.database_url
     rev = current_revision(url)

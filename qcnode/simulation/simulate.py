@@ -63,9 +63,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from qcnode.iqa import ct_projector
-from qcnode.iqa.phantoms import make_phantom
-from qcnode.iqa.physics import patient_mask
+from qcnode.simulation import ct_projector
+from qcnode.simulation.phantoms import make_phantom
+from qcnode.dicom.physics import patient_mask
 
 MU_WATER_PER_MM = 0.0192
 FULL_VIEWS = 720
@@ -155,7 +155,7 @@ def load_source(spec: SourceSpec, size: int) -> SourceImage:
         ph = make_phantom(spec.phantom or spec.anatomy, int(spec.seed), size)
         return SourceImage(ph.hu, ph.pixel_spacing_mm, ph.region)
     from qcnode.dicom.pixels import load_slices
-    from qcnode.iqa.physics import global_noise_level
+    from qcnode.dicom.physics import global_noise_level
     sl = load_slices(spec.path)[0]
     spacing = sl.pixel_spacing_mm[0] if sl.pixel_spacing_mm else None
     hu, px = resample_square(sl.hu, spacing, size)
@@ -173,7 +173,7 @@ def series_noise_levels(sources: Sequence[tuple[str, str, str]], size: int,
     acquisition varies little along it, so a series of ``min_series`` slices or more gives each of
     its slices the series median. Shorter series keep their own measurement."""
     from qcnode.dicom.pixels import load_slices
-    from qcnode.iqa.physics import global_noise_level
+    from qcnode.dicom.physics import global_noise_level
     by_series: dict[str, list[tuple[str, float | None]]] = {}
     for sid, series, path in sources:
         sl = load_slices(path)[0]

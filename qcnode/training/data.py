@@ -1,9 +1,5 @@
-"""Data for the MD-IQA scorer: the one preprocessing, the LDCTIQAC2023 layout, unlabeled folders,
-augmentation.
-
-Preprocessing (identical for training tifs and DICOM at scoring time, see ``preprocess``):
-pad to square with air, resize to the model input (area averaging when shrinking, bilinear when
-enlarging), then map the HU window [lo, hi] linearly to [0, 1] and clip.
+"""Training data for the MD-IQA scorer: tif conventions, the LDCTIQAC2023 layout, unlabeled folders,
+augmentation. The one preprocessing lives in ``qcnode.model.preprocess``.
 
 Tif conventions (``TifConvention``): every tif is mapped to HU before the one preprocessing, so a
 tif and the DICOM it came from reach the network identically. The LDCTIQAC2023 challenge
@@ -30,14 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEFAULT_WINDOW_HU = (-160.0, 240.0)  # soft-tissue window (W400 / L40)
-DEFAULT_INPUT_SIZE = 128
+from qcnode.model.preprocess import (AIR_HU, DEFAULT_INPUT_SIZE, DEFAULT_WINDOW_HU, LDCTIQAC_WINDOW_HU,  # noqa: F401
+                                     preprocess)
+
 NORMALISED_RANGE = (-0.05, 1.05)     # a tif inside this range is already normalised
-AIR_HU = -1000.0
 TIF_SUFFIXES = (".tif", ".tiff")
 
 
-LDCTIQAC_WINDOW_HU = (-1000.0, 400.0)  # the challenge's [0, 1]: centre -300, width 1400
 CONVENTION_FILE = "convention.json"
 
 
@@ -102,35 +97,6 @@ def looks_normalised(img: np.ndarray) -> bool:
     """True when all finite values lie in [-0.05, 1.05] (an already normalised image)."""
     finite = img[np.isfinite(img)]
     return finite.size > 0 and float(finite.min()) >= NORMALISED_RANGE[0] and float(finite.max()) <= NORMALISED_RANGE[1]
-
-
-def preprocess(hu: np.ndarray, size: int = DEFAULT_INPUT_SIZE,
-               window: tuple[float, float] = DEFAULT_WINDOW_HU) -> torch.Tensor:
-    """The one preprocessing shared by training and scoring: 2-D HU array -> (1, size, size) in [0, 1].
-
-    Pads to square (air), resizes (area when shrinking, bilinear when enlarging), windows HU
-    [lo, hi] -> [0, 1] and clips.
-    """
-    img = np.asarray(hu, dtype=np.float32)
-    if img.ndim != 2:
-        raise ValueError(f"expected a 2-D slice, got shape {img.shape}")
-    fill = AIR_HU
-    img = np.nan_to_num(img, nan=fill, posinf=fill, neginf=fill)
-    h, w = img.shape
-    if h != w:
-        n = max(h, w)
-        padded = np.full((n, n), fill, dtype=np.float32)
-        top, left = (n - h) // 2, (n - w) // 2
-        padded[top:top + h, left:left + w] = img
-        img = padded
-    t = torch.from_numpy(np.ascontiguousarray(img))[None, None]
-    if t.shape[-1] > size:
-        t = F.adaptive_avg_pool2d(t, (size, size))
-    elif t.shape[-1] < size:
-        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-    lo, hi = window
-    t = (t - lo) / (hi - lo)
-    return t[0].clamp_(0.0, 1.0)
 
 
 def read_tif(path: str | Path) -> np.ndarray:

@@ -135,8 +135,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------------------- train
 def run_train(args: argparse.Namespace) -> int:
-    from qcnode.iqa.network import preset_config
-    from qcnode.iqa.train import TrainOptions, train
+    from qcnode.model.network import preset_config
+    from qcnode.training.train import TrainOptions, train
 
     if not args.data.is_dir():
         _err(f"qcnode train: data folder not found: {args.data}")
@@ -187,9 +187,9 @@ def run_train(args: argparse.Namespace) -> int:
 def _train_semi(opts, n_teachers: int) -> None:
     from dataclasses import replace
 
-    from qcnode.iqa.network import MDIQAConfig
-    from qcnode.iqa.semi import pseudo_label, pseudo_training_set
-    from qcnode.iqa.train import train
+    from qcnode.model.network import MDIQAConfig
+    from qcnode.training.semi import pseudo_label, pseudo_training_set
+    from qcnode.training.train import train
 
     out = Path(opts.out)
     teachers = list(opts.teachers)
@@ -220,8 +220,8 @@ def _cleanup_state(ckpt: Path) -> None:
 
 # -------------------------------------------------------------------------------------- evaluate
 def run_evaluate(args: argparse.Namespace) -> int:
-    from qcnode.iqa.evaluate import evaluate
-    from qcnode.iqa.scorer import CheckpointError
+    from qcnode.training.evaluate import evaluate
+    from qcnode.model.scorer import CheckpointError
 
     if not args.data.is_dir():
         _err(f"qcnode evaluate: data folder not found: {args.data}")
@@ -373,7 +373,7 @@ def run_score(args: argparse.Namespace) -> int:
             model_path = cfg.path(cfg.model.checkpoint)
         batch_size = batch_size or cfg.model.batch_size
         threads = cfg.model.threads if threads is None else threads
-    from qcnode.iqa.scorer import CheckpointError, Scorer
+    from qcnode.model.scorer import CheckpointError, Scorer
 
     try:
         scorer = Scorer.load(model_path, threads=threads or 0)

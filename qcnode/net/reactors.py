@@ -15,7 +15,7 @@ their PDV items are cut out of the received buffer as memoryviews (no copies, no
 and handed to the DIMSE layer as the same P-DATA primitive pynetdicom would make; about 70 us
 less per 128 KiB PDU. Every other PDU goes through pynetdicom's decoder as before. (EVT_PDU_RECV
 is not fired for P-DATA-TF: only pynetdicom's debug logging listens to it.) A P-DATA-TF that
-carries a plain C-STORE-RQ is served right in the DUL thread by :mod:`qcnode.dicom.direct_store`
+carries a plain C-STORE-RQ is served right in the DUL thread by :mod:`qcnode.net.direct_store`
 when the SCP passes its handler; everything else goes on to pynetdicom's DIMSE layer.
 
 Every socket read first asks the kernel for immediate ACKs (:func:`request_quick_ack`): with
@@ -73,7 +73,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import set_timer_resolution
 
-from qcnode.dicom.direct_store import DirectStore
+from qcnode.net.direct_store import DirectStore
 from qcnode.log import get_logger
 
 log = get_logger("qcnode.scp")

@@ -87,8 +87,8 @@ def score_series(scorer, clinical_dirs: Sequence[Path], split: SplitFile, verdic
                  patients: str = "validation", progress: Callable[[str], None] = _log) -> list[SeriesCheck]:
     """Score every slice of the chosen patients' series (``patients``: validation, training or all)."""
     from qcnode.dicom.pixels import load_slices
-    from qcnode.iqa.simulate import find_real_slices
-    from qcnode.worker import summarise
+    from qcnode.simulation.simulate import find_real_slices
+    from qcnode.scoring.worker import summarise
 
     groups: dict[tuple[str, str], list] = defaultdict(list)
     for r in find_real_slices(clinical_dirs):
@@ -138,7 +138,7 @@ def dose_order(sim_folder: str | Path, predictions: dict[str, float]) -> dict[st
     For every (source slice, views) the score must fall at each dose step down; reports the
     fraction of those steps in order, of full-dose-above-quarter-dose pairs, and of groups
     entirely in order."""
-    from qcnode.iqa.data import read_meta
+    from qcnode.training.data import read_meta
 
     meta = read_meta(Path(sim_folder))
     groups: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
@@ -165,7 +165,7 @@ def validate(model: str | Path | None, clinical_dirs: Sequence[Path], split_path
              sim_folder: str | Path | None, verdict_config, patients: str = "validation",
              progress: Callable[[str], None] = _log) -> dict[str, Any]:
     """Checks (a)-(d) of the module docstring for one checkpoint; returns a JSON-ready dict."""
-    from qcnode.iqa.scorer import Scorer
+    from qcnode.model.scorer import Scorer
 
     scorer = Scorer.load(model)
     split = SplitFile.read(split_path)
@@ -179,7 +179,7 @@ def validate(model: str | Path | None, clinical_dirs: Sequence[Path], split_path
         "series": [{k: v for k, v in asdict(c).items() if k != "scores"} for c in checks],
     }
     if sim_folder is not None:
-        from qcnode.iqa.evaluate import evaluate
+        from qcnode.training.evaluate import evaluate
         metrics = evaluate(model, sim_folder, baseline=True, progress=progress, with_predictions=True)
         result["c_dose_order"] = dose_order(sim_folder, metrics["predictions"])
         result["d_simulated"] = {k: metrics.get(k) for k in ("data", "n", "model_metrics", "baseline",

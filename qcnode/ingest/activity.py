@@ -20,7 +20,7 @@ from pathlib import Path
 
 from qcnode.log import get_logger
 
-log = get_logger("qcnode.activity")
+log = get_logger("qcnode.ingest.activity")
 
 ACTIVITY_FILE = ".receiving"  # in the spool root
 _SLOT = struct.Struct("d")

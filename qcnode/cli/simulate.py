@@ -83,7 +83,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     if min(args.train_phantoms, args.test_phantoms, args.unlabeled_phantoms) < 0:
         print("qcnode simulate: phantom counts must be >= 0", file=sys.stderr)
         return 2
-    from qcnode.iqa import simulate  # imports torch
+    from qcnode.simulation import simulate  # imports torch
 
     real_train: list = []
     real_test: list = []

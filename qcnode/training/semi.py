@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from qcnode.iqa.data import iter_unlabeled, preprocess_many
-from qcnode.iqa.scorer import Scorer
+from qcnode.training.data import iter_unlabeled, preprocess_many
+from qcnode.model.scorer import Scorer
 
 
 def _log(msg: str) -> None:

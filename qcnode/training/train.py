@@ -1,8 +1,8 @@
 """Training of the MD-IQA scorer (``qcnode train``).
 
-* Data: an LDCTIQAC2023-layout folder, preprocessed once into memory (``qcnode.iqa.data``).
+* Data: an LDCTIQAC2023-layout folder, preprocessed once into memory (``qcnode.training.data``).
   A validation split is held out by anatomy (meta.csv ``source_id``; the file when absent).
-* Loss: KL against the discretised Gaussians of every head (``qcnode.iqa.heads``); MSE for the
+* Loss: KL against the discretised Gaussians of every head (``qcnode.model.heads``); MSE for the
   plain-regression ablation.
 * AdamW, linear warm-up then cosine decay; augmentation: flips, rot90, small shifts.
 * Every epoch: validation metrics, a resumable state file ``OUT.state.pt`` (model, optimiser,
@@ -11,7 +11,7 @@
 * Interval calibration: at the end, a temperature T for the interval only (softmax(logits / T),
   the score readout is untouched) is fitted on the validation split so that 90 % of validation
   labels fall inside the 5-95 % interval; stored as ``interval_temperature`` in the config.
-* Semi-supervised: optional extra (pseudo-labeled) images and labels, see ``qcnode.iqa.semi``.
+* Semi-supervised: optional extra (pseudo-labeled) images and labels, see ``qcnode.training.semi``.
 * Real-slice weighting (``real_weight`` > 1): anchors are drawn from a pool in which the images
   of real source slices (meta.csv ``source_kind`` "real") appear ``real_weight`` times, so the few
   real scanner textures weigh more against the many phantoms; an epoch keeps its number of steps.
@@ -39,11 +39,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from qcnode.iqa import heads
-from qcnode.iqa.data import augment, cache_labeled, group_split, load_labeled, meta_value
-from qcnode.iqa.metrics import all_metrics
-from qcnode.iqa.network import MDIQA, MDIQAConfig
-from qcnode.iqa.scorer import save_checkpoint
+from qcnode.model import heads
+from qcnode.training.data import augment, cache_labeled, group_split, load_labeled, meta_value
+from qcnode.training.metrics import all_metrics
+from qcnode.model.network import MDIQA, MDIQAConfig
+from qcnode.model.scorer import save_checkpoint
 
 TARGET_COVERAGE = 0.90
 
@@ -391,7 +391,7 @@ def train(opts: TrainOptions, extra_x: torch.Tensor | None = None, extra_y: np.n
                     "best": best, "history": json.dumps(history)}, state_path)
 
     # reload the best epoch's weights for calibration and the final write
-    from qcnode.iqa.scorer import model_from_checkpoint, read_checkpoint
+    from qcnode.model.scorer import model_from_checkpoint, read_checkpoint
     best_model, cfg = model_from_checkpoint(read_checkpoint(out_path), out_path)
     summary = dict(read_checkpoint(out_path).get("meta") or {})
     if opts.calibrate and len(y_va) >= 10 and best_model.is_distribution:

@@ -22,16 +22,16 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from qcnode.activity import Pacer, open_activity
+from qcnode.ingest.activity import Pacer, open_activity
 from qcnode.config import Config, VerdictConfig
 from qcnode.db.models import (DoseReport, Instance, Job, Series, SeriesResult, SliceScore, Study)
 from qcnode.db.queue import (JOB_SCORE_SERIES, LeaseKeeper, LeaseLost, as_utc, claim_job, complete_job, fail_job,
                              make_owner, release_dead_local_leases)
 from qcnode.dicom.pixels import SkipSlice, UnreadableFile, iter_slices, read_dataset
-from qcnode.dicom.spool import Spool
+from qcnode.ingest.spool import Spool
 from qcnode.log import get_logger
 
-log = get_logger("qcnode.worker")
+log = get_logger("qcnode.scoring.worker")
 
 CHUNK_INSTANCES = 32  # instances decoded at a time (bounds memory for long series)
 
@@ -79,7 +79,7 @@ def _physics(hu: np.ndarray, spacing: tuple[float, float] | None, ctdivol: float
              phantom: str) -> tuple[float | None, float | None, float | None]:
     """Noise level (HU), water-equivalent diameter (cm) and SSDE (mGy) of one slice; None where
     undefined (no soft tissue, no spacing, no CTDIvol). Physics is informative, never fatal."""
-    from qcnode.iqa.physics import global_noise_level, ssde_mgy, water_equivalent_diameter_cm
+    from qcnode.dicom.physics import global_noise_level, ssde_mgy, water_equivalent_diameter_cm
     noise = dw = ssde = None
     try:
         noise = global_noise_level(hu, spacing)
@@ -132,8 +132,8 @@ class Worker:
         """Load the checkpoint of ``model.checkpoint`` once (torch imported here, not at import), and
         highdicom's tables of the standard for the SRs."""
         if self.scorer is None:
-            from qcnode.dicom.sr import load_standard_tables
-            from qcnode.iqa.scorer import Scorer
+            from qcnode.report.sr import load_standard_tables
+            from qcnode.model.scorer import Scorer
             path = self.cfg.path(self.cfg.model.checkpoint)
             self.scorer = Scorer.load(str(path), self.cfg.model.device, self.cfg.model.threads)
             log.info("model_loaded", checkpoint=str(path), model_version=self.scorer.version)
@@ -285,8 +285,8 @@ class Worker:
     def _store(self, job_id: int, version: int, ctx: dict[str, Any], scorer: Any,
                results: list[_InstanceResult], headers: list[Dataset], n_skipped: int,
                newly_skipped: dict[int, str], dlp: float | None) -> None:
-        from qcnode import outbox
-        from qcnode.dicom.sr import build_series_sr, sr_bytes
+        from qcnode.delivery import outbox
+        from qcnode.report.sr import build_series_sr, sr_bytes
 
         v = self.cfg.verdict
         all_scores = [sc[0] for r in results for sc in r.scores]
@@ -354,9 +354,9 @@ class Worker:
                    model_info: dict[str, str], version: int, verdict: str) -> tuple[str, bytes] | None:
         """(spool path, bytes) of the Quality Issue KOS when a destination wants one, built before the
         result transaction; a KOS that cannot be built is logged and never costs the series its SR."""
-        from qcnode import outbox
-        from qcnode.dicom.kos import build_quality_issue_kos, failing_slices
-        from qcnode.dicom.sr import sr_bytes
+        from qcnode.delivery import outbox
+        from qcnode.report.kos import build_quality_issue_kos, failing_slices
+        from qcnode.report.sr import sr_bytes
         if not outbox.wants_kind(self.cfg, verdict, outbox.KIND_KOS):
             return None
         threshold = self.cfg.verdict.slice_threshold

@@ -32,7 +32,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from qcnode.db.models import DoseReport, Instance, Series, Study
-from qcnode.dicom.spool import fsync_dir
+from qcnode.ingest.spool import fsync_dir
 from qcnode.log import get_logger
 
 log = get_logger("qcnode.recorder")

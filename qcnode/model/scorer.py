@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from qcnode.iqa.data import preprocess
-from qcnode.iqa.network import MDIQA, MDIQAConfig
+from qcnode.model.preprocess import preprocess
+from qcnode.model.network import MDIQA, MDIQAConfig
 
 CHECKPOINT_FORMAT = "qcnode-mdiqa"
 CHECKPOINT_VERSION = 1

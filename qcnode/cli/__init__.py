@@ -9,11 +9,11 @@ from qcnode.config import ConfigError
 
 # Each module has ``register(subparsers)``; it must not import torch at module level.
 COMMAND_MODULES = (
-    "qcnode.iqa.sim_commands",  # simulate
-    "qcnode.iqa.commands",      # train, evaluate, score
-    "qcnode.iqa.validate_commands",  # validate
-    "qcnode.service.commands",  # serve, status, db
-    "qcnode.audit.commands",    # audit
+    "qcnode.cli.simulate",  # simulate
+    "qcnode.cli.model",      # train, evaluate, score
+    "qcnode.cli.validate",  # validate
+    "qcnode.cli.service",  # serve, status, db
+    "qcnode.cli.audit",    # audit
 )
 
 
@@ -48,6 +48,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

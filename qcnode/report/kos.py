@@ -21,7 +21,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from qcnode.dicom.sr import (MANUFACTURER, SRBuildError, algorithm_equipment, derived_uid, device_observer,
+from qcnode.report.sr import (MANUFACTURER, SRBuildError, algorithm_equipment, derived_uid, device_observer,
                              evidence_header, pin_times, utc_naive)
 
 KOS_SERIES_NUMBER_BASE = 9500

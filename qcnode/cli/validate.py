@@ -1,4 +1,4 @@
-"""``qcnode validate``: the scorer against real patients' CT (``qcnode.iqa.realval``).
+"""``qcnode validate``: the scorer against real patients' CT (``qcnode.training.realval``).
 
 torch is imported only when the command runs (the CLI imports this module at start-up).
 """
@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from qcnode.iqa.sim_commands import DEFAULT_CLINICAL, DEFAULT_SPLIT_FILE
+from qcnode.cli.simulate import DEFAULT_CLINICAL, DEFAULT_SPLIT_FILE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,8 +44,8 @@ def run_validate(args: argparse.Namespace) -> int:
         print(f"qcnode validate: not found: {', '.join(missing)}", file=sys.stderr)
         return 2
     from qcnode.config import load_config
-    from qcnode.iqa.realval import validate
-    from qcnode.iqa.scorer import CheckpointError
+    from qcnode.training.realval import validate
+    from qcnode.model.scorer import CheckpointError
 
     cfg = load_config(args.config)  # a ConfigError ends the command with exit 2 (qcnode.cli.main)
     try:

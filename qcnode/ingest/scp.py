@@ -26,7 +26,7 @@ service user, no-reason-given; an IPv4 peer of a dual-stack ``node.host`` such a
 ``storage.min_free_disk_mb`` or more than ``node.max_associations`` (transient, service provider,
 local-limit-exceeded). A connection that sends no A-ASSOCIATE-RQ (a load balancer's health check) is
 closed after ``node.artim_timeout`` seconds, or at once when its peer has closed it, and holds no
-association slot after that (``qcnode.dicom.reactors``, ``qcnode.dicom.listener``).
+association slot after that (``qcnode.net.reactors``, ``qcnode.net.listener``).
 """
 from __future__ import annotations
 
@@ -50,18 +50,18 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Ex
                          ImplicitVRLittleEndian)
 from sqlalchemy.orm import Session
 
-from qcnode.activity import open_activity
+from qcnode.ingest.activity import open_activity
 from qcnode.config import Config
 from qcnode.db.models import DoseReport, Instance, QuarantineRecord, Series, Study, utcnow
 from qcnode.dicom.dose import dose_fields, is_dose_sr, parse_dose_sr
-from qcnode.dicom.listener import NodeAssociationServer, SharedListener, balanced_server_class
+from qcnode.net.listener import NodeAssociationServer, SharedListener, balanced_server_class
 from qcnode.dicom.pixels import (CT_IMAGE_CLASSES, decode_public_elements, functional_groups_error,
                                  pixel_metadata_error, skip_reason)
-from qcnode.dicom.reactors import use_fast_receive
-from qcnode.dicom.recorder import InstanceRecorder, PendingInstance
-from qcnode.dicom.spool import InvalidUID, Spool, check_uid
+from qcnode.net.reactors import use_fast_receive
+from qcnode.ingest.recorder import InstanceRecorder, PendingInstance
+from qcnode.ingest.spool import InvalidUID, Spool, check_uid
 from qcnode.log import get_logger, redact_quoted
-from qcnode.privacy import load_or_create_key, pseudonymise
+from qcnode.dicom.privacy import load_or_create_key, pseudonymise
 
 log = get_logger("qcnode.scp")
 
@@ -247,7 +247,7 @@ class StorageSCP:
         self.activity = open_activity(spool.root)
         self.stored = 0
         self.refused = 0
-        self.direct_stores = 0  # C-STOREs served in the DUL thread (qcnode.dicom.direct_store)
+        self.direct_stores = 0  # C-STOREs served in the DUL thread (qcnode.net.direct_store)
 
     def _in_flight_now(self) -> int:
         return self._inflight
@@ -288,7 +288,7 @@ class StorageSCP:
         """Listen on ``node.host:node.port`` in background threads.
 
         ``listener``: serve a listening socket shared with the node's other SCP processes (see
-        ``qcnode.dicom.listener``: associations are spread evenly over the processes)."""
+        ``qcnode.net.listener``: associations are spread evenly over the processes)."""
         handlers = [(evt.EVT_CONN_OPEN, self._on_conn_open), (evt.EVT_CONN_CLOSE, self._on_conn_close),
                     (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_REJECTED, self._on_rejected)]

@@ -1,0 +1,1 @@
+"""Stage 5, delivery: the outbox and the senders (C-STORE SCU)."""

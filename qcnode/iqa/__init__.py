@@ -1,1 +1,0 @@
-"""MD-IQA scorer: network, training, simulation, metrics, physics."""

@@ -1,0 +1,1 @@
+"""Fenced pynetdicom/socketserver internals: fast receive, direct C-STORE, shared listener."""

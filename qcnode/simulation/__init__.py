@@ -1,0 +1,1 @@
+"""Low-dose / sparse-view CT simulation and synthetic reader labels (offline)."""

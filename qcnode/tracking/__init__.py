@@ -1,0 +1,1 @@
+"""Stage 2, tracking: series stability and the scoring-job rounds."""

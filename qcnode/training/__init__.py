@@ -1,0 +1,1 @@
+"""Training and evaluation of the MD-IQA model (offline, not imported by the daemon)."""
