@@ -145,7 +145,9 @@ def _claimed_job(sf, owner, lease_seconds):
         s.add(Job(kind="score_series", series_id=1, series_version=1))
         s.commit()
     with sf() as s:
-        return claim_job(s, owner, lease_seconds, 5).id
+        job_id = claim_job(s, owner, lease_seconds, 5).id
+        s.commit()
+        return job_id
 
 
 def test_lease_keeper_renews_and_reports_a_takeover(node):
@@ -172,8 +174,10 @@ def test_fail_job_by_a_worker_that_lost_the_lease_changes_nothing(node):
     time.sleep(0.05)
     with sf() as s:  # a's lease expired: b claims the job
         assert claim_job(s, "worker-b", 60, 5).id == job_id
+        s.commit()
     with sf() as s:
         assert fail_job(s, job_id, "a's late error", 5, 1.0, owner="worker-a") == "lease_lost"
+        s.commit()
     with sf() as s:
         job = s.get(Job, job_id)
         assert (job.status, job.lease_owner, job.attempts, job.interruptions) == ("running", "worker-b", 1, 1)
@@ -193,6 +197,7 @@ def test_dead_lease_of_an_earlier_process_with_the_same_pid_is_released(node):
         s.commit()
     with sf() as s:
         live_job = claim_job(s, live, 300, 5).id
+        s.commit()
     with sf() as s:
         assert release_dead_local_leases(s, Job) == 1
         s.commit()

@@ -106,6 +106,7 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
 
     from qcnode.db.engine import make_engine, session_factory
     from qcnode.db.models import Series
+    from qcnode.db.states import SeriesState
     from qcnode.tracking.series import rescore_series
     from qcnode.db.migrate import current_revision, head_revision
     if not args.series_uids and not args.failed:
@@ -120,7 +121,7 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
         with sf() as s:
             cond = Series.series_instance_uid.in_(args.series_uids)
             if args.failed:
-                cond = cond | (Series.status == "failed")
+                cond = cond | (Series.status == SeriesState.FAILED)
             found = dict(s.execute(select(Series.series_instance_uid, Series.id).where(cond)).all())
         for uid in args.series_uids:
             if uid not in found:
@@ -141,6 +142,7 @@ def collect_status(cfg: Any) -> dict[str, Any]:
 
     from qcnode.db.engine import make_engine, session_factory
     from qcnode.db.models import Delivery, Job, QuarantineRecord, Series, SeriesResult
+    from qcnode.db.states import DeliveryState, JobState, SeriesState
     from qcnode.db.clock import database_clock_skew
     from qcnode.ingest.spool import free_disk_mb
     from qcnode.db.migrate import current_revision, head_revision
@@ -171,22 +173,23 @@ def collect_status(cfg: Any) -> dict[str, Any]:
             out["failed_series"] = [
                 {"series_id": x.id, "series_instance_uid": x.series_instance_uid, "version": x.version,
                  "failures": x.failures, "retry_at": str(x.retry_at) if x.retry_at else None}
-                for x in s.scalars(select(Series).where(Series.status == "failed").order_by(Series.id).limit(20))]
+                for x in s.scalars(select(Series).where(Series.status == SeriesState.FAILED)
+                                   .order_by(Series.id).limit(20))]
             out["last_job_errors"] = [
                 {"job_id": j.id, "series_id": j.series_id, "version": j.series_version, "status": j.status,
                  "attempts": j.attempts, "error": (j.last_error or "").splitlines()[0][:300]}
-                for j in s.scalars(select(Job).where(Job.last_error.is_not(None), Job.status != "done")
+                for j in s.scalars(select(Job).where(Job.last_error.is_not(None), Job.status != JobState.DONE)
                                    .order_by(Job.id.desc()).limit(5))]
             out["dead_letters"] = [
                 {"delivery_id": d.id, "destination": d.destination, "kind": d.kind, "attempts": d.attempts,
                  "error": (d.last_error or "")[:300]}
-                for d in s.scalars(select(Delivery).where(Delivery.status == "dead")
+                for d in s.scalars(select(Delivery).where(Delivery.status == DeliveryState.DEAD)
                                    .order_by(Delivery.id.desc()).limit(20))]
             out["last_delivery_errors"] = [
                 {"delivery_id": d.id, "destination": d.destination, "status": d.status, "attempts": d.attempts,
                  "error": (d.last_error or "")[:300]}
                 for d in s.scalars(select(Delivery).where(Delivery.last_error.is_not(None),
-                                                          Delivery.status == "pending")
+                                                          Delivery.status == DeliveryState.PENDING)
                                    .order_by(Delivery.id.desc()).limit(5))]
             out["last_quarantine"] = [
                 {"at": str(q.received_at), "status": f"0x{q.status_code:04X}" if q.status_code is not None else None,
@@ -208,6 +211,7 @@ def make_engine_url_safe(url: str) -> str:
 
 @_db_errors("status")
 def _cmd_status(args: argparse.Namespace) -> int:
+    from qcnode.db.states import SeriesState
     cfg = load_config(args.config)
     st = collect_status(cfg)
     if args.json:
@@ -225,7 +229,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"model      {st['model']['checkpoint']} ({'present' if st['model']['present'] else 'MISSING'}),"
           f" last used version {st['model'].get('last_version_used')}")
     print(f"disk free  {st['disk_free_mb']} MiB (watermark {st['min_free_disk_mb']} MiB)")
-    n_failed = st["series"].get("failed", 0)
+    n_failed = st["series"].get(str(SeriesState.FAILED), 0)
     if n_failed:
         print(f"ALERT      {n_failed} series gave up scoring (no SR): retried with back-off, "
               f"or now with `qcnode rescore --failed`")

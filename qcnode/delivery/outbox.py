@@ -3,11 +3,13 @@
 ``enqueue`` adds one ``deliveries`` row per destination and payload kind in the caller's
 transaction (the worker commits it with the result). ``OutboxSender.run_once`` claims due rows
 with a lease (``qcnode.db.queue.claim_rows``: FOR UPDATE SKIP LOCKED on PostgreSQL, BEGIN
-IMMEDIATE on SQLite), sends them with the C-STORE SCU and records the outcome: ``delivered``,
-or back to ``pending`` with exponential back-off, or ``dead`` after ``outbox.max_attempts``.
+IMMEDIATE on SQLite), sends them with the C-STORE SCU and records the outcome (``DeliveryState``): ``delivered``,
+or back to ``pending`` with exponential back-off (``qcnode.db.queue.backoff_seconds``), or ``dead``
+after ``outbox.max_attempts``.
 The lease is renewed while a send runs (``LeaseKeeper``), so a slow destination never gets the
-same payload twice. A delivery whose series has since received new instances is not sent: it is
-marked ``superseded`` (the next round's result brings its own SR and routing by its own verdict).
+same payload twice. A delivery whose round is superseded (``qcnode.db.states.superseded``: its
+series has since received new instances) is not sent: it is marked ``superseded`` (the next
+round's result brings its own SR and routing by its own verdict).
 Status lives in SQL: ``SELECT destination, kind, status, attempts, last_error FROM deliveries``.
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ from sqlalchemy.orm import Session
 
 from qcnode.config import Config, Destination
 from qcnode.db.models import Delivery, Instance, Series, SeriesResult, Study, utcnow
-from qcnode.db.queue import LeaseKeeper, claim_rows
+from qcnode.db.queue import LeaseKeeper, backoff_seconds, claim_rows
+from qcnode.db.states import DeliveryState, superseded
 from qcnode.delivery.scu import DeliveryError, send_datasets
 from qcnode.log import get_logger
 
@@ -31,8 +34,6 @@ log = get_logger(__name__)
 KIND_SR = "sr"
 KIND_SERIES = "series"
 KIND_KOS = "kos"  # by verdict only ("kos:FAIL", "kos:WARN"): the failing slices, see qcnode.report.kos
-SENDING = "sending"
-SUPERSEDED = "superseded"
 
 
 def payload_kinds(destination: Destination, verdict: str) -> list[str]:
@@ -74,7 +75,7 @@ def enqueue(session: Session, series_result: SeriesResult, cfg: Config) -> list[
             row = existing.get((dest.name, kind))
             if row is None:
                 row = Delivery(series_result_id=series_result.id, destination=dest.name, kind=kind,
-                               status="pending", attempts=0, next_attempt_at=utcnow())
+                               status=DeliveryState.PENDING, attempts=0, next_attempt_at=utcnow())
                 try:
                     with session.begin_nested():
                         session.add(row)
@@ -84,11 +85,6 @@ def enqueue(session: Session, series_result: SeriesResult, cfg: Config) -> list[
                         Delivery.destination == dest.name, Delivery.kind == kind)).one()
             out.append(row)
     return out
-
-
-def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
-    """Delay before the next try after ``attempts`` failed tries: initial * 2**(attempts-1), capped."""
-    return float(min(initial * 2.0 ** min(max(attempts - 1, 0), 64), maximum))
 
 
 class OutboxSender:
@@ -107,8 +103,8 @@ class OutboxSender:
         with self.session_factory() as session:
             now = utcnow()
             rows = claim_rows(session, Delivery, self.owner, self.cfg.outbox.lease_seconds, now=now,
-                              due=and_(Delivery.status == "pending", Delivery.next_attempt_at <= now),
-                              running_status=SENDING,
+                              due=and_(Delivery.status == DeliveryState.PENDING, Delivery.next_attempt_at <= now),
+                              running_status=DeliveryState.SENDING,
                               order_by=(Delivery.next_attempt_at, Delivery.id))
             if not rows:
                 session.commit()
@@ -125,7 +121,7 @@ class OutboxSender:
         if result is None:
             raise DeliveryError(f"series result {series_result_id} no longer exists")
         series = session.get(Series, result.series_id)
-        if series is not None and (series.version != result.version or series.status == "receiving"):
+        if series is not None and superseded(series.version, series.status, result.version):
             return None
         if kind == KIND_SR:
             if not result.sr_path:
@@ -154,29 +150,29 @@ class OutboxSender:
         """Record the outcome if we still hold the lease; returns fields for the log line."""
         with self.session_factory() as session:
             d = session.get(Delivery, delivery_id, with_for_update=True)
-            if d is None or d.lease_owner != self.owner or d.status != SENDING:
+            if d is None or d.lease_owner != self.owner or d.status != DeliveryState.SENDING:
                 session.commit()
                 return {"outcome": "lease_lost"}
             d.lease_owner = None
             d.lease_expires_at = None
             if superseded:
-                d.status = SUPERSEDED
+                d.status = DeliveryState.SUPERSEDED
                 d.last_error = "not sent: the series received new instances; the next result is sent instead"
-                info: dict[str, Any] = {"outcome": SUPERSEDED}
+                info: dict[str, Any] = {"outcome": str(DeliveryState.SUPERSEDED)}
             elif error is None:
-                d.status = "delivered"
+                d.status = DeliveryState.DELIVERED
                 d.delivered_at = utcnow()
                 d.last_error = None
                 info = {"outcome": "delivered"}
             else:
                 d.last_error = error[:4000]
                 if dead or d.attempts >= self.cfg.outbox.max_attempts:
-                    d.status = "dead"
+                    d.status = DeliveryState.DEAD
                     info = {"outcome": "dead"}
                 else:
                     delay = backoff_seconds(d.attempts, self.cfg.outbox.backoff_initial_seconds,
                                             self.cfg.outbox.backoff_max_seconds)
-                    d.status = "pending"
+                    d.status = DeliveryState.PENDING
                     d.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
                     info = {"outcome": "retry", "retry_in_s": round(delay, 3)}
             session.commit()

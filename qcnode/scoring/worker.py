@@ -25,8 +25,9 @@ from sqlalchemy.orm import Session
 from qcnode.ingest.activity import Pacer, open_activity
 from qcnode.config import Config, VerdictConfig
 from qcnode.db.models import (DoseReport, Instance, Job, Series, SeriesResult, SliceScore, Study)
-from qcnode.db.queue import (JOB_SCORE_SERIES, LeaseKeeper, LeaseLost, as_utc, claim_job, complete_job, fail_job,
-                             make_owner, release_dead_local_leases)
+from qcnode.db.queue import (JOB_SCORE_SERIES, LeaseKeeper, LeaseLost, as_utc, backoff_seconds, claim_job,
+                             complete_job, fail_job, make_owner, release_dead_local_leases)
+from qcnode.db.states import SeriesState, superseded
 from qcnode.dicom.pixels import SkipSlice, UnreadableFile, iter_slices, read_dataset
 from qcnode.ingest.spool import Spool
 from qcnode.log import get_logger
@@ -34,6 +35,8 @@ from qcnode.log import get_logger
 log = get_logger("qcnode.scoring.worker")
 
 CHUNK_INSTANCES = 32  # instances decoded at a time (bounds memory for long series)
+JOB_RETRY_INITIAL_SECONDS = 2.0  # a failed job is retried after 2 s, doubling per attempt ...
+JOB_RETRY_MAX_SECONDS = 300.0    # ... at most 5 minutes
 
 
 def verdict_for(mean_score: float, fraction_below: float, v: VerdictConfig) -> str:
@@ -163,6 +166,7 @@ class Worker:
         w = self.cfg.worker
         with self.session_factory() as s:
             job = claim_job(s, self.owner, w.lease_seconds, w.max_interruptions, kinds=(JOB_SCORE_SERIES,))
+            s.commit()
             if job is None:
                 return False
             job_id, attempts = job.id, job.attempts
@@ -173,9 +177,11 @@ class Worker:
             log.warning("job_abandoned", job_id=job_id, attempt=attempts, reason="lease lost")
         except Exception as exc:  # noqa: BLE001 - recorded on the job; retried with back-off
             err = f"{type(exc).__name__}: {exc}"
+            delay = backoff_seconds(attempts, JOB_RETRY_INITIAL_SECONDS, JOB_RETRY_MAX_SECONDS)
             with self.session_factory() as s:
                 status = fail_job(s, job_id, err + "\n" + traceback.format_exc(limit=5), w.max_attempts,
-                                  retry_delay_seconds=min(2.0 ** min(attempts, 16), 300.0), owner=self.owner)
+                                  retry_delay_seconds=delay, owner=self.owner)
+                s.commit()
             log.error("job_failed", job_id=job_id, attempt=attempts, status=status, error=err)
         return True
 
@@ -192,7 +198,7 @@ class Worker:
                 complete_job(s, job, note="result already stored")
                 s.commit()
                 return
-            if series.version != version or series.status == "receiving":
+            if superseded(series.version, series.status, version):
                 complete_job(s, job, note="superseded: the series received new instances")
                 s.commit()
                 log.info("job_superseded", job_id=job_id, series_id=series.id, version=version)
@@ -307,7 +313,8 @@ class Worker:
             # first (it locks the series row): an instance that arrived while this round was being
             # scored has reopened the series, and the next round, not this one, gets delivered
             if s.execute(update(Series).where(Series.id == ctx["series_id"], Series.version == version,
-                                              Series.status == "stable").values(status="scored")).rowcount != 1:
+                                              Series.status == SeriesState.STABLE)
+                         .values(status=SeriesState.SCORED)).rowcount != 1:
                 s.rollback()
                 stored = s.scalar(select(SeriesResult.id).where(SeriesResult.series_id == ctx["series_id"],
                                                                 SeriesResult.version == version))
@@ -382,6 +389,6 @@ class Worker:
             self._mark_skipped(s, skipped or {})
             complete_job(s, s.get(Job, job_id), note=note)
             s.execute(update(Series).where(Series.id == series_id, Series.version == version,
-                                           Series.status == "stable").values(status="skipped"))
+                                           Series.status == SeriesState.STABLE).values(status=SeriesState.SKIPPED))
             s.commit()
         log.info("series_not_scored", job_id=job_id, series_id=series_id, version=version, reason=note)
