@@ -17,7 +17,7 @@ import pytest
 from conftest import free_port
 from daemon_helpers import (checkpoint_for_tests, serve_process, stop_process, wait_for, wait_port, write_config,
                             STORESCU)
-from qcnode.report.sr import read_series_sr
+from qcnode.report.read import read_series_sr
 from reliability_helpers import make_slices
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"

@@ -23,10 +23,11 @@ from qcnode.db.queue import (LeaseKeeper, LeaseLost, as_utc, claim_job, fail_job
 from qcnode.ingest.scp import StorageSCP
 from qcnode.tracking.series import mark_stable_series
 from qcnode.ingest.spool import Spool
-from qcnode.report.sr import read_series_sr
+from qcnode.report.read import read_series_sr
 from qcnode.model.scorer import Scorer
 from qcnode.delivery.outbox import OutboxSender
 from qcnode.scoring.worker import Worker
+from qcnode.service.publish import ReportPublisher
 
 
 class _ScorerWithHook:
@@ -78,7 +79,7 @@ def test_instance_arriving_while_scoring_supersedes_that_round(node):
     assert _stable(sf) == [(1, 1)]
     cfg.verdict.fail_mean_below = 4.1  # round 1 would FAIL (and forward the series to the hold node)
     node["scorer"].hook = lambda: storescu(node["port"], files[3:])  # the 4th slice arrives meanwhile
-    worker = Worker(cfg, sf, node["spool"], scorer=node["scorer"])
+    worker = Worker(cfg, sf, node["spool"], ReportPublisher(cfg), scorer=node["scorer"])
     assert worker.run_once()
     with sf() as s:
         series = s.scalars(select(Series)).one()
@@ -105,7 +106,7 @@ def test_pending_delivery_of_a_reopened_series_is_not_sent(node):
     assert storescu(node["port"], files[:3]).returncode == 0
     _stable(sf)
     cfg.verdict.fail_mean_below = 4.1
-    assert Worker(cfg, sf, node["spool"], scorer=node["scorer"]).run_once()
+    assert Worker(cfg, sf, node["spool"], ReportPublisher(cfg), scorer=node["scorer"]).run_once()
     with sf() as s:
         assert {d.kind for d in s.scalars(select(Delivery))} == {"sr", "series"}
     assert storescu(node["port"], files[3:]).returncode == 0  # reopens the series before the outbox ran
@@ -125,7 +126,7 @@ def test_slow_send_keeps_its_lease_and_is_sent_once(node):
         cfg.outbox.lease_seconds = 0.3
         assert storescu(node["port"], files[:2]).returncode == 0
         _stable(sf)
-        assert Worker(cfg, sf, node["spool"], scorer=node["scorer"]).run_once()
+        assert Worker(cfg, sf, node["spool"], ReportPublisher(cfg), scorer=node["scorer"]).run_once()
         a, b = OutboxSender(cfg, sf, "sender-a"), OutboxSender(cfg, sf, "sender-b")
         first = threading.Thread(target=a.run_once)
         first.start()

@@ -130,7 +130,8 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
     if run_worker and not child_worker:
         from qcnode.db.queue import make_owner
         from qcnode.scoring.worker import Worker
-        worker = Worker(cfg, sf, spool)
+        from qcnode.service.publish import ReportPublisher
+        worker = Worker(cfg, sf, spool, ReportPublisher(cfg))
         spawn("worker", worker.run, stop)
         try:
             from qcnode.delivery import outbox
