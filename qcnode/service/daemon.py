@@ -234,7 +234,7 @@ def _shut_down(scp: Any, children: list[ChildProcess], scheduler: Any, threads: 
 
 
 def _scp_process_count(cfg: Config) -> int:
-    """``node.scp_processes``; 0 = one per CPU core, at most 2 (each costs ~110 MB resident)."""
+    """``node.scp_processes``; 0 = one per CPU core, at most 2 (each is a whole interpreter in memory)."""
     n = cfg.node.scp_processes
     return n if n > 0 else max(1, min(2, os.cpu_count() or 1))
 
