@@ -108,12 +108,26 @@ class OutboxConfig:
 @dataclass
 class Destination:
     name: str = ""
+    type: str = "dicom"  # "dicom": C-STORE SCU; "dicomweb": STOW-RS (qcnode.delivery.dicomweb)
     ae_title: str = ""
     host: str = "127.0.0.1"
     port: int = 104
     send: list[str] = field(default_factory=lambda: ["sr"])
     tls_enabled: bool = False
     tls_ca: str = ""
+    timeout_seconds: float = 0.0  # 0 = outbox.send_timeout_seconds
+    # type = "dicomweb" only: the service root (the URL before /studies) and its HTTP auth
+    url: str = ""
+    username: str = ""
+    password_file: str = ""
+    bearer_token_file: str = ""
+    tls_verify: bool = True
+
+
+DESTINATION_TYPES = ("dicom", "dicomweb")
+# keys that belong to one destination type only (checked on the keys the file sets)
+DICOM_ONLY_KEYS = ("ae_title", "host", "port", "tls_enabled")
+DICOMWEB_ONLY_KEYS = ("url", "username", "password_file", "bearer_token_file", "tls_verify")
 
 
 @dataclass
@@ -277,6 +291,7 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     _env_overrides(data, dict(os.environ) if environ is None else environ)
     cfg = _build(Config, data, "")
     cfg.base_dir = cfg_path.resolve().parent
+    _check_destination_keys(cfg, data.get("destinations") or [])
     _validate(cfg)
     return cfg
 
@@ -337,9 +352,16 @@ def _validate(cfg: Config) -> None:
     names = [d.name for d in cfg.destinations]
     _check(len(set(names)) == len(names) and all(names), "every [[destinations]] needs a unique, non-empty name")
     for d in cfg.destinations:
-        _check(_is_ae_title(d.ae_title), f"destination {d.name}: ae_title must be 1-16 characters")
-        _check(bool(d.host.strip()), f"destination {d.name}: host must not be empty")
-        _check(0 < d.port < 65536, f"destination {d.name}: port must be 1-65535")
+        _check(d.type in DESTINATION_TYPES, f"destination {d.name}: type must be "
+               f"{' or '.join(repr(t) for t in DESTINATION_TYPES)}, got {d.type!r}")
+        _check(d.timeout_seconds >= 0, f"destination {d.name}: timeout_seconds must not be negative "
+               "(0 = outbox.send_timeout_seconds)")
+        if d.type == "dicomweb":
+            _validate_dicomweb(d)
+        else:
+            _check(_is_ae_title(d.ae_title), f"destination {d.name}: ae_title must be 1-16 characters")
+            _check(bool(d.host.strip()), f"destination {d.name}: host must not be empty")
+            _check(0 < d.port < 65536, f"destination {d.name}: port must be 1-65535")
         for rule in d.send:
             _check(isinstance(rule, str) and rule in SEND_RULES,
                    f"destination {d.name}: unknown send rule {rule!r}; use one of {sorted(SEND_RULES)}")
@@ -349,6 +371,45 @@ def _validate(cfg: Config) -> None:
     _check(hh.isdigit() and mm.isdigit() and 0 <= int(hh) < 24 and 0 <= int(mm) < 60,
            f"audit.time_of_day must be HH:MM (24 h), got {cfg.audit.time_of_day!r}")
     _check(cfg.audit.baseline_days >= 1, "audit.baseline_days must be at least 1")
+
+
+def _validate_dicomweb(d: Destination) -> None:
+    """A ``type = "dicomweb"`` destination: an http(s) url without credentials, one auth method."""
+    from urllib.parse import urlsplit
+    where = f"destination {d.name}"
+    _check(bool(d.url.strip()), f'{where}: type = "dicomweb" needs url (the DICOMweb root, e.g. '
+           '"https://pacs.example.org/dicom-web")')
+    try:
+        parts = urlsplit(d.url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{where}: url is not a valid URL ({exc})") from None
+    _check(parts.scheme in ("http", "https") and bool(parts.hostname),
+           f"{where}: url must be an http:// or https:// URL with a host, got scheme {parts.scheme!r}")
+    _check(port is None or 0 < port < 65536, f"{where}: url port must be 1-65535")
+    _check(parts.username is None and parts.password is None,
+           f"{where}: url must not hold credentials; use username + password_file or bearer_token_file")
+    _check(not parts.query and not parts.fragment, f"{where}: url must have no query or fragment")
+    _check(bool(d.username) == bool(d.password_file),
+           f"{where}: username and password_file go together (HTTP basic auth)")
+    _check(not (d.username and d.bearer_token_file),
+           f"{where}: use either username + password_file or bearer_token_file, not both")
+    _check(not d.tls_ca or parts.scheme == "https", f"{where}: tls_ca needs an https:// url")
+
+
+def _check_destination_keys(cfg: Config, tables: list[dict[str, Any]]) -> None:
+    """Keys a destination's table sets that belong to the other destination type."""
+    for d, table in zip(cfg.destinations, tables):
+        if d.type not in DESTINATION_TYPES:
+            continue  # _validate names the type
+        if d.type == "dicomweb":
+            wrong = [k for k in DICOM_ONLY_KEYS if k in table]
+            _check(not wrong, f"destination {d.name}: {', '.join(wrong)} "
+                   f"{'does' if len(wrong) == 1 else 'do'} not apply to type = \"dicomweb\" (it is reached by url)")
+        else:
+            wrong = [k for k in DICOMWEB_ONLY_KEYS if k in table]
+            _check(not wrong, f"destination {d.name}: {', '.join(wrong)} "
+                   f"{'needs' if len(wrong) == 1 else 'need'} type = \"dicomweb\"")
 
 
 def database_url_problem(url: str) -> str | None:

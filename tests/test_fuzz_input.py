@@ -193,7 +193,7 @@ def _mutant(muts: list) -> tuple[str, bytes]:
 def _score_path(path: Path, scorer) -> str:
     """`qcnode score`'s code path (``score_paths``) on one file: 'scored' or 'skipped'. A skip must
     carry a clear reason (SkipSlice / unreadable), never an unexpected exception."""
-    from qcnode.cli.model import score_paths
+    from qcnode.scoring.files import score_paths
     doc = score_paths(scorer, [path], batch_size=4, progress=lambda *_: None)
     slices = [r for e in doc["series"] for r in e["slices"]]
     skipped = [r for e in doc["series"] for r in e["skipped"]]

@@ -4,81 +4,20 @@ Orthanc (checked through Orthanc's REST API) referencing exactly the slices of t
 from __future__ import annotations
 
 import io
-import json
-import shutil
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from conftest import free_port
 from daemon_helpers import (checkpoint_for_tests, serve_process, stop_process, wait_for, wait_port, write_config,
                             STORESCU)
+from orthanc_helpers import ORTHANC, Orthanc
 from qcnode.report.read import read_series_sr
 from reliability_helpers import make_slices
 
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow, pytest.mark.timeout(400)]
-
-# Forward every stable CT series to qcnode; never the SRs that come back (no loop). The store goes
-# through Orthanc's job engine (REST /modalities/{id}/store): Lua's synchronous SendToModality fails
-# in Debian's Orthanc 1.10 with "Unable to read attachment dicom of instance".
-LUA_FORWARD = """
-function OnStableSeries(seriesId, tags, metadata)
-  if tags['Modality'] == 'CT' then
-    RestApiPost('/modalities/qcnode/store', seriesId, false)
-  end
-end
-"""
-
-
-class Orthanc:
-    """An Orthanc instance on loopback with its own storage, stopped on ``stop()``."""
-
-    def __init__(self, workdir: Path, qcnode_port: int, qcnode_aet: str = "QCNODE"):
-        self.http_port, self.dicom_port = free_port(), free_port()
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "forward.lua").write_text(LUA_FORWARD)
-        config = {
-            "Name": "qcnode-test", "StorageDirectory": str(workdir / "storage"),
-            "IndexDirectory": str(workdir / "index"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,
-            "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "DicomModalities": {"qcnode": [qcnode_aet, "127.0.0.1", qcnode_port]},
-            "StableAge": 2, "LuaScripts": [str(workdir / "forward.lua")], "Plugins": [],
-            "DicomCheckCalledAet": False, "HttpTimeout": 30, "ConcurrentJobs": 1,
-        }
-        (workdir / "orthanc.json").write_text(json.dumps(config, indent=1))
-        self.log = open(workdir / "orthanc.log", "wb")
-        self.proc = subprocess.Popen([ORTHANC, str(workdir / "orthanc.json")], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        wait_for(self._up, 60, interval=0.3, what="Orthanc's REST API")
-
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with {self.proc.returncode}")
-        try:
-            self.get("/system")
-            return True
-        except OSError:
-            return False
-
-    def get(self, path: str, raw: bool = False):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
-            data = r.read()
-        return data if raw else json.loads(data)
-
-    def post(self, path: str, body: dict):
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.log.close()
 
 
 @pytest.fixture

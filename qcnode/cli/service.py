@@ -72,13 +72,12 @@ def _fail(name: str, reason: object) -> int:
 
 @_db_errors("serve")  # e.g. the database unreachable at start, the port taken: one line, exit 1
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from qcnode.service.daemon import serve
+    from qcnode.service.daemon import ServeOptions, serve
     cfg = load_config(args.config)
     run_scp = not (args.no_scp or args.worker_only)
-    run_worker = False if args.no_worker else None
     if not run_scp and args.no_worker:
         raise SystemExit("qcnode serve: --no-scp and --no-worker leave nothing to run")
-    return serve(cfg, run_scp=run_scp, run_worker=run_worker)
+    return serve(cfg, ServeOptions(scp=run_scp, worker=False if args.no_worker else None))
 
 
 @_db_errors("db upgrade")

@@ -3,9 +3,11 @@
 ``enqueue`` adds one ``deliveries`` row per destination and payload kind in the caller's
 transaction (the worker commits it with the result). ``OutboxSender.run_once`` claims due rows
 with a lease (``qcnode.db.queue.claim_rows``: FOR UPDATE SKIP LOCKED on PostgreSQL, BEGIN
-IMMEDIATE on SQLite), sends them with the C-STORE SCU and records the outcome (``DeliveryState``): ``delivered``,
-or back to ``pending`` with exponential back-off (``qcnode.db.queue.backoff_seconds``), or ``dead``
-after ``outbox.max_attempts``.
+IMMEDIATE on SQLite), sends them with the sender of the destination's type (``send_payload``: the
+C-STORE SCU, or STOW-RS for ``type = "dicomweb"``) and records the outcome (``DeliveryState``):
+``delivered``, or back to ``pending`` with exponential back-off (``qcnode.db.queue.backoff_seconds``),
+or ``dead`` after ``outbox.max_attempts`` (at once when the sender says a retry cannot help:
+``DeliveryError.permanent``).
 The lease is renewed while a send runs (``LeaseKeeper``), so a slow destination never gets the
 same payload twice. A delivery whose round is superseded (``qcnode.db.states.superseded``: its
 series has since received new instances) is not sent: it is marked ``superseded`` (the next
@@ -85,6 +87,19 @@ def enqueue(session: Session, series_result: SeriesResult, cfg: Config) -> list[
                         Delivery.destination == dest.name, Delivery.kind == kind)).one()
             out.append(row)
     return out
+
+
+def send_payload(cfg: Config, dest: Destination, paths: list[Path]) -> None:
+    """Send ``paths`` to ``dest`` with the sender of its ``type``: the one dispatch point.
+
+    Every sender raises ``DeliveryError`` (``permanent`` when a retry cannot help).
+    """
+    timeout = dest.timeout_seconds or cfg.outbox.send_timeout_seconds
+    if dest.type == "dicomweb":
+        from qcnode.delivery.dicomweb import stow_files
+        stow_files(dest, paths, timeout, base_dir=cfg.base_dir)
+    else:
+        send_datasets(dest, paths, cfg.node.ae_title, timeout, base_dir=cfg.base_dir)
 
 
 class OutboxSender:
@@ -200,10 +215,9 @@ class OutboxSender:
                     n = len(paths)
                     with LeaseKeeper(self.session_factory, Delivery, delivery_id, self.owner,
                                      self.cfg.outbox.lease_seconds):
-                        send_datasets(dest, paths, self.cfg.node.ae_title, self.cfg.outbox.send_timeout_seconds,
-                                      base_dir=self.cfg.base_dir)
+                        send_payload(self.cfg, dest, paths)
             except DeliveryError as exc:
-                error = str(exc)
+                error, dead = str(exc), exc.permanent
             except Exception as exc:  # noqa: BLE001 - any failure is recorded, never lost
                 error = f"{type(exc).__name__}: {exc}"
         info = self._finish(delivery_id, error, dead, superseded)

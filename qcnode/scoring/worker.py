@@ -16,7 +16,6 @@ wires them in (``qcnode.service.publish``).
 from __future__ import annotations
 
 import datetime as dt
-import threading
 import traceback
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -160,22 +159,15 @@ class Worker:
         return self.scorer
 
     # ---- loop ----------------------------------------------------------------------------------
-    def run(self, stop: threading.Event) -> None:
-        """Process jobs until ``stop`` is set (checked between jobs)."""
+    def prepare(self) -> None:
+        """Before the first job (``qcnode serve`` then calls ``run_once`` in a loop): release the
+        leases of this host's dead workers and load the model."""
         with self.session_factory() as s:
             n = release_dead_local_leases(s, Job)
             s.commit()
         if n:
             log.info("released_dead_leases", jobs=n)
         self.load_scorer()
-        while not stop.is_set():
-            try:
-                worked = self.run_once()
-            except Exception as exc:  # noqa: BLE001 - e.g. the database is briefly unavailable
-                log.error("worker_loop_error", error=f"{type(exc).__name__}: {exc}")
-                worked = False
-            if not worked:
-                stop.wait(self.cfg.worker.poll_interval_seconds)
 
     def run_once(self) -> bool:
         """Claim and process one job; False when the queue had nothing due."""

@@ -10,7 +10,6 @@ A series whose job gave up (``failed``) is queued again after a back-off, or by 
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from typing import Any, Callable
 
 from sqlalchemy import select, update
@@ -105,14 +104,9 @@ def rescore_series(session_factory: Callable[[], Session], series_id: int) -> in
     return version
 
 
-def run_tracker(session_factory: Callable[[], Session], stable_seconds: float, interval: float,
-                stop: threading.Event, retry_failed_seconds: float = 0.0) -> None:
-    """Loop ``mark_stable_series`` and ``retry_failed_series`` every ``interval`` seconds until
-    ``stop`` is set."""
-    while not stop.is_set():
-        try:
-            mark_stable_series(session_factory, stable_seconds)
-            retry_failed_series(session_factory, retry_failed_seconds)
-        except Exception as exc:  # noqa: BLE001 - a DB hiccup must not kill the loop
-            log.error("tracker_error", error=f"{type(exc).__name__}: {exc}")
-        stop.wait(interval)
+def track_once(session_factory: Callable[[], Session], stable_seconds: float,
+               retry_failed_seconds: float = 0.0) -> None:
+    """One tracker pass: ``mark_stable_series`` then ``retry_failed_series`` (``qcnode serve`` runs
+    it every ``series.tracker_interval_seconds``)."""
+    mark_stable_series(session_factory, stable_seconds)
+    retry_failed_series(session_factory, retry_failed_seconds)

@@ -87,7 +87,7 @@ def score_series(scorer, clinical_dirs: Sequence[Path], split: SplitFile, verdic
                  patients: str = "validation", progress: Callable[[str], None] = _log) -> list[SeriesCheck]:
     """Score every slice of the chosen patients' series (``patients``: validation, training or all)."""
     from qcnode.dicom.pixels import load_slices
-    from qcnode.simulation.simulate import find_real_slices
+    from qcnode.simulation.sources import find_real_slices
     from qcnode.scoring.summary import summarise
 
     groups: dict[tuple[str, str], list] = defaultdict(list)
