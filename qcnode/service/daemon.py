@@ -106,6 +106,10 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
 
     scp = None
     children: list[ChildProcess] = []
+    if run_scp and cfg.http.enabled and listener is None:  # (not in SCP children) health checks, DICOMweb in
+        from qcnode.http.server import http_socket, run_http  # in a process of its own
+        children.append(ChildProcess(cfg, "http", target=run_http, sock=http_socket(cfg)))
+        children[-1].start()
     if run_scp:
         from qcnode.ingest.scp import StorageSCP
         if listener is None and n_scp > 1:
@@ -186,10 +190,14 @@ class ChildProcess:
     Restarted with a growing back-off if it exits on its own.
     """
 
-    def __init__(self, cfg: Config, role: str, nice: int = 0, **serve_kwargs: Any):
+    def __init__(self, cfg: Config, role: str, nice: int = 0, target: Callable[..., int] | None = None,
+                 **serve_kwargs: Any):
+        """``target``: the child's main function (default ``serve``), called as
+        ``target(cfg, stop=..., ready=..., **serve_kwargs)``."""
         self.cfg = cfg
         self.role = role
         self.nice = nice
+        self.target = target
         self.serve_kwargs = serve_kwargs
         self.proc: Any = None
         self.ready: Any = None
@@ -206,7 +214,7 @@ class ChildProcess:
         ctx = multiprocessing.get_context("spawn")
         self.ready = ctx.Event()
         self.proc = ctx.Process(target=_child_main, args=(self.cfg, os.getpid(), self.nice,
-                                                          {**self.serve_kwargs, "ready": self.ready}),
+                                                          {**self.serve_kwargs, "ready": self.ready}, self.target),
                                 name=f"qcnode-{self.role}", daemon=False)
         self.proc.start()
         self._started_at = time.monotonic()
@@ -255,7 +263,8 @@ class ChildProcess:
             self.proc.join(5)
 
 
-def _child_main(cfg: Config, parent_pid: int, nice: int, serve_kwargs: dict[str, Any]) -> None:
+def _child_main(cfg: Config, parent_pid: int, nice: int, serve_kwargs: dict[str, Any],
+                target: Callable[..., int] | None = None) -> None:
     """Entry point of a child process of ``serve``."""
     _die_with_parent(parent_pid)
     if nice:
@@ -270,6 +279,8 @@ def _child_main(cfg: Config, parent_pid: int, nice: int, serve_kwargs: dict[str,
             if os.getppid() != parent_pid:
                 os._exit(1)
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    if target is not None:
+        raise SystemExit(target(cfg, stop=stop, **serve_kwargs))
     code = serve(cfg, stop=stop, worker_process=False, migrate_db=False, **serve_kwargs)
     raise SystemExit(code)
 
