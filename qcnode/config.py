@@ -5,7 +5,8 @@ Relative paths in the file are resolved against the directory of the file; the d
 Environment variables ``QCNODE__SECTION__KEY=value`` override single keys
 (for example ``QCNODE__STORAGE__DATABASE_URL=postgresql://...``): a string key takes the value as
 it is, a list key a TOML array or a comma-separated list, other keys a TOML value (``true``, ``8``).
-The array sections (``[[destinations]]``, ``[[audit.reference_levels]]``) cannot be overridden.
+The array sections (``[[destinations]]``, ``[[audit.reference_levels]]``, ``[[http.tokens]]``) cannot be
+overridden.
 """
 from __future__ import annotations
 
@@ -162,6 +163,25 @@ class AuditConfig:
 
 
 @dataclass
+class HttpToken:
+    """A bearer token of the HTTP server: only its SHA-256 is configured, never the token itself."""
+    name: str = ""
+    sha256: str = ""
+    role: str = "read"
+
+
+@dataclass
+class HttpConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_body_mb: int = 2048
+    tokens: list[HttpToken] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -174,6 +194,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     base_dir: Path = field(default=PROJECT_ROOT)
 
     def path(self, value: str) -> Path:
@@ -194,7 +215,7 @@ class Config:
         return url
 
 
-_LIST_TYPES = {"destinations": Destination, "reference_levels": ReferenceLevel}
+_LIST_TYPES = {"destinations": Destination, "reference_levels": ReferenceLevel, "tokens": HttpToken}
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -371,6 +392,38 @@ def _validate(cfg: Config) -> None:
     _check(hh.isdigit() and mm.isdigit() and 0 <= int(hh) < 24 and 0 <= int(mm) < 60,
            f"audit.time_of_day must be HH:MM (24 h), got {cfg.audit.time_of_day!r}")
     _check(cfg.audit.baseline_days >= 1, "audit.baseline_days must be at least 1")
+    _validate_http(cfg.http)
+
+
+HTTP_ROLES = ("read", "store", "admin")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback bind address (127.0.0.0/8, ::1, localhost): only this host can connect."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip()).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_http(http: HttpConfig) -> None:
+    _check(bool(http.host.strip()), "http.host must not be empty (127.0.0.1: this host only)")
+    _check(0 < http.port < 65536, "http.port must be 1-65535")
+    _check(http.max_body_mb >= 1, "http.max_body_mb must be at least 1")
+    _check(bool(http.tls_cert) == bool(http.tls_key), "http.tls_cert and http.tls_key go together (PEM files)")
+    names = [t.name for t in http.tokens]
+    _check(all(names) and len(set(names)) == len(names), "every [[http.tokens]] needs a unique, non-empty name")
+    for t in http.tokens:
+        _check(bool(_SHA256_RE.fullmatch(t.sha256.lower())),
+               f"http token {t.name}: sha256 must be the 64 hex digits of the token's SHA-256 (not the token)")
+        _check(t.role in HTTP_ROLES,
+               f"http token {t.name}: role must be one of {', '.join(HTTP_ROLES)}, got {t.role!r}")
+    _check(not http.enabled or is_loopback(http.host) or bool(http.tokens),
+           f"http.host {http.host} is not a loopback address: configure [[http.tokens]] (anyone could store "
+           f"instances otherwise) or bind to 127.0.0.1")
 
 
 def _validate_dicomweb(d: Destination) -> None:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from conftest import free_port
 from daemon_helpers import stop_process, wait_for
@@ -33,6 +34,7 @@ class Orthanc:
 
     ``forward``: the Lua script that sends stable CT series to qcnode on ``qcnode_port``.
     ``dicomweb``: load the DICOMweb plugin (STOW/QIDO/WADO-RS under ``dicomweb_url``).
+    ``dicomweb_servers``: the plugin's DICOMweb peers ({name: URL or {"Url", "HttpHeaders"}}).
     ``users``: {user: password}; when given, the REST API and DICOMweb need HTTP basic auth (the
     first user is the one this helper uses). ``start=False``: ports are chosen and the
     configuration written, but the server starts only on ``start()`` (a peer that is down at first).
@@ -40,7 +42,7 @@ class Orthanc:
 
     def __init__(self, workdir: Path, qcnode_port: int = 0, qcnode_aet: str = "QCNODE", *,
                  forward: bool = True, dicomweb: bool = False, users: dict[str, str] | None = None,
-                 start: bool = True):
+                 dicomweb_servers: dict[str, Any] | None = None, start: bool = True):
         self.http_port, self.dicom_port = free_port(), free_port()
         self.workdir = workdir
         self.users = dict(users or {})
@@ -62,7 +64,7 @@ class Orthanc:
         if self.users:
             config["RegisteredUsers"] = self.users
         if dicomweb:
-            config["DicomWeb"] = {"Enable": True, "Root": DICOMWEB_ROOT}
+            config["DicomWeb"] = {"Enable": True, "Root": DICOMWEB_ROOT, "Servers": dict(dicomweb_servers or {})}
         (workdir / "orthanc.json").write_text(json.dumps(config, indent=1))
         if start:
             self.start()

@@ -51,6 +51,7 @@ class Roles:
     scp: bool = False      # the Storage SCP
     tracker: bool = False  # the series tracker
     worker: bool = False   # the scoring worker, the outbox sender and the nightly audit
+    http: bool = False     # the HTTP server (health checks, DICOMweb in): a process of its own
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ def plan_processes(cfg: Config, options: ServeOptions) -> ProcessPlan:
     children = [ChildSpec(f"scp{i}", Roles(scp=True), listener_slot=i) for i in range(1, n_scp)]
     if worker_child:
         children.append(ChildSpec("worker", Roles(tracker=True, worker=True), nice=cfg.worker.nice))
+    if options.scp and cfg.http.enabled:
+        children.append(ChildSpec("http", Roles(http=True)))
     here = Roles(scp=options.scp, tracker=not worker_child, worker=run_worker and not worker_child)
     return ProcessPlan(here, tuple(children))
 
@@ -144,8 +147,8 @@ def run_process(cfg: Config, plan: ProcessPlan, stop: threading.Event | None = N
     if roles.scp:
         scp, children = _start_receiving(cfg, plan, sf, spool, listener)
     for spec in plan.children:
-        if spec.listener_slot is None:
-            children.append(ChildProcess(cfg, spec))
+        if spec.listener_slot is None:  # the HTTP child gets a socket bound here: a port in use ends serve
+            children.append(ChildProcess(cfg, spec, _http_socket(cfg) if spec.roles.http else None))
             children[-1].start()
     threads = [loop.start(stop) for loop in _service_loops(cfg, roles, sf, spool)]
     scheduler = _start_audit(cfg, sf) if roles.worker else None
@@ -190,6 +193,11 @@ def _start_receiving(cfg: Config, plan: ProcessPlan, sf: Callable[[], Session], 
     scp = StorageSCP(cfg, sf, spool)
     scp.start(listener=listener)
     return scp, children
+
+
+def _http_socket(cfg: Config) -> Any:
+    from qcnode.http.server import http_socket
+    return http_socket(cfg)
 
 
 def _service_loops(cfg: Config, roles: Roles, sf: Callable[[], Session], spool: Spool) -> list[ServiceLoop]:
@@ -252,7 +260,7 @@ class ChildProcess:
     def __init__(self, cfg: Config, spec: ChildSpec, listener: Any = None):
         self.cfg = cfg
         self.spec = spec
-        self.listener = listener  # an SCP child's share of the listening socket
+        self.listener = listener  # an SCP child's share of the listening socket, or the HTTP socket
         self.proc: Any = None
         self.ready: Any = None
         self._restart_at = 0.0
@@ -336,6 +344,9 @@ def _child_main(cfg: Config, parent_pid: int, spec: ChildSpec, listener: Any, re
             if os.getppid() != parent_pid:
                 os._exit(1)
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    if spec.roles.http:
+        from qcnode.http.server import run_http
+        raise SystemExit(run_http(cfg, stop=stop, ready=ready, sock=listener))
     code = run_process(cfg, ProcessPlan(spec.roles, migrate_db=False), stop=stop, ready=ready, listener=listener)
     raise SystemExit(code)
 
