@@ -142,13 +142,15 @@ def run_process(cfg: Config, plan: ProcessPlan, stop: threading.Event | None = N
     spool = Spool(cfg.path(cfg.storage.spool_dir), cfg.path(cfg.storage.quarantine_dir))
     _stop_on_signals(stop)
 
+    # bound before anything starts, so that a port in use ends serve with one line
+    http_sock = _http_socket(cfg) if any(c.roles.http for c in plan.children) else None
     scp = None
     children: list[ChildProcess] = []
     if roles.scp:
         scp, children = _start_receiving(cfg, plan, sf, spool, listener)
     for spec in plan.children:
-        if spec.listener_slot is None:  # the HTTP child gets a socket bound here: a port in use ends serve
-            children.append(ChildProcess(cfg, spec, _http_socket(cfg) if spec.roles.http else None))
+        if spec.listener_slot is None:
+            children.append(ChildProcess(cfg, spec, http_sock if spec.roles.http else None))
             children[-1].start()
     threads = [loop.start(stop) for loop in _service_loops(cfg, roles, sf, spool)]
     scheduler = _start_audit(cfg, sf) if roles.worker else None
