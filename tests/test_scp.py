@@ -253,7 +253,7 @@ def _wait_no_associations(scp: StorageSCP, timeout: float = 5.0) -> None:
 def test_pdv_items_are_cut_from_the_p_data_tf_body():
     import struct
 
-    from qcnode.net.reactors import InvalidPDU, split_pdv_items
+    from qcnode.net.pdu import InvalidPDU, split_pdv_items
 
     def item(context_id: int, data: bytes) -> bytes:
         return struct.pack(">LB", len(data) + 1, context_id) + data

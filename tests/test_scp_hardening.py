@@ -37,7 +37,7 @@ from sqlalchemy import select
 
 from qcnode.db.models import Instance, QuarantineRecord
 from qcnode.ingest import scp as scp_mod
-from qcnode.net.reactors import MAX_ASSOCIATION_PDU_LENGTH, pdata_length_limit
+from qcnode.net.pdu import MAX_ASSOCIATION_PDU_LENGTH, pdata_length_limit
 from qcnode.log import redact_quoted_values
 from test_scp import start_node  # noqa: F401 - the fixture
 
