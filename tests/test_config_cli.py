@@ -262,3 +262,12 @@ def test_bare_postgresql_url_uses_the_installed_psycopg2(tmp_path):
     assert cfg.database_url == "postgresql+psycopg2://qc@db/qcnode"
     cfg = load_config(write(tmp_path, '[storage]\ndatabase_url = "postgresql+psycopg2://qc@db/x"\n'), environ={})
     assert cfg.database_url == "postgresql+psycopg2://qc@db/x"
+
+
+def test_fast_path_switch(tmp_path):
+    """node.fast_path: qcnode's receive path (default) or pynetdicom's own (qcnode/net/)."""
+    assert load_config(environ={}).node.fast_path is True  # the project's config.toml
+    assert load_config(write(tmp_path, "[node]\nfast_path = false\n"), environ={}).node.fast_path is False
+    assert load_config(write(tmp_path, ""), environ={"QCNODE__NODE__FAST_PATH": "false"}).node.fast_path is False
+    with pytest.raises(ConfigError, match="node.fast_path must be true or false"):
+        load_config(write(tmp_path, '[node]\nfast_path = "no"\n'), environ={})

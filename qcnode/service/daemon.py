@@ -80,6 +80,11 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
         if not run_worker or child_worker:  # scoring in this process would be slower with them
             log.debug("malloc_thresholds", set=keep_freed_buffers())
     n_scp = (scp_processes if scp_processes is not None else _scp_process_count(cfg)) if run_scp else 0
+    if n_scp > 1:
+        from qcnode.net.compat import fast_path_active
+        if not fast_path_active(cfg.node.fast_path):  # the shared listener is part of the fast path
+            log.info("scp_processes_reduced", scp_processes=1, configured=n_scp, reason="fast path off")
+            n_scp = 1
     stop = stop or threading.Event()
     url = cfg.database_url
     if migrate_db:
