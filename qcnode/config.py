@@ -41,6 +41,7 @@ class NodeConfig:
     network_timeout: float = 60.0
     max_pdu_size: int = 262144
     scp_processes: int = 0
+    fast_path: bool = True
     allowed_ae_titles: list[str] = field(default_factory=list)
     allowed_ips: list[str] = field(default_factory=list)
     tls_enabled: bool = False

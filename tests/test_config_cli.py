@@ -333,3 +333,12 @@ tls_verify = false
 def test_dicomweb_config_error_is_one_line(tmp_path):
     r = qcnode("status", "--config", str(write(tmp_path, WEB)))
     assert_one_line(r, "status", text='destination web: type = "dicomweb" needs url')
+
+
+def test_fast_path_switch(tmp_path):
+    """node.fast_path: qcnode's receive path (default) or pynetdicom's own (qcnode/net/)."""
+    assert load_config(environ={}).node.fast_path is True  # the project's config.toml
+    assert load_config(write(tmp_path, "[node]\nfast_path = false\n"), environ={}).node.fast_path is False
+    assert load_config(write(tmp_path, ""), environ={"QCNODE__NODE__FAST_PATH": "false"}).node.fast_path is False
+    with pytest.raises(ConfigError, match="node.fast_path must be true or false"):
+        load_config(write(tmp_path, '[node]\nfast_path = "no"\n'), environ={})

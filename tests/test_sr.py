@@ -258,3 +258,25 @@ def test_patient_sex_highdicom_refuses_is_left_empty(ge_headers, sex):
     assert sr.PatientSex == ""
     kos = build_quality_issue_kos(headers, failing_slices(slices, 4.0), MODEL, 1, 4.0, content_datetime=WHEN)
     assert kos.PatientSex == ""
+
+
+def test_multiframe_table_agrees_with_highdicoms_tables_of_the_standard():
+    """qcnode/report/sr.py keeps its own table instead of importing highdicom's private helper
+    (qcnode/net/ is the only fenced package); for the CT image IODs both must agree."""
+    from highdicom._standard_utils import is_multiframe_image as highdicoms
+    from pydicom.dataset import Dataset
+
+    from qcnode.dicom.pixels import CT_IMAGE_CLASSES
+    for uid in sorted(CT_IMAGE_CLASSES | {"1.2.840.10008.5.1.4.1.1.2.2"}):  # + Legacy Converted Enhanced CT
+        ds = Dataset()
+        ds.SOPClassUID = uid
+        assert sr_mod.is_multiframe_image(ds) == highdicoms(ds), uid
+
+
+def test_load_standard_tables_loads_highdicoms_tables():
+    from highdicom import _standard_utils as standard
+    tables = (standard.get_sop_class_iod_map, standard.get_iod_module_map, standard.get_module_attribute_map)
+    for table in tables:
+        table.cache_clear()
+    sr_mod.load_standard_tables()
+    assert [table.cache_info().currsize for table in tables] == [1, 1, 1]

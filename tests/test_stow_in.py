@@ -35,7 +35,7 @@ from qcnode.db.models import Instance, QuarantineRecord, Series, SliceScore
 from qcnode.http.auth import token_sha256
 from qcnode.http.multipart import MultipartError, parse_media_type, split_parts
 from qcnode.http.server import run_http
-from qcnode.ingest import store as store_mod
+from qcnode.ingest import validate as store_mod
 from qcnode.ingest.spool import Spool
 from reliability_helpers import make_slices, start_scp
 from test_config_cli import assert_one_line, qcnode

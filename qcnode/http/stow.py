@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 from qcnode.http.auth import caller_of
 from qcnode.http.multipart import MultipartError, parse_media_type, split_parts
 from qcnode.ingest.spool import InvalidUID, check_uid
-from qcnode.ingest.store import CANNOT_STORE, CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Refused
+from qcnode.ingest.validate import CANNOT_STORE, CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Refused
 from qcnode.log import get_logger
 
 log = get_logger("qcnode.http.stow")

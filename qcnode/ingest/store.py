@@ -4,7 +4,7 @@
 every way in gives the same answers: the same checks with the same DICOM status codes (also the
 STOW-RS FailureReason), the same durable spool write (temp file, fsync, rename; the folder fsync and
 the database commit by the group-commit recorder) before Success, the same quarantine copy and
-QuarantineRecord for refused input. Status codes: see ``qcnode.ingest.scp``.
+QuarantineRecord for refused input. Checks and status codes: ``qcnode.ingest.validate``.
 """
 from __future__ import annotations
 
@@ -14,51 +14,24 @@ import io
 from typing import Any, Callable
 
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pynetdicom.sop_class import (Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage,
-                                  XRayRadiationDoseSRStorage)
 from sqlalchemy.orm import Session
 
 from qcnode.config import Config
 from qcnode.db.models import DoseReport, Instance, QuarantineRecord, Series, Study, utcnow
-from qcnode.dicom.dose import dose_fields, is_dose_sr, parse_dose_sr
-from qcnode.dicom.pixels import (CT_IMAGE_CLASSES, decode_public_elements, functional_groups_error,
-                                 pixel_metadata_error, skip_reason)
+from qcnode.dicom.dose import dose_fields
+from qcnode.dicom.pixels import CT_IMAGE_CLASSES, decode_public_elements, int_or_none
 from qcnode.dicom.privacy import load_or_create_key, pseudonymise
 from qcnode.ingest.recorder import InstanceRecorder, PendingInstance
-from qcnode.ingest.spool import InvalidUID, Spool, check_uid
-from qcnode.log import get_logger, redact_quoted
+from qcnode.ingest.spool import Spool
+from qcnode.ingest.validate import (CANNOT_STORE, CANNOT_UNDERSTAND, DATASET_MISMATCH, INVALID_UID, OUT_OF_RESOURCES,
+                                    SUCCESS, Refused, check_content, error_reason, identifiers, uid_or_none, uid_text)
+from qcnode.log import get_logger
 
 log = get_logger("qcnode.scp")  # the same logger (and log lines) for every transport
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC210
-INVALID_UID = 0xC001
-NO_PIXEL_DATA = 0xC002
-INCONSISTENT = 0xC003
-CANNOT_STORE = 0xC004
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-PIXEL_DATA_TAG = 0x7FE00010
-
 # OSErrors while writing the spool that mean "no space", not "cannot store": answered 0xA700
 _NO_SPACE_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None)
-
-DOSE_SR_CLASSES = {str(XRayRadiationDoseSRStorage), str(EnhancedSRStorage), str(ComprehensiveSRStorage),
-                   str(Comprehensive3DSRStorage)}
-ACCEPTED_CLASSES = CT_IMAGE_CLASSES | DOSE_SR_CLASSES
-
-
-class Refused(Exception):
-    """A C-STORE that is answered with a failure status (and quarantined)."""
-
-    def __init__(self, status: int, reason: str, keep_copy: bool = True):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.keep_copy = keep_copy
 
 
 def _clip(model: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -81,40 +54,6 @@ def _parse_da(value: Any) -> dt.date | None:
     except ValueError:
         return None
 
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _check_native_pixel_length(ds: Dataset) -> None:
-    """For uncompressed syntaxes: the PixelData element must declare and hold exactly Rows x Columns x
-    frames x samples x bits (plus the one pad byte that makes an odd length even)."""
-    meta = getattr(ds, "file_meta", None)
-    ts = meta.get("TransferSyntaxUID") if meta is not None else None
-    if ts is None or ts.is_compressed or "PixelData" not in ds:
-        return
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        spp = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise Refused(INCONSISTENT, f"image pixel module incomplete: {_error(exc)}") from exc
-    expected = (rows * cols * spp * frames * bits + 7) // 8
-    element = ds.get_item(PIXEL_DATA_TAG)  # still raw (not decoded at receipt): its declared length as sent
-    value = element.value or b""
-    if not value:  # present but empty
-        raise Refused(NO_PIXEL_DATA, "CT image with empty pixel data")
-    actual = len(value)
-    declared = element.length if isinstance(element, RawDataElement) else actual
-    if declared != actual:
-        raise Refused(INCONSISTENT, f"pixel data element declares {declared} bytes, {actual} follow")
-    if actual != expected and not (expected % 2 and actual == expected + 1):
-        raise Refused(INCONSISTENT, f"pixel data has {actual} bytes, Rows x Columns x frames x samples x "
-                                    f"bits needs {expected}")
 
 class InstanceStore:
     """Validate, spool durably and record received instances; quarantine refused ones.
@@ -160,14 +99,14 @@ class InstanceStore:
                 ds.SOPClassUID  # noqa: B018 - force parsing of the key elements
                 decode_public_elements(ds)  # a bad VR or length is C210 here, not C004 later
             except Exception as exc:  # noqa: BLE001
-                raise Refused(CANNOT_UNDERSTAND, f"cannot decode dataset: {_error(exc)}") from exc
+                raise Refused(CANNOT_UNDERSTAND, f"cannot decode dataset: {error_reason(exc)}") from exc
             for what, key, meta_kw, ds_kw in (
                     ("SOP Class UID", "sop_class_uid", "MediaStorageSOPClassUID", "SOPClassUID"),
                     ("SOP Instance UID", "sop_instance_uid", "MediaStorageSOPInstanceUID", "SOPInstanceUID")):
                 value = meta.get(meta_kw) or ds.get(ds_kw)
-                info[key] = _uid_or_none(value)
+                info[key] = uid_or_none(value)
                 if info[key] is None:
-                    raise Refused(INVALID_UID, f"invalid {what} in the File Meta Information: {_uid_text(value)!r}")
+                    raise Refused(INVALID_UID, f"invalid {what} in the File Meta Information: {uid_text(value)!r}")
             if study_uid is not None and str(ds.get("StudyInstanceUID", "")) != study_uid:
                 raise Refused(DATASET_MISMATCH, "Study Instance UID of the dataset is not the study of the request")
             self.store_dataset(ds, raw, info)
@@ -175,7 +114,7 @@ class InstanceStore:
             return self.refuse(exc, raw, info)
         except Exception as exc:  # noqa: BLE001 - one bad instance must not fail the others
             log.exception("store_error", **info)
-            return self.refuse(Refused(CANNOT_STORE, f"cannot store: {_error(exc)}"), raw, info)
+            return self.refuse(Refused(CANNOT_STORE, f"cannot store: {error_reason(exc)}"), raw, info)
         return SUCCESS
 
     def store_dataset(self, ds: Dataset, raw: bytes, info: dict[str, Any]) -> None:
@@ -183,55 +122,12 @@ class InstanceStore:
 
         ``info``: calling_ae, source_ip and the SOP Class / Instance UIDs its transport announced
         (the C-STORE request, a Part 10 file's meta header); the dataset must match them."""
-        try:
-            sop_class = str(ds.get("SOPClassUID", ""))
-            sop_uid = str(ds.get("SOPInstanceUID", ""))
-            study_uid = str(ds.get("StudyInstanceUID", ""))
-            series_uid = str(ds.get("SeriesInstanceUID", ""))
-        except Exception as exc:  # noqa: BLE001
-            raise Refused(CANNOT_UNDERSTAND, f"cannot decode identifiers: {_error(exc)}") from exc
-        if sop_class != info["sop_class_uid"]:
-            raise Refused(DATASET_MISMATCH,
-                          "SOP Class UID of the dataset differs from the one announced (C-STORE request, File Meta)")
-        if sop_uid != info["sop_instance_uid"]:
-            raise Refused(DATASET_MISMATCH,
-                          "SOP Instance UID of the dataset differs from the one announced (C-STORE request, File Meta)")
-        try:
-            for what, uid in (("Study Instance UID", study_uid), ("Series Instance UID", series_uid)):
-                check_uid(uid, what, strict=True)
-            rel = Spool.instance_relpath(study_uid, series_uid, sop_uid)
-        except InvalidUID as exc:
-            raise Refused(INVALID_UID, str(exc)) from exc
-        dose_report: dict[str, Any] | None = None
-        if sop_class in CT_IMAGE_CLASSES:
-            modality = str(ds.get("Modality", "CT") or "CT").upper()
-            if modality != "CT":
-                raise Refused(DATASET_MISMATCH, f"CT image storage with Modality {modality[:16]}")
-            reason = skip_reason(ds)
-            if reason == "no pixel data":
-                raise Refused(NO_PIXEL_DATA, "CT image without pixel data")
-            error = functional_groups_error(ds)
-            if error:
-                raise Refused(DATASET_MISMATCH, error)
-            error = pixel_metadata_error(ds)
-            if error:
-                raise Refused(INCONSISTENT, error)
-            _check_native_pixel_length(ds)
-            scorable, skip = reason is None, reason
-        elif sop_class in DOSE_SR_CLASSES:
-            if not is_dose_sr(ds):
-                raise Refused(SOP_CLASS_NOT_SUPPORTED, "structured report is not a CT radiation dose report")
-            try:
-                dose_report = parse_dose_sr(ds)
-            except Exception as exc:  # noqa: BLE001
-                raise Refused(CANNOT_UNDERSTAND, f"cannot parse dose report: {_error(exc)}") from exc
-            scorable, skip = False, "radiation dose SR (stored for the audit)"
-        else:
-            raise Refused(SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not CT or a CT dose report")
+        sop_class, sop_uid, study_uid, series_uid, rel = identifiers(ds, info)
+        scorable, skip, dose_report = check_content(ds, sop_class)
         try:
             fields = dose_fields(ds) if sop_class in CT_IMAGE_CLASSES else {}
         except Exception as exc:  # noqa: BLE001 - odd header values must not lose the image
-            log.warning("dose_fields_error", sop_instance_uid=sop_uid, error=_error(exc))
+            log.warning("dose_fields_error", sop_instance_uid=sop_uid, error=error_reason(exc))
             fields = {}
         identical = self.spool.same_content(rel, raw)
         if not identical:  # the folder fsync is done once per batch by the recorder, before the commit
@@ -262,13 +158,13 @@ class InstanceStore:
             series_values=_clip(Series, {
                 **fields, "series_instance_uid": series_uid,
                 "modality": str(ds.get("Modality", "") or "") or None,
-                "series_number": _int_or_none(ds.get("SeriesNumber")),
+                "series_number": int_or_none(ds.get("SeriesNumber")),
                 "first_received_at": now, "last_received_at": now, "status": "receiving", "version": 0,
                 "instance_count": 0}),
             instance_values=_clip(Instance, {
                 **fields, "sop_instance_uid": sop_uid, "sop_class_uid": sop_class,
                 "transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
-                "instance_number": _int_or_none(ds.get("InstanceNumber")), "spool_path": rel,
+                "instance_number": int_or_none(ds.get("InstanceNumber")), "spool_path": rel,
                 "size_bytes": size, "calling_ae": info["calling_ae"], "source_ip": info["source_ip"],
                 "received_at": now, "scorable": scorable, "skip_reason": skip}),
             dose_report=None if dose_report is None else _clip(DoseReport, {
@@ -304,20 +200,3 @@ class InstanceStore:
         return exc.status
 
 
-def _uid_or_none(value: Any) -> str | None:
-    """``value`` if it is a valid DICOM UID (no component with a leading zero), else None."""
-    try:
-        return check_uid(value, strict=True)
-    except InvalidUID:
-        return None
-
-
-def _error(exc: BaseException) -> str:
-    """An exception for a refusal reason or log line, quoted values redacted (pydicom's messages
-    may quote a header value, which may be a patient's name or ID)."""
-    return redact_quoted(f"{type(exc).__name__}: {exc}")
-
-
-def _uid_text(value: Any) -> str:
-    """An (invalid) UID for a refusal reason: at most 80 characters."""
-    return ("" if value is None else str(value))[:80]

@@ -56,8 +56,6 @@ from pathlib import Path
 from typing import Sequence
 
 import highdicom as hd
-from highdicom._standard_utils import (get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map,
-                                       is_multiframe_image)
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.dataelem import DataElement
@@ -383,10 +381,22 @@ def load_standard_tables() -> None:
     """Load highdicom's tables of the DICOM standard (IODs, modules, attributes) now.
 
     highdicom reads them lazily, once per process, which takes about a second on a small host:
-    the worker calls this at start so that the first series' SR does not wait for it."""
-    get_sop_class_iod_map()
-    get_iod_module_map()
-    get_module_attribute_map()
+    the worker calls this at start so that the first series' SR does not wait for it. (Any SOP
+    instance highdicom makes looks its IOD up in them: a throw-away one loads them.)"""
+    hd.SOPClass(study_instance_uid="2.25.1", series_instance_uid="2.25.2", series_number=1,
+                sop_instance_uid="2.25.3", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+                instance_number=1, modality="SR")
+
+
+# CT image IODs that allow several frames (highdicom references frame numbers only in those; the
+# table is checked against highdicom's tables of the standard in tests/test_sr.py)
+MULTIFRAME_CT_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2.1",   # Enhanced CT Image Storage
+                                   "1.2.840.10008.5.1.4.1.1.2.2"})  # Legacy Converted Enhanced CT Image Storage
+
+
+def is_multiframe_image(dataset: Dataset) -> bool:
+    """Whether the IOD of ``dataset`` (a CT image) allows several frames, as highdicom decides it."""
+    return str(dataset.SOPClassUID) in MULTIFRAME_CT_CLASSES
 
 
 def sr_bytes(sr: Dataset) -> bytes:

@@ -69,6 +69,7 @@ class ProcessPlan:
     roles: Roles
     children: tuple[ChildSpec, ...] = ()
     migrate_db: bool = True  # the parent migrates; children find the schema ready
+    scp_processes_configured: int = 0  # more than run: the fast path is off (no shared listener)
 
     @property
     def scp_children(self) -> tuple[ChildSpec, ...]:
@@ -102,13 +103,18 @@ def plan_processes(cfg: Config, options: ServeOptions) -> ProcessPlan:
     n_scp = 0
     if options.scp:
         n_scp = options.scp_processes if options.scp_processes is not None else _scp_process_count(cfg)
+    configured = n_scp
+    if n_scp > 1:
+        from qcnode.net.compat import fast_path_active
+        if not fast_path_active(cfg.node.fast_path):  # the shared listener is part of the fast path
+            n_scp = 1
     children = [ChildSpec(f"scp{i}", Roles(scp=True), listener_slot=i) for i in range(1, n_scp)]
     if worker_child:
         children.append(ChildSpec("worker", Roles(tracker=True, worker=True), nice=cfg.worker.nice))
     if options.scp and cfg.http.enabled:
         children.append(ChildSpec("http", Roles(http=True)))
     here = Roles(scp=options.scp, tracker=not worker_child, worker=run_worker and not worker_child)
-    return ProcessPlan(here, tuple(children))
+    return ProcessPlan(here, tuple(children), scp_processes_configured=configured)
 
 
 def serve(cfg: Config, options: ServeOptions = ServeOptions(), stop: threading.Event | None = None,
@@ -127,6 +133,9 @@ def run_process(cfg: Config, plan: ProcessPlan, stop: threading.Event | None = N
     _fast_dicom_reading()
     configure_logging(cfg.logging.level, cfg.path(cfg.logging.file) if cfg.logging.file else None)
     roles = plan.roles
+    if plan.scp_processes_configured > 1 + len(plan.scp_children):
+        log.info("scp_processes_reduced", scp_processes=1 + len(plan.scp_children),
+                 configured=plan.scp_processes_configured, reason="fast path off")
     if roles.scp:
         sys.setswitchinterval(SCP_GIL_SWITCH_INTERVAL_S)
         if not roles.worker:  # scoring in this process would be slower with them
@@ -142,13 +151,15 @@ def run_process(cfg: Config, plan: ProcessPlan, stop: threading.Event | None = N
     spool = Spool(cfg.path(cfg.storage.spool_dir), cfg.path(cfg.storage.quarantine_dir))
     _stop_on_signals(stop)
 
+    # bound before anything starts, so that a port in use ends serve with one line
+    http_sock = _http_socket(cfg) if any(c.roles.http for c in plan.children) else None
     scp = None
     children: list[ChildProcess] = []
     if roles.scp:
         scp, children = _start_receiving(cfg, plan, sf, spool, listener)
     for spec in plan.children:
-        if spec.listener_slot is None:  # the HTTP child gets a socket bound here: a port in use ends serve
-            children.append(ChildProcess(cfg, spec, _http_socket(cfg) if spec.roles.http else None))
+        if spec.listener_slot is None:
+            children.append(ChildProcess(cfg, spec, http_sock if spec.roles.http else None))
             children[-1].start()
     threads = [loop.start(stop) for loop in _service_loops(cfg, roles, sf, spool)]
     scheduler = _start_audit(cfg, sf) if roles.worker else None
