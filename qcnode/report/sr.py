@@ -283,16 +283,13 @@ def _slice_groups(slices: Sequence[SliceResult], headers: dict[str, Dataset],
                   algorithm: hd.sr.AlgorithmIdentification) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
     """One TID 1501 group per scored slice: tracking identifier, score and interval, source image."""
     groups = []
-    multiframe_by_class: dict[str, bool] = {}  # highdicom's IOD look-up is slow: once per SOP class
     for i, s in enumerate(slices):
         uid = str(s.sop_instance_uid)
         header = headers.get(uid)
         if header is None:
             raise SRBuildError(f"slice {uid} has no source header")
-        sop_class = str(header.SOPClassUID)
-        if sop_class not in multiframe_by_class:  # by IOD (e.g. Enhanced CT), as highdicom checks
-            multiframe_by_class[sop_class] = is_multiframe_image(header)
-        frames = [int(s.frame)] if s.frame is not None and multiframe_by_class[sop_class] else None
+        # a frame is referenced only in an IOD that allows several (e.g. Enhanced CT), as highdicom checks
+        frames = [int(s.frame)] if s.frame is not None and is_multiframe_image(header) else None
         number = header.get("InstanceNumber")
         label = f"slice {number}" if number not in (None, "") else f"slice #{i + 1}"
         if frames:
