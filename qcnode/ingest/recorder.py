@@ -24,6 +24,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from qcnode.db.models import DoseReport, Instance, Series, Study
+from qcnode.db.states import SeriesState
 from qcnode.ingest.spool import fsync_dir
 from qcnode.log import get_logger
 
@@ -59,7 +60,7 @@ _WHEN = bindparam("when", type_=_SERIES.c.last_received_at.type)
 _NEWEST_ARRIVAL = case((or_(_SERIES.c.last_received_at.is_(None), _SERIES.c.last_received_at < _WHEN), _WHEN),
                        else_=_SERIES.c.last_received_at)
 _TOUCH_SERIES = (update(_SERIES).where(_SERIES.c.id == bindparam("sid"))
-                 .values(status="receiving", last_received_at=_NEWEST_ARRIVAL,
+                 .values(status=SeriesState.RECEIVING, last_received_at=_NEWEST_ARRIVAL,
                          instance_count=select(func.count(_INSTANCES.c.id))
                          .where(_INSTANCES.c.series_id == bindparam("sid")).scalar_subquery()))
 

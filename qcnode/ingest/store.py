@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from qcnode.config import Config
 from qcnode.db.models import DoseReport, Instance, QuarantineRecord, Series, Study, utcnow
+from qcnode.db.states import SeriesState
 from qcnode.dicom.dose import dose_fields
 from qcnode.dicom.pixels import CT_IMAGE_CLASSES, decode_public_elements, int_or_none
 from qcnode.dicom.privacy import load_or_create_key, pseudonymise
@@ -159,7 +160,7 @@ class InstanceStore:
                 **fields, "series_instance_uid": series_uid,
                 "modality": str(ds.get("Modality", "") or "") or None,
                 "series_number": int_or_none(ds.get("SeriesNumber")),
-                "first_received_at": now, "last_received_at": now, "status": "receiving", "version": 0,
+                "first_received_at": now, "last_received_at": now, "status": SeriesState.RECEIVING, "version": 0,
                 "instance_count": 0}),
             instance_values=_clip(Instance, {
                 **fields, "sop_instance_uid": sop_uid, "sop_class_uid": sop_class,

@@ -221,6 +221,7 @@ def _service_loops(cfg: Config, roles: Roles, sf: Callable[[], Session], spool: 
                                  cfg.series.tracker_interval_seconds))
     if roles.worker:
         from qcnode.db.models import Delivery
+        from qcnode.db.states import DeliveryState
         from qcnode.db.queue import make_owner, release_dead_local_leases
         from qcnode.delivery.outbox import OutboxSender
         from qcnode.scoring.worker import Worker
@@ -230,7 +231,7 @@ def _service_loops(cfg: Config, roles: Roles, sf: Callable[[], Session], spool: 
                                  setup=worker.prepare, error_event="worker_loop_error"))
         sender = OutboxSender(cfg, sf, make_owner("outbox"))
         with sf() as s:
-            release_dead_local_leases(s, Delivery, running_status="sending")
+            release_dead_local_leases(s, Delivery, running_status=DeliveryState.SENDING)
             s.commit()
         loops.append(ServiceLoop("outbox", sender.run_once, cfg.outbox.poll_interval_seconds))
     return loops
