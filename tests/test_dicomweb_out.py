@@ -156,6 +156,25 @@ def test_failed_sop_sequence_is_a_failure(stub, sr_file):
     assert e.value.permanent
 
 
+FAILED_XML = """<?xml version="1.0" encoding="UTF-8"?>
+<NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">
+  <DicomAttribute tag="00081198" vr="SQ" keyword="FailedSOPSequence"><Item number="1">
+    <DicomAttribute tag="00081155" vr="UI" keyword="ReferencedSOPInstanceUID"><Value number="1">{uid}</Value></DicomAttribute>
+    <DicomAttribute tag="00081197" vr="US" keyword="FailureReason"><Value number="1">{reason}</Value></DicomAttribute>
+  </Item></DicomAttribute>
+</NativeDicomModel>"""
+
+
+def test_failed_sop_sequence_in_an_xml_response(stub, sr_file):
+    """A server answering in DICOM XML (PS3.19 Native DICOM Model) is read as well as DICOM JSON."""
+    uid = str(pydicom.dcmread(sr_file, stop_before_pixels=True).SOPInstanceUID)
+    s = stub(409, FAILED_XML.format(uid=uid, reason=0xC000))
+    s.content_type = "application/dicom+xml"
+    with pytest.raises(DeliveryError, match=rf"HTTP 409 Conflict: 1 instance\(s\) failed: {uid}: 0xC000") as e:
+        stow_files(web("w", s.url), [sr_file], timeout=10)
+    assert e.value.permanent
+
+
 def test_success_must_list_what_was_sent(stub, sr_file):
     uid = str(pydicom.dcmread(sr_file, stop_before_pixels=True).SOPInstanceUID)
     listed = {"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [uid]}}]}}

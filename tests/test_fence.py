@@ -25,7 +25,8 @@ from qcnode.net import compat
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = PROJECT_ROOT / "qcnode"
 FENCED_PACKAGE = PACKAGE / "net"
-FENCED_LIBRARIES = ("pynetdicom", "highdicom", "socketserver")
+FENCED_LIBRARIES = ("pynetdicom", "highdicom", "socketserver", "dicomweb_client", "pydicom", "fastapi", "starlette",
+                    "uvicorn", "sqlalchemy", "torch", "timm")
 FENCED_MODULE_PREFIX = "qcnode.net"  # its classes are pynetdicom's subclasses, its private members its own
 # the receiver of a "._x" that is (most likely) a pynetdicom object: association, DUL, ACSE, AE,
 # server, DIMSE, socket, primitive, PDU, event, request, presentation context, timer

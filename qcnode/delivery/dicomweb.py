@@ -19,7 +19,8 @@ Errors name the HTTP status first and the server's reason (failed SOP instances 
 failure reasons, or the server's message), never a credential: the url holds none (checked when
 the config is loaded), and passwords and tokens go only into the request's Authorization header.
 
-Files are sent as stored (no transcoding), in requests of at most ``MAX_BATCH_BYTES``; the
+Files are read with pydicom and sent in their own transfer syntax (dicomweb-client re-encodes the
+dataset, so the bytes may differ from the spool file's), in requests of at most ``MAX_BATCH_BYTES``; the
 outbox re-sends the whole payload on a retry, and DICOMweb servers store a duplicate instance
 again without error.
 """
@@ -168,13 +169,29 @@ def _response_dataset(response: requests.Response | None) -> pydicom.Dataset | N
         except Exception:  # noqa: BLE001 - a malformed body is reported as unreadable
             return None
     if response.content.lstrip().startswith(b"<"):
-        try:  # dicomweb-client's reader of the DICOM XML (Native DICOM Model) response
+        try:
             from xml.etree.ElementTree import fromstring
-            from dicomweb_client.web import _load_xml_dataset
-            return _load_xml_dataset(fromstring(response.content))
-        except Exception:  # noqa: BLE001
+            return pydicom.Dataset.from_json(_native_model_json(fromstring(response.content)))
+        except Exception:  # noqa: BLE001 - a malformed body is reported as unreadable
             return None
     return None
+
+
+_NUMERIC_VRS = {"US": int, "UL": int, "SS": int, "SL": int, "UV": int, "SV": int, "FL": float, "FD": float}
+
+
+def _native_model_json(element: Any) -> dict[str, Any]:
+    """A DICOM XML (PS3.19 Native DICOM Model) element as DICOM JSON (PS3.18 F.2), for pydicom."""
+    out: dict[str, Any] = {}
+    for attr in element.findall("{*}DicomAttribute"):
+        vr = attr.get("vr") or "UN"
+        if vr == "SQ":
+            values: list[Any] = [_native_model_json(item) for item in attr.findall("{*}Item")]
+        else:
+            cast = _NUMERIC_VRS.get(vr, str)
+            values = [cast(v.text) for v in attr.findall("{*}Value") if v.text is not None]
+        out[str(attr.get("tag")).upper()] = {"vr": vr, "Value": values} if values else {"vr": vr}
+    return out
 
 
 def _server_message(response: requests.Response) -> str:

@@ -31,7 +31,7 @@ from qcnode.db.states import DeliveryState, superseded
 from qcnode.delivery.scu import DeliveryError, send_datasets
 from qcnode.log import get_logger
 
-log = get_logger(__name__)
+log = get_logger("qcnode.outbox")  # the name logs had before the move to delivery/
 
 KIND_SR = "sr"
 KIND_SERIES = "series"

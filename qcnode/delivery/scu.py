@@ -20,7 +20,7 @@ from pynetdicom import AE
 from qcnode.config import Destination
 from qcnode.log import get_logger
 
-log = get_logger(__name__)
+log = get_logger("qcnode.dicom.scu")  # the name logs had before the move to delivery/
 
 UNCOMPRESSED = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
 # pynetdicom: more than 128 presentation contexts cannot be proposed in one association

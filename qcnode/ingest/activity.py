@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qcnode.log import get_logger
 
-log = get_logger("qcnode.ingest.activity")
+log = get_logger("qcnode.activity")  # the name logs had before the move to ingest/
 
 ACTIVITY_FILE = ".receiving"  # in the spool root
 _SLOT = struct.Struct("d")

@@ -39,7 +39,7 @@ from qcnode.scoring.summary import finite_mean, finite_median, summarise
 from qcnode.scoring.types import (ModelIdentity, PreparedReport, ResultPublisher, SeriesPhysics, SeriesSummary,
                                   SliceResult, SRRequest)
 
-log = get_logger("qcnode.scoring.worker")
+log = get_logger("qcnode.worker")  # the name logs had before the move to scoring/
 
 CHUNK_INSTANCES = 32  # instances decoded at a time (bounds memory for long series)
 JOB_RETRY_INITIAL_SECONDS = 2.0  # a failed job is retried after 2 s, doubling per attempt ...

@@ -111,7 +111,7 @@ def plan_processes(cfg: Config, options: ServeOptions) -> ProcessPlan:
     children = [ChildSpec(f"scp{i}", Roles(scp=True), listener_slot=i) for i in range(1, n_scp)]
     if worker_child:
         children.append(ChildSpec("worker", Roles(tracker=True, worker=True), nice=cfg.worker.nice))
-    if options.scp and cfg.http.enabled:
+    if cfg.http.enabled:  # on receiving and on worker-only nodes alike (health checks, DICOMweb in)
         children.append(ChildSpec("http", Roles(http=True)))
     here = Roles(scp=options.scp, tracker=not worker_child, worker=run_worker and not worker_child)
     return ProcessPlan(here, tuple(children), scp_processes_configured=configured)
@@ -155,25 +155,33 @@ def run_process(cfg: Config, plan: ProcessPlan, stop: threading.Event | None = N
     http_sock = _http_socket(cfg) if any(c.roles.http for c in plan.children) else None
     scp = None
     children: list[ChildProcess] = []
-    if roles.scp:
-        scp, children = _start_receiving(cfg, plan, sf, spool, listener)
-    for spec in plan.children:
-        if spec.listener_slot is None:
-            children.append(ChildProcess(cfg, spec, http_sock if spec.roles.http else None))
-            children[-1].start()
-    threads = [loop.start(stop) for loop in _service_loops(cfg, roles, sf, spool)]
-    scheduler = _start_audit(cfg, sf) if roles.worker else None
-    log.info("serve_ready", scp=roles.scp, worker=plan.runs_worker, port=scp.port if scp else None,
-             database=engine.url.get_backend_name(), children={c.role: c.pid for c in children})
-    if ready is not None:
-        ready.set()
-    while not stop.is_set():
-        stop.wait(0.5)
-        if not stop.is_set():
-            for child in children:
-                child.keep_alive()
-    _shut_down(scp, children, scheduler, threads)
-    engine.dispose()
+    threads: list[threading.Thread] = []
+    scheduler = None
+    try:  # whatever fails on the way up, what was started is stopped again
+        if roles.scp:
+            scp = _start_receiving(cfg, plan, sf, spool, listener, children)
+        for spec in plan.children:
+            if spec.listener_slot is None:
+                children.append(ChildProcess(cfg, spec, http_sock if spec.roles.http else None))
+                children[-1].start()
+        threads = [loop.start(stop) for loop in _service_loops(cfg, roles, sf, spool)]
+        scheduler = _start_audit(cfg, sf) if roles.worker else None
+        for child in children:  # serve_ready: the HTTP server answers too
+            if child.spec.roles.http:
+                child.wait_ready(timeout=60.0)
+        log.info("serve_ready", scp=roles.scp, worker=plan.runs_worker, port=scp.port if scp else None,
+                 database=engine.url.get_backend_name(), children={c.role: c.pid for c in children})
+        if ready is not None:
+            ready.set()
+        while not stop.is_set():
+            stop.wait(0.5)
+            if not stop.is_set():
+                for child in children:
+                    child.keep_alive()
+    finally:
+        stop.set()
+        _shut_down(scp, children, scheduler, threads)
+        engine.dispose()
     return 0
 
 
@@ -187,23 +195,21 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def _start_receiving(cfg: Config, plan: ProcessPlan, sf: Callable[[], Session], spool: Spool,
-                     listener: Any) -> tuple[Any, list[ChildProcess]]:
-    """Start the SCP children (on a shared listening socket, opened here) and wait until they
-    listen, then this process's SCP; returns (SCP, children)."""
+                     listener: Any, children: list[ChildProcess]) -> Any:
+    """Start the SCP children (on a shared listening socket, opened here; appended to ``children``
+    as they start) and wait until they listen, then this process's SCP; returns the SCP."""
     from qcnode.ingest.scp import StorageSCP
-    children: list[ChildProcess] = []
     if listener is None and plan.scp_children:
         from qcnode.net.listener import open_shared_listener
         listener = open_shared_listener(cfg.node.host, cfg.node.port, 1 + len(plan.scp_children))
-        children = [ChildProcess(cfg, spec, listener.for_process(spec.listener_slot))
-                    for spec in plan.scp_children]
-        for child in children:
-            child.start()
+        for spec in plan.scp_children:
+            children.append(ChildProcess(cfg, spec, listener.for_process(spec.listener_slot)))
+            children[-1].start()
         for child in children:  # so that serve_ready means every receiving process is up
             child.wait_ready(timeout=120.0)
     scp = StorageSCP(cfg, sf, spool)
     scp.start(listener=listener)
-    return scp, children
+    return scp
 
 
 def _http_socket(cfg: Config) -> Any:
@@ -218,7 +224,7 @@ def _service_loops(cfg: Config, roles: Roles, sf: Callable[[], Session], spool: 
         from qcnode.tracking.series import track_once
         loops.append(ServiceLoop("tracker", functools.partial(track_once, sf, cfg.series.stable_seconds,
                                                               cfg.worker.retry_failed_seconds),
-                                 cfg.series.tracker_interval_seconds))
+                                 cfg.series.tracker_interval_seconds, logger="qcnode.series"))
     if roles.worker:
         from qcnode.db.models import Delivery
         from qcnode.db.states import DeliveryState
@@ -228,7 +234,7 @@ def _service_loops(cfg: Config, roles: Roles, sf: Callable[[], Session], spool: 
         from qcnode.service.publish import ReportPublisher
         worker = Worker(cfg, sf, spool, ReportPublisher(cfg))
         loops.append(ServiceLoop("worker", worker.run_once, cfg.worker.poll_interval_seconds,
-                                 setup=worker.prepare, error_event="worker_loop_error"))
+                                 setup=worker.prepare, error_event="worker_loop_error", logger="qcnode.worker"))
         sender = OutboxSender(cfg, sf, make_owner("outbox"))
         with sf() as s:
             release_dead_local_leases(s, Delivery, running_status=DeliveryState.SENDING)

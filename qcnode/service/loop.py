@@ -13,8 +13,6 @@ from typing import Any, Callable
 
 from qcnode.log import get_logger
 
-log = get_logger("qcnode.service.loop")
-
 
 @dataclass(frozen=True)
 class ServiceLoop:
@@ -24,6 +22,7 @@ class ServiceLoop:
     interval: float
     setup: Callable[[], Any] | None = None  # e.g. load the model (an exception here ends the loop)
     error_event: str = ""
+    logger: str = "qcnode.daemon"  # the logger of the error event (each loop keeps the name it logged under)
 
     def run(self, stop: threading.Event) -> None:
         """Run in the calling thread until ``stop`` is set."""
@@ -34,7 +33,7 @@ class ServiceLoop:
             try:
                 busy = self.step()
             except Exception as exc:  # noqa: BLE001 - keep the loop alive, log the error
-                log.error(event, error=f"{type(exc).__name__}: {exc}")
+                get_logger(self.logger).error(event, error=f"{type(exc).__name__}: {exc}")
                 busy = False
             if not busy:
                 stop.wait(self.interval)
