@@ -148,6 +148,22 @@ class AuditConfig:
 
 
 @dataclass
+class DashboardConfig:
+    secret_key_file: str = "var/dashboard.key"
+    page_size: int = 50
+    protocols_days: int = 90
+    scatter_max_points: int = 3000
+
+
+@dataclass
+class AlertsConfig:
+    webhook_verdict_fail: str = ""
+    webhook_audit_flag: str = ""
+    webhook_timeout_seconds: float = 10.0
+    webhook_lookback_hours: float = 24.0
+
+
+@dataclass
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -160,6 +176,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     base_dir: Path = field(default=PROJECT_ROOT)
 
     def path(self, value: str) -> Path:
@@ -349,6 +367,15 @@ def _validate(cfg: Config) -> None:
     _check(hh.isdigit() and mm.isdigit() and 0 <= int(hh) < 24 and 0 <= int(mm) < 60,
            f"audit.time_of_day must be HH:MM (24 h), got {cfg.audit.time_of_day!r}")
     _check(cfg.audit.baseline_days >= 1, "audit.baseline_days must be at least 1")
+    _check(1 <= cfg.dashboard.page_size <= 1000, "dashboard.page_size must be 1-1000")
+    _check(cfg.dashboard.protocols_days >= 1, "dashboard.protocols_days must be at least 1")
+    _check(cfg.dashboard.scatter_max_points >= 1, "dashboard.scatter_max_points must be at least 1")
+    for key in ("webhook_verdict_fail", "webhook_audit_flag"):
+        url = getattr(cfg.alerts, key)
+        _check(not url or url.startswith(("http://", "https://")),
+               f"alerts.{key} must be an http:// or https:// URL (or empty), got {url!r}")
+    _check(cfg.alerts.webhook_timeout_seconds > 0, "alerts.webhook_timeout_seconds must be positive")
+    _check(cfg.alerts.webhook_lookback_hours > 0, "alerts.webhook_lookback_hours must be positive")
 
 
 def database_url_problem(url: str) -> str | None:

@@ -71,6 +71,7 @@ class Series(Base):
 class Instance(Base):
     """One received SOP instance, durable in the spool. Header dose fields are per instance."""
     __tablename__ = "instances"
+    __table_args__ = (Index("ix_instances_kernel_series", "kernel", "series_id"),)  # dashboard filter
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
@@ -118,7 +119,8 @@ class SliceScore(Base):
 class SeriesResult(Base):
     """Summary and verdict of one scoring round of a series; one SR per row."""
     __tablename__ = "series_results"
-    __table_args__ = (UniqueConstraint("series_id", "version", name="uq_series_result_version"),)
+    __table_args__ = (UniqueConstraint("series_id", "version", name="uq_series_result_version"),
+                      Index("ix_series_results_verdict_created", "verdict", "created_at"))  # alert list
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     version: Mapped[int] = mapped_column()
@@ -209,3 +211,4 @@ class DoseReport(Base):
 
 
 from qcnode.db import audit_models as _audit_models  # noqa: E402,F401  (audit tables, migration 0002)
+from qcnode.db import alert_models as _alert_models  # noqa: E402,F401  (alert tables, migration 0004)
