@@ -85,6 +85,34 @@ def claim_rows(session: Session, model: type[T], owner: str, lease_seconds: floa
     return rows
 
 
+def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
+    """Delay before the next try after ``attempts`` failed tries: initial * 2**(attempts-1), capped."""
+    return float(min(initial * 2.0 ** min(max(attempts - 1, 0), 64), maximum))
+
+
+def settle_attempt(row: Any, error: str | None, *, max_attempts: int, backoff_initial: float,
+                   backoff_max: float, dead: bool = False) -> dict[str, Any]:
+    """Record the outcome of one send attempt on a claimed outbox row (``deliveries``,
+    ``alert_webhooks``): ``delivered``; or back to ``pending`` after the exponential back-off; or
+    ``dead`` (a dead letter) after ``max_attempts`` or when ``dead``. Releases the lease (caller
+    commits). Returns fields for the log line."""
+    row.lease_owner = None
+    row.lease_expires_at = None
+    if error is None:
+        row.status = "delivered"
+        row.delivered_at = utcnow()
+        row.last_error = None
+        return {"outcome": "delivered"}
+    row.last_error = error[:4000]
+    if dead or row.attempts >= max_attempts:
+        row.status = "dead"
+        return {"outcome": "dead"}
+    delay = backoff_seconds(row.attempts, backoff_initial, backoff_max)
+    row.status = "pending"
+    row.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
+    return {"outcome": "retry", "retry_in_s": round(delay, 3)}
+
+
 def renew_lease(session: Session, model: type, row_id: int, owner: str, lease_seconds: float) -> bool:
     """Extend the lease of a row still held by ``owner``; False if it was lost (caller commits)."""
     m: Any = model

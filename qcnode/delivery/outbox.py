@@ -12,7 +12,6 @@ Status lives in SQL: ``SELECT destination, kind, status, attempts, last_error FR
 """
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from qcnode.config import Config, Destination
 from qcnode.db.models import Delivery, Instance, Series, SeriesResult, Study, utcnow
-from qcnode.db.queue import LeaseKeeper, claim_rows
+from qcnode.db.queue import LeaseKeeper, backoff_seconds, claim_rows, settle_attempt  # noqa: F401
 from qcnode.delivery.scu import DeliveryError, send_datasets
 from qcnode.log import get_logger
 
@@ -84,11 +83,6 @@ def enqueue(session: Session, series_result: SeriesResult, cfg: Config) -> list[
                         Delivery.destination == dest.name, Delivery.kind == kind)).one()
             out.append(row)
     return out
-
-
-def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
-    """Delay before the next try after ``attempts`` failed tries: initial * 2**(attempts-1), capped."""
-    return float(min(initial * 2.0 ** min(max(attempts - 1, 0), 64), maximum))
 
 
 class OutboxSender:
@@ -157,28 +151,16 @@ class OutboxSender:
             if d is None or d.lease_owner != self.owner or d.status != SENDING:
                 session.commit()
                 return {"outcome": "lease_lost"}
-            d.lease_owner = None
-            d.lease_expires_at = None
             if superseded:
+                d.lease_owner = None
+                d.lease_expires_at = None
                 d.status = SUPERSEDED
                 d.last_error = "not sent: the series received new instances; the next result is sent instead"
                 info: dict[str, Any] = {"outcome": SUPERSEDED}
-            elif error is None:
-                d.status = "delivered"
-                d.delivered_at = utcnow()
-                d.last_error = None
-                info = {"outcome": "delivered"}
             else:
-                d.last_error = error[:4000]
-                if dead or d.attempts >= self.cfg.outbox.max_attempts:
-                    d.status = "dead"
-                    info = {"outcome": "dead"}
-                else:
-                    delay = backoff_seconds(d.attempts, self.cfg.outbox.backoff_initial_seconds,
-                                            self.cfg.outbox.backoff_max_seconds)
-                    d.status = "pending"
-                    d.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
-                    info = {"outcome": "retry", "retry_in_s": round(delay, 3)}
+                ob = self.cfg.outbox
+                info = settle_attempt(d, error, max_attempts=ob.max_attempts, backoff_initial=ob.backoff_initial_seconds,
+                                      backoff_max=ob.backoff_max_seconds, dead=dead)
             session.commit()
             return info
 

@@ -1,10 +1,10 @@
 """``qcnode serve``: the long-running process.
 
 Threads: the Storage SCP (pynetdicom, one thread per association), the series tracker, the
-scoring worker, the outbox sender, and the nightly audit (APScheduler). SIGTERM/SIGINT: stop
-accepting associations, let the in-flight C-STORE finish, stop the loops between jobs (a job
-interrupted mid-way keeps its lease and is retried: after a restart on this host at once,
-elsewhere when the lease expires), exit 0. The database is migrated on start.
+scoring worker, the outbox sender, the alert webhooks (when configured), and the nightly audit
+(APScheduler). SIGTERM/SIGINT: stop accepting associations, let the in-flight C-STORE finish, stop
+the loops between jobs (a job interrupted mid-way keeps its lease and is retried: after a restart
+on this host at once, elsewhere when the lease expires), exit 0. The database is migrated on start.
 """
 from __future__ import annotations
 
@@ -144,6 +144,10 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
                 release_dead_local_leases(s, Delivery, running_status="sending")
                 s.commit()
             spawn("outbox", _loop, "outbox", sender.run_once, cfg.outbox.poll_interval_seconds, stop)
+        if cfg.alerts.webhook_verdict_fail or cfg.alerts.webhook_audit_flag:
+            from qcnode.alerts.webhooks import WebhookSender
+            hooks = WebhookSender(cfg, sf, make_owner("webhooks"))
+            spawn("webhooks", _loop, "webhooks", hooks.run_once, cfg.outbox.poll_interval_seconds, stop)
         scheduler = _start_audit(cfg, sf)
     log.info("serve_ready", scp=run_scp, worker=run_worker, port=scp.port if scp else None,
              database=engine.url.get_backend_name(), children={c.role: c.pid for c in children})
