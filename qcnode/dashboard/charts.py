@@ -53,7 +53,7 @@ def box_chart(groups: list[dict[str, Any]], metric: str) -> dict[str, Any]:
                                             METRIC_TITLES[metric], boxmode="group")}
 
 
-def trend_chart(trends: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+def trend_chart(trends: list[dict[str, Any]], metric: str, since: str, until: str) -> dict[str, Any]:
     """Daily medians of ``metric`` per protocol x scanner, each with the latest audit's baseline
     band (the range the drift flag allows) as a shaded area in the protocol's colour."""
     data = []
@@ -66,7 +66,7 @@ def trend_chart(trends: list[dict[str, Any]], metric: str) -> dict[str, Any]:
         band = (t.get("baseline") or {}).get(metric)
         x = [d["date"] for d in days]
         if band:
-            ends = [x[0], x[-1]] if len(x) > 1 else [x[0], x[0]]
+            ends = [since, until]
             data.append({"type": "scatter", "mode": "lines", "x": ends, "y": [band["high"]] * 2, "showlegend": False,
                          "line": {"width": 0, "color": colour}, "hoverinfo": "skip", "name": label + " baseline high"})
             data.append({"type": "scatter", "mode": "lines", "x": ends, "y": [band["low"]] * 2, "fill": "tonexty",
@@ -74,8 +74,9 @@ def trend_chart(trends: list[dict[str, Any]], metric: str) -> dict[str, Any]:
                          "name": label + " baseline band", "hoverinfo": "skip", "legendgroup": label})
         data.append({"type": "scatter", "mode": "lines+markers", "x": x, "y": [d[metric] for d in days],
                      "name": label, "legendgroup": label, "line": {"color": colour}})
-    return {"data": data, "layout": _layout(f"Daily median {METRIC_TITLES[metric]} vs audit baseline", "date",
-                                            METRIC_TITLES[metric])}
+    layout = _layout(f"Daily median {METRIC_TITLES[metric]} vs audit baseline", "date", METRIC_TITLES[metric])
+    layout["xaxis"].update(type="date", range=[since, until], tickformat="%Y-%m-%d")
+    return {"data": data, "layout": layout}
 
 
 def scatter_chart(points: list[dict[str, Any]]) -> dict[str, Any]:

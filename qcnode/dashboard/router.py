@@ -242,7 +242,7 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
             data = queries.protocols(s, cfg, **args)
             choices = queries.filter_choices(s)
         figs = {f"box-{m}": charts.box_chart(data["groups"], m) for m in queries.METRICS}
-        figs.update({f"trend-{m}": charts.trend_chart(data["trends"], m) for m in ("score", "noise")})
+        figs.update({f"trend-{m}": charts.trend_chart(data["trends"], m, data["since"], data["until"]) for m in ("score", "noise")})
         figs["scatter"] = charts.scatter_chart(data["scatter"])
         query = "&".join(f"{k}={v}" for k, v in (("since", args["since"]), ("until", args["until"]),
                                                  ("scanner", args["scanner"] or ""),
