@@ -174,6 +174,19 @@ def test_roles_tokens_and_csrf(dash):
     assert r.status_code == 303 and "queued" in r.headers["location"]
 
 
+def test_behind_a_reverse_proxy_links_carry_the_root_path(dash):
+    """A proxy that strips /qcnode: the ASGI root_path puts it back into every link, form, script
+    and the CSRF cookie's path."""
+    client, sf, seeded, cfg = dash
+    c = TestClient(make_test_app(sf, cfg), root_path="/qcnode", headers=READ)
+    r = c.get("/alerts")
+    assert r.status_code == 200
+    assert 'href="/qcnode/series"' in r.text and 'src="/qcnode/static/dashboard.js"' in r.text
+    assert f'action="/qcnode/alerts/verdict_fail/{seeded.fail_result_ids[0]}/ack"' in r.text
+    assert "Path=/qcnode;" in r.headers["set-cookie"]
+    assert 'href="/series' not in c.get("/series").text
+
+
 def test_acknowledge_and_rescore_via_api_are_logged(dash):
     client, sf, seeded, _ = dash
     c = client()
@@ -194,6 +207,10 @@ def test_acknowledge_and_rescore_via_api_are_logged(dash):
     with sf() as s:
         assert s.get(Series, sid).status == "stable"
         assert s.scalars(select(Job.series_version).where(Job.series_id == sid)).all() == [2]
+    # round 2 is queued, not scored: the list and the protocols still show round 1
+    row = next(r for r in c.get("/api/v1/series", headers=READ).json()["rows"] if r["series_id"] == sid)
+    assert (row["version"], row["verdict"], row["status"]) == (1, "PASS", "stable")
+    assert c.get("/api/v1/protocols", headers=READ).json()["n_series"] == 5
     alerts = c.get("/api/v1/alerts", headers=READ).json()
     assert alerts["total"] == 3 and alerts["unacknowledged"] == 2
     acked = next(a for a in alerts["rows"] if a["alert_id"] == f"audit_flag:{flag}")

@@ -4,7 +4,8 @@ Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-06 08:00:00
 
-``instances(kernel, series_id)`` serves the series list's kernel filter (one probe per series) and
+``series(protocol_name)`` and ``series(manufacturer, model_name, station_name)`` serve the series
+list's protocol and scanner filters; ``instances(kernel, series_id)`` serves the series list's kernel filter (one probe per series) and
 the list of kernels (a loose index scan instead of reading every instance);
 ``series_results(verdict, created_at)`` the alert list (FAIL verdicts, newest first).
 ``alert_acks`` stores who acknowledged an alert (a FAIL verdict or an audit flag, named by
@@ -22,6 +23,9 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("series") as batch_op:
+        batch_op.create_index("ix_series_protocol_name", ["protocol_name"], unique=False)
+        batch_op.create_index("ix_series_scanner", ["manufacturer", "model_name", "station_name"], unique=False)
     with op.batch_alter_table("instances") as batch_op:
         batch_op.create_index("ix_instances_kernel_series", ["kernel", "series_id"], unique=False)
     with op.batch_alter_table("series_results") as batch_op:
@@ -66,3 +70,6 @@ def downgrade() -> None:
         batch_op.drop_index("ix_series_results_verdict_created")
     with op.batch_alter_table("instances") as batch_op:
         batch_op.drop_index("ix_instances_kernel_series")
+    with op.batch_alter_table("series") as batch_op:
+        batch_op.drop_index("ix_series_scanner")
+        batch_op.drop_index("ix_series_protocol_name")

@@ -21,7 +21,7 @@ ROLES = ("read", "admin")
 
 
 def create_app(session_factory: Callable[[], Any], cfg: Config, tokens: dict[str, str] | None = None,
-               loopback_role: str | None = None, root_path: str = "") -> FastAPI:
+               loopback_role: str | None = None) -> FastAPI:
     """FastAPI app serving the dashboard with bearer tokens (token -> role)."""
     tokens = dict(tokens or {})
 
@@ -51,8 +51,7 @@ def create_app(session_factory: Callable[[], Any], cfg: Config, tokens: dict[str
     def current_user(request: Request) -> dict[str, str] | None:
         return identify(request)
 
-    app = FastAPI(title="qcnode", summary="Quality control of low-dose CT: dashboard and API",
-                  root_path=root_path)
+    app = FastAPI(title="qcnode", summary="Quality control of low-dose CT: dashboard and API")
     app.include_router(build_router(session_factory, cfg, require_read=require_read,
                                     require_admin=require_admin, current_user=current_user))
     return app
@@ -69,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--root-path", default="")
+    p.add_argument("--root-path", default="", help="path prefix of a reverse proxy, e.g. /qcnode")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     configure_logging(cfg.logging.level, cfg.path(cfg.logging.file) if cfg.logging.file else None)
-    app = create_app(session_factory(make_engine(cfg.database_url)), cfg, loopback_role="admin",
-                     root_path=args.root_path)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", proxy_headers=True)
+    app = create_app(session_factory(make_engine(cfg.database_url)), cfg, loopback_role="admin")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", proxy_headers=True,
+                root_path=args.root_path)
     return 0
 
 

@@ -10,6 +10,7 @@ result per row (unique ``(series_id, version)``), kernels use ``instances(kernel
 from __future__ import annotations
 
 import datetime as dt
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -20,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session, aliased
 
-from qcnode.audit.stats import METRICS, SeriesRow, daily_medians, group_stats
+from qcnode.audit.stats import METRICS
 from qcnode.config import Config
 from qcnode.db.alert_models import ALERT_AUDIT_FLAG, ALERT_VERDICT_FAIL, AlertAck, AlertWebhook
 from qcnode.db.audit_models import AuditFlag, AuditProtocolStat, AuditRun
@@ -49,6 +50,13 @@ def _latest_version() -> Any:
     """Correlated subquery: the highest scored version of the outer ``series`` row."""
     r2 = aliased(SeriesResult)
     return select(func.max(r2.version)).where(r2.series_id == Series.id).scalar_subquery()
+
+
+def _is_latest(r: Any) -> Any:
+    """``r`` (a series_results alias joined to ``series``) is its series' latest round. A result of
+    the round last queued (``series.version``) is the latest by construction: tested first, it spares
+    most rows the subquery (the databases stop at the first true term of an OR)."""
+    return sa.or_(r.version == Series.version, r.version == _latest_version())
 
 
 def _iso(value: Any) -> Any:
@@ -163,7 +171,34 @@ class SeriesFilter:
         return {k: str(v) for k, v in out.items()}
 
 
-def _series_select(flt: SeriesFilter, show_patient_key: bool) -> tuple[Any, Any]:
+SCANNER_COLUMNS = (Series.manufacturer, Series.model_name, Series.station_name)
+
+
+def _raw_values(session: Session, columns: tuple[Any, ...]) -> dict[str, list[tuple[Any, ...]]]:
+    """Label (``protocol_expr`` / ``scanner_expr``) -> the raw column values that give it (cached)."""
+    label = protocol_expr() if len(columns) == 1 else scanner_expr()
+
+    def compute() -> dict[str, list[tuple[Any, ...]]]:
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        for row in session.execute(select(label, *columns).distinct()):
+            out.setdefault(row[0], []).append(tuple(row[1:]))
+        return out
+    return _cached(("raw", len(columns), str(session.get_bind().url)), 60.0, compute)
+
+
+def _raw_match(session: Session, columns: tuple[Any, ...], label: str) -> Any:
+    """An indexable condition (``series(protocol_name)``, ``series(manufacturer, model_name,
+    station_name)``) matching the rows whose label is ``label``. The raw values are cached for a minute:
+    a label not seen yet costs a full scan (``true``), and the label condition stays beside this one, so
+    a row is never wrong; a new raw spelling of a known label (say "" beside NULL) shows within a minute."""
+    raw = _raw_values(session, columns).get(label)
+    if not raw:
+        return sa.true()
+    return sa.or_(*[and_(*[c.is_(None) if v is None else c == v for c, v in zip(columns, values)])
+                    for values in raw])
+
+
+def _series_select(session: Session, flt: SeriesFilter, show_patient_key: bool) -> tuple[Any, Any]:
     """(SELECT of the list's columns with the filters applied, result alias)."""
     r = aliased(SeriesResult, name="r")
     cols = [Series.id.label("series_id"), Series.series_instance_uid, Study.study_instance_uid,
@@ -175,7 +210,7 @@ def _series_select(flt: SeriesFilter, show_patient_key: bool) -> tuple[Any, Any]
     if show_patient_key:
         cols.insert(3, Study.patient_key)
     stmt = (select(*cols).select_from(Series).join(Study, Study.id == Series.study_id)
-            .outerjoin(r, and_(r.series_id == Series.id, r.version == _latest_version())))
+            .outerjoin(r, and_(r.series_id == Series.id, _is_latest(r))))
     conds = []
     if flt.date_from:
         conds.append(Series.last_received_at >= dt.datetime.combine(flt.date_from, dt.time(), dt.timezone.utc))
@@ -184,8 +219,10 @@ def _series_select(flt: SeriesFilter, show_patient_key: bool) -> tuple[Any, Any]
                                                                    dt.timezone.utc))
     if flt.scanner:
         conds.append(scanner_expr() == flt.scanner)
+        conds.append(_raw_match(session, SCANNER_COLUMNS, flt.scanner))
     if flt.protocol:
         conds.append(protocol_expr() == flt.protocol)
+        conds.append(_raw_match(session, (Series.protocol_name,), flt.protocol))
     if flt.body_part:
         conds.append(Series.body_part == flt.body_part)
     if flt.verdict:
@@ -215,7 +252,7 @@ def _series_row(row: Any) -> dict[str, Any]:
 
 def list_series(session: Session, flt: SeriesFilter, show_patient_key: bool) -> dict[str, Any]:
     """One page of the filtered, sorted series list: ``{"total", "page", "page_size", "rows"}``."""
-    stmt, _ = _series_select(flt, show_patient_key)
+    stmt, _ = _series_select(session, flt, show_patient_key)
     total = int(session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0)
     rows = session.execute(stmt.limit(flt.page_size).offset((flt.page - 1) * flt.page_size)).all()
     return {"total": total, "page": flt.page, "page_size": flt.page_size, "rows": [_series_row(x) for x in rows]}
@@ -223,7 +260,7 @@ def list_series(session: Session, flt: SeriesFilter, show_patient_key: bool) -> 
 
 def iter_series(session: Session, flt: SeriesFilter, show_patient_key: bool) -> Iterator[dict[str, Any]]:
     """Every row of the filtered list (no paging), streamed in batches (CSV download)."""
-    stmt, _ = _series_select(flt, show_patient_key)
+    stmt, _ = _series_select(session, flt, show_patient_key)
     for row in session.execute(stmt.execution_options(yield_per=1000)):
         yield _series_row(row)
 
@@ -391,6 +428,14 @@ def _box(values: list[float]) -> dict[str, float] | None:
             "upperfence": round(hi, 3), "n": int(arr.size)}
 
 
+TREND_METRICS = ("score", "noise")
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
+
+
 def protocols(session: Session, cfg: Config, since: dt.date, until: dt.date,
               scanner: str | None = None, protocol: str | None = None) -> dict[str, Any]:
     """Per protocol x scanner over the series scored in [since, until] (latest round each): box plot
@@ -402,36 +447,39 @@ def protocols(session: Session, cfg: Config, since: dt.date, until: dt.date,
     stmt = (select(Series.id, protocol_expr().label("protocol"), scanner_expr().label("scanner"), r.created_at,
                    r.mean_score, r.verdict, r.noise_hu, r.ctdivol_mgy, r.ssde_mgy)
             .select_from(r).join(Series, Series.id == r.series_id)
-            .where(r.created_at >= start, r.created_at < end, r.version == _latest_version())
+            .where(r.created_at >= start, r.created_at < end, _is_latest(r))
             .order_by(r.created_at.desc()))
     if scanner:
         stmt = stmt.where(scanner_expr() == scanner)
     if protocol:
         stmt = stmt.where(protocol_expr() == protocol)
     data = session.execute(stmt).all()
-    rows = [SeriesRow(protocol=x.protocol, scanner=x.scanner, scored_date=as_utc(x.created_at).date(),
-                      score=x.mean_score, verdict=x.verdict, noise=x.noise_hu, ctdivol=x.ctdivol_mgy,
-                      ssde=x.ssde_mgy) for x in data]
+    members: dict[tuple[str, str], list[Any]] = {}
+    for x in data:
+        members.setdefault((x.protocol, x.scanner), []).append(x)
+    columns = {"score": "mean_score", "noise": "noise_hu", "ctdivol": "ctdivol_mgy", "ssde": "ssde_mgy"}
     groups = []
-    members: dict[tuple[str, str], list[SeriesRow]] = {}
-    for row in rows:
-        members.setdefault((row.protocol, row.scanner), []).append(row)
-    for g in group_stats(rows):
-        groups.append({"protocol": g.protocol, "scanner": g.scanner, "n_series": g.n_series, "n_fail": g.n_fail,
-                       "fail_fraction": round(g.fail_fraction, 4),
-                       "box": {m: _box([getattr(x, m) for x in members[g.key]]) for m in METRICS}})
+    for (proto, scan), rows in sorted(members.items(), key=lambda kv: (kv[0][0].lower(), kv[0][1].lower())):
+        n_fail = sum(1 for x in rows if x.verdict == "FAIL")
+        groups.append({"protocol": proto, "scanner": scan, "n_series": len(rows), "n_fail": n_fail,
+                       "fail_fraction": round(n_fail / len(rows), 4),
+                       "box": {m: _box([getattr(x, c) for x in rows]) for m, c in columns.items()}})
     baseline = audit_baselines(session, cfg)
     trends = []
-    for (proto, scan), days in daily_medians(rows).items():
-        base = baseline.get((proto, scan))
-        trends.append({"protocol": proto, "scanner": scan,
-                       "days": [{"date": d.isoformat(), **{m: _round(v) for m, v in med.items()}} for d, med in days],
-                       "baseline": base})
+    for (proto, scan), rows in members.items():
+        by_day: dict[dt.date, list[Any]] = {}
+        for x in rows:
+            by_day.setdefault(as_utc(x.created_at).date(), []).append(x)
+        days = []
+        for day in sorted(by_day):
+            med = {m: _median([getattr(x, columns[m]) for x in by_day[day]]) for m in TREND_METRICS}
+            days.append({"date": day.isoformat(), **med})
+        trends.append({"protocol": proto, "scanner": scan, "days": days, "baseline": baseline.get((proto, scan))})
     trends.sort(key=lambda t: (t["protocol"].lower(), t["scanner"].lower()))
     scatter = [{"series_id": x.id, "protocol": x.protocol, "scanner": x.scanner, "score": _round(x.mean_score),
                 "ssde_mgy": _round(x.ssde_mgy), "verdict": x.verdict}
                for x in data[:cfg.dashboard.scatter_max_points] if x.mean_score is not None and x.ssde_mgy is not None]
-    return {"since": since.isoformat(), "until": until.isoformat(), "n_series": len(rows), "groups": groups,
+    return {"since": since.isoformat(), "until": until.isoformat(), "n_series": len(data), "groups": groups,
             "trends": trends, "scatter": scatter, "scatter_truncated": len(data) > cfg.dashboard.scatter_max_points}
 
 
@@ -570,7 +618,7 @@ def verdict_counts(session: Session, since: dt.datetime) -> dict[str, int]:
     """Series whose latest round was scored since ``since``, by verdict."""
     r = aliased(SeriesResult, name="r")
     stmt = (select(r.verdict, func.count()).select_from(r).join(Series, Series.id == r.series_id)
-            .where(r.created_at >= since, r.version == _latest_version()).group_by(r.verdict))
+            .where(r.created_at >= since, _is_latest(r)).group_by(r.verdict))
     counts = {v: 0 for v in VERDICTS}
     counts.update({str(v): int(n) for v, n in session.execute(stmt)})
     return counts

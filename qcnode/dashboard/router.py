@@ -288,12 +288,13 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
     @router.get("/alerts", response_class=HTMLResponse, include_in_schema=False)
     def alerts_page(request: Request) -> HTMLResponse:
         only_open = request.query_params.get("open", "1") != "0"
-        p = max(1, int(request.query_params.get("page", "1") or 1)) if request.query_params.get(
-            "page", "1").isdigit() else 1
+        raw_page = request.query_params.get("page", "1")
+        p = max(1, int(raw_page)) if raw_page.isdigit() else 1
         with read_sf() as s:
             data = queries.list_alerts(s, unacknowledged=only_open, limit=cfg.dashboard.page_size,
                                        offset=(p - 1) * cfg.dashboard.page_size)
         return page(request, "alerts.html", "Alerts", data=data, only_open=only_open, page_no=p,
+                    page_size=cfg.dashboard.page_size,
                     flash=request.query_params.get("msg"))
 
     @router.post("/alerts/{kind}/{ref_id}/ack", include_in_schema=False, dependencies=mutating)

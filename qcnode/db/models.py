@@ -43,6 +43,8 @@ class Series(Base):
     """One DICOM series. ``version`` counts scoring rounds: a late instance reopens the series
     (status back to ``receiving``) and the next scoring gets ``version + 1``."""
     __tablename__ = "series"
+    __table_args__ = (Index("ix_series_protocol_name", "protocol_name"),  # dashboard filters
+                      Index("ix_series_scanner", "manufacturer", "model_name", "station_name"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
