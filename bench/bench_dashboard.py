@@ -163,6 +163,19 @@ def seed(url: str, n_series: int) -> float:
     return time.perf_counter() - t0
 
 
+def _seeded(url: str, n_series: int) -> bool:
+    """Whether ``url`` already holds this data set (then it is measured again as it is)."""
+    import sqlalchemy as sa
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT COUNT(*) FROM series")).scalar() == n_series
+    except sa.exc.DBAPIError:
+        return False
+    finally:
+        engine.dispose()
+
+
 def measure(url: str, n_series: int, repeats: int) -> dict[str, list[float]]:
     """Time each route ``repeats`` times (after one warm-up) through the app in-process."""
     from fastapi.testclient import TestClient
@@ -217,19 +230,19 @@ def main() -> int:
     p.add_argument("--series", type=int, default=50000)
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--pg", help="URL of an empty PostgreSQL database to seed and measure too")
-    p.add_argument("--sqlite", help="SQLite file (default: a new one in a temp dir); reused if it exists")
+    p.add_argument("--sqlite", help="SQLite file (default: a new one in a temp dir)")
     p.add_argument("--skip-sqlite", action="store_true")
     args = p.parse_args()
     targets = []
     if not args.skip_sqlite:
         path = Path(args.sqlite or Path(tempfile.mkdtemp(prefix="qcnode-bench-")) / "qcnode.db")
-        targets.append(("SQLite", f"sqlite:///{path}", path.exists()))
+        targets.append(("SQLite", f"sqlite:///{path}"))
     if args.pg:
         url = args.pg.replace("postgresql://", "postgresql+psycopg2://", 1) if args.pg.startswith(
             "postgresql://") else args.pg
-        targets.append(("PostgreSQL", url, False))
-    for label, url, reuse in targets:
-        if not reuse:
+        targets.append(("PostgreSQL", url))
+    for label, url in targets:
+        if not _seeded(url, args.series):
             print(f"{label}: seeding {args.series} series, {args.series * SLICES} slice scores ...", flush=True)
             print(f"{label}: seeded in {seed(url, args.series):.0f} s", flush=True)
         report(f"{label}, {args.series} series / {args.series * SLICES} slice scores, {args.repeats} requests each",

@@ -199,7 +199,7 @@ def _raw_match(session: Session, columns: tuple[Any, ...], label: str) -> Any:
 
 
 def _series_select(session: Session, flt: SeriesFilter, show_patient_key: bool) -> tuple[Any, Any]:
-    """(SELECT of the list's columns with the filters applied, result alias)."""
+    """(SELECT of the list's columns with the filters applied and ordered, SELECT of their count)."""
     r = aliased(SeriesResult, name="r")
     cols = [Series.id.label("series_id"), Series.series_instance_uid, Study.study_instance_uid,
             Study.study_date, Series.last_received_at.label("received_at"), Series.series_description,
@@ -240,7 +240,11 @@ def _series_select(session: Session, flt: SeriesFilter, show_patient_key: bool) 
     key = SORTS[flt.sort](r)
     key = key.asc() if flt.order == "asc" else key.desc()
     tie = Series.id.asc() if flt.order == "asc" else Series.id.desc()
-    return stmt.order_by(key.nulls_last(), tie), r
+    # the count needs the result only when a filter is on it (the join adds at most one row per series)
+    count = select(func.count()).select_from(Series)
+    if flt.verdict or flt.model_version:
+        count = count.join(r, and_(r.series_id == Series.id, _is_latest(r)))
+    return stmt.order_by(key.nulls_last(), tie), count.where(*conds)
 
 
 def _series_row(row: Any) -> dict[str, Any]:
@@ -252,8 +256,8 @@ def _series_row(row: Any) -> dict[str, Any]:
 
 def list_series(session: Session, flt: SeriesFilter, show_patient_key: bool) -> dict[str, Any]:
     """One page of the filtered, sorted series list: ``{"total", "page", "page_size", "rows"}``."""
-    stmt, _ = _series_select(session, flt, show_patient_key)
-    total = int(session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0)
+    stmt, count = _series_select(session, flt, show_patient_key)
+    total = int(session.scalar(count) or 0)
     rows = session.execute(stmt.limit(flt.page_size).offset((flt.page - 1) * flt.page_size)).all()
     return {"total": total, "page": flt.page, "page_size": flt.page_size, "rows": [_series_row(x) for x in rows]}
 
