@@ -1,15 +1,17 @@
 """A real browser on real data: `qcnode serve` receives real CT series through DCMTK's storescu,
-scores them and sends the SRs to a test PACS; `qcnode audit` runs; the dashboard app runs in
+scores them, sends the SRs to a test PACS and POSTs the FAIL alerts to a webhook; `qcnode audit` runs; the dashboard app runs in
 uvicorn over the same database; Debian's headless Chromium (selenium, /usr/bin/chromedriver, nothing
 downloaded) loads every page, checks that every Plotly chart drew its traces as SVG, filters the
 series list, opens a series, acknowledges an alert and saves screenshots to tests/artifacts/."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
-import time
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pydicom
@@ -73,10 +75,23 @@ def test_browser_on_a_node_that_received_real_series(tmp_path, port, shared_ct):
     from selenium.webdriver.support.ui import Select
 
     dest = Destination(free_port()).start()
+    hook_bodies: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):  # the alert webhook's receiver
+        def do_POST(self):  # noqa: N802
+            hook_bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    hook = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
     cfg_path = write_config(
         tmp_path, port, destinations=[dest.config()], checkpoint=checkpoint_for_tests(tmp_path),
         extra={"verdict": {"warn_mean_below": 3.95, "fail_mean_below": 3.9},  # every real series FAILs: alerts
-               "audit": {"default_reference_ctdivol_mgy": 1.0}})  # and the audit flags the CTDIvol
+               "audit": {"default_reference_ctdivol_mgy": 1.0},  # and the audit flags the CTDIvol
+               "alerts": {"webhook_verdict_fail": f"http://127.0.0.1:{hook.server_port}/qc"}})
     files = (copy_series(shared_ct / "philips_head_phantom", tmp_path / "in" / "p1", n=12, pattern="I*.dcm")
              + copy_series(shared_ct / "philips_head_phantom", tmp_path / "in" / "p2", n=12, pattern="I*.dcm")
              + copy_series(shared_ct / "ge_head", tmp_path / "in" / "g1", n=12))
@@ -99,6 +114,10 @@ def test_browser_on_a_node_that_received_real_series(tmp_path, port, shared_ct):
                 return int(s.scalar(select(func.count(SeriesResult.id))) or 0)
         wait_for(lambda: scored() >= 3, 400, what="three scored series")
         wait_for(lambda: len(dest.srs()) >= 3, 120, what="three SRs at the test PACS")
+        wait_for(lambda: len(hook_bodies) >= 3, 60, what="three FAIL alerts POSTed by serve's webhook loop")
+        assert sorted(b["kind"] for b in hook_bodies) == ["verdict_fail"] * 3
+        assert all(b["verdict"] == "FAIL" for b in hook_bodies)
+        assert PATIENT_ID not in json.dumps(hook_bodies) and "Doe" not in json.dumps(hook_bodies)
         audit = qcnode_cli("audit", "--config", str(cfg_path))
         assert audit.returncode == 0, audit.stderr
 
@@ -167,6 +186,9 @@ def test_browser_on_a_node_that_received_real_series(tmp_path, port, shared_ct):
         driver.get(base + "/audit")
         assert "ctdivol_above_reference" in driver.find_element(By.ID, "audit-runs").text
         _shot(driver, "audit")
+        driver.find_element(By.LINK_TEXT, "report").click()
+        wait_for(lambda: "/report" in driver.current_url, 20, what="the audit report")
+        assert "ctdivol_above_reference" in driver.page_source  # the run's own HTML report
 
         # Alerts: acknowledge the audit flag with a comment
         driver.get(base + "/alerts")
@@ -196,6 +218,7 @@ def test_browser_on_a_node_that_received_real_series(tmp_path, port, shared_ct):
             stop_process(web)
         assert stop_process(serve) == 0
         dest.stop()
+        hook.shutdown()
         if engine is not None:
             engine.dispose()
     log = (tmp_path / "var" / "qcnode.log").read_text()
