@@ -86,6 +86,8 @@ def test_pages_and_series_list(dash):
 
     html = c.get("/series", params={"kernel": "B", "sort": "score"}, headers=READ).text
     assert len(re.findall(r'<tr data-series-id="', html)) == 2
+    kernels = re.search(r'<select name="kernel">(.*?)</select>', html, re.S).group(1)
+    assert re.findall(r"<option(?: selected)?>([^<]+)</option>", kernels) == ["B", "Br40", "SOFT", "STANDARD"]
     rows = _csv(c.get("/series.csv", params={"verdict": "PASS"}, headers=READ).text)
     assert len(rows) == 3 and {r["verdict"] for r in rows} == {"PASS"}
     assert c.get("/api/v1/series", params={"sort": "bogus"}, headers=READ).status_code == 422
@@ -345,3 +347,36 @@ def test_webhooks_retried_with_backoff_then_delivered_or_dead(dash, fail_first, 
     assert len(handler.bodies) == w.attempts
     alert = client().get("/api/v1/alerts", headers=READ).json()
     assert next(a for a in alert["rows"] if a["kind"] == "verdict_fail")["webhook"]["status"] == expected
+
+
+def test_pages_read_while_receiving_holds_the_sqlite_write_lock(tmp_path):
+    """Dashboard reads begin deferred (a WAL snapshot): a page answers at once while another
+    connection holds SQLite's write lock, as the ingest's group commit does; a plain session of
+    the same engine (BEGIN IMMEDIATE) would wait for the lock."""
+    import sqlite3
+    import time
+
+    url = f"sqlite:///{tmp_path / 'qcnode.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sf = session_factory(engine)
+    with sf() as s:
+        seed_dashboard(s)
+    cfg = Config()
+    cfg.base_dir = tmp_path
+    c = TestClient(make_test_app(sf, cfg), headers=READ)
+    writer = sqlite3.connect(tmp_path / "qcnode.db", isolation_level=None, timeout=0.1)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        t0 = time.monotonic()
+        assert c.get("/api/v1/series").json()["total"] == 5
+        assert c.get("/").status_code == 200
+        assert time.monotonic() - t0 < 5.0
+        blocked = sqlite3.connect(tmp_path / "qcnode.db", isolation_level=None, timeout=0.2)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            blocked.execute("BEGIN IMMEDIATE")  # what a read through a plain session would meet
+        blocked.close()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        engine.dispose()

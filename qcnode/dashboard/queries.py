@@ -13,7 +13,7 @@ import datetime as dt
 import statistics
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -461,7 +461,7 @@ def protocols(session: Session, cfg: Config, since: dt.date, until: dt.date,
     members: dict[tuple[str, str], list[Any]] = {}
     for x in data:
         members.setdefault((x.protocol, x.scanner), []).append(x)
-    columns = {"score": "mean_score", "noise": "noise_hu", "ctdivol": "ctdivol_mgy", "ssde": "ssde_mgy"}
+    columns = dict(zip(METRICS, ("mean_score", "noise_hu", "ctdivol_mgy", "ssde_mgy")))
     groups = []
     for (proto, scan), rows in sorted(members.items(), key=lambda kv: (kv[0][0].lower(), kv[0][1].lower())):
         n_fail = sum(1 for x in rows if x.verdict == "FAIL")
