@@ -247,12 +247,14 @@ def _series_select(session: Session, flt: SeriesFilter, show_patient_key: bool) 
         stmt = stmt.where(*conds)
     key = SORTS[flt.sort](r)
     key = key.asc() if flt.order == "asc" else key.desc()
+    if flt.sort != "received":  # NOT NULL: a plain order lets PostgreSQL walk its index backwards
+        key = key.nulls_last()
     tie = Series.id.asc() if flt.order == "asc" else Series.id.desc()
     # the count needs the result only when a filter is on it (the join adds at most one row per series)
     count = select(func.count()).select_from(Series)
     if flt.verdict or flt.model_version:
         count = count.join(r, and_(r.series_id == Series.id, _is_latest(r)))
-    return stmt.order_by(key.nulls_last(), tie), count.where(*conds)
+    return stmt.order_by(key, tie), count.where(*conds)
 
 
 def _series_row(row: Any) -> dict[str, Any]:
