@@ -138,6 +138,8 @@ def test_series_detail_protocols_audit_and_status(dash):
     assert st["dead_letters"][0]["error"] == "association rejected" and st["alerts_open"] == 3
     schema = c.get("/openapi.json").json()
     assert {"/api/v1/series", "/api/v1/alerts", "/api/v1/status", "/api/v1/protocols"} <= set(schema["paths"])
+    assert {"SeriesList", "SeriesRow", "AlertList", "Slice", "AuditRun"} <= set(schema["components"]["schemas"])
+    assert "patient_name" not in json.dumps(schema).lower() and "patientid" not in json.dumps(schema).lower()
 
 
 def test_roles_tokens_and_csrf(dash):

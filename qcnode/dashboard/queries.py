@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session, aliased
 
-from qcnode.audit.stats import METRICS  # noqa: F401  (the box-plot metrics; the router uses them)
+from qcnode.audit import stats as audit_stats
 from qcnode.config import Config
 from qcnode.db.alert_models import ALERT_AUDIT_FLAG, ALERT_VERDICT_FAIL, AlertAck, AlertWebhook
 from qcnode.db.audit_models import AuditFlag, AuditProtocolStat, AuditRun
@@ -442,6 +442,7 @@ def _box(values: list[float]) -> dict[str, float] | None:
             "upperfence": round(hi, 3), "n": int(arr.size)}
 
 
+METRICS = audit_stats.METRICS  # score, noise, ctdivol, ssde: the box plots, as in the audit
 TREND_METRICS = ("score", "noise")
 # columns of the protocols query's rows
 _P_ID, _P_PROTOCOL, _P_SCANNER, _P_DAY, _P_VERDICT = 0, 1, 2, 3, 5

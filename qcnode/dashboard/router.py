@@ -23,7 +23,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from qcnode.alerts.store import acknowledge
 from qcnode.config import Config
-from qcnode.dashboard import charts, csrf, queries
+from qcnode.dashboard import charts, csrf, queries, schemas
 from qcnode.dashboard.metrics import registry_for
 from qcnode.dashboard.palette import protocol_colour
 from qcnode.db.alert_models import ALERT_KINDS
@@ -307,7 +307,8 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
         return RedirectResponse(f"{base}/alerts?msg={msg.replace(' ', '+')}", status_code=303)
 
     # ---- JSON API -------------------------------------------------------------------------------------
-    @router.get("/api/v1/series", tags=["series"], summary="Filtered, sorted, paginated series list")
+    @router.get("/api/v1/series", tags=["series"], summary="Filtered, sorted, paginated series list",
+                response_model=schemas.SeriesList, response_model_exclude_unset=True)
     def api_series(request: Request, date_from: dt.date | None = None, date_to: dt.date | None = None,
                    scanner: str | None = None, protocol: str | None = None, kernel: str | None = None,
                    body_part: str | None = None, verdict: str | None = Query(None, pattern="^(PASS|WARN|FAIL)$"),
@@ -329,14 +330,15 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
         d["slices"] = queries.public_slices(d["slices"])
         return d
 
-    @router.get("/api/v1/series/{series_id}/slices", tags=["series"], summary="Per-slice scores of a round")
+    @router.get("/api/v1/series/{series_id}/slices", tags=["series"], summary="Per-slice scores of a round",
+                response_model=list[schemas.Slice])
     def api_slices(series_id: int, version: int | None = None) -> list[dict[str, Any]]:
         """Slice scores with the 5-95 % interval in slice order (default: the latest round)."""
         with read_sf() as s:
             return queries.public_slices(queries.slices(s, series_id, version))
 
     @router.post("/api/v1/series/{series_id}/rescore", tags=["series"], dependencies=mutating,
-                 summary="Queue the series for scoring again (admin)")
+                 summary="Queue the series for scoring again (admin)", response_model=schemas.RescoreResult)
     def api_rescore(series_id: int, user: Any = Depends(current_user)) -> dict[str, Any]:
         version = do_rescore(series_id, user)
         return {"series_id": series_id, "queued_version": version,
@@ -354,24 +356,28 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
             g["colour"] = protocol_colour(g["protocol"])
         return data
 
-    @router.get("/api/v1/audit/runs", tags=["audit"], summary="Audit runs with their flags")
+    @router.get("/api/v1/audit/runs", tags=["audit"], summary="Audit runs with their flags",
+                response_model=list[schemas.AuditRun])
     def api_audit_runs(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> list[dict[str, Any]]:
         with read_sf() as s:
             return queries.audit_runs(s, limit=limit, offset=offset)
 
-    @router.get("/api/v1/audit/flags", tags=["audit"], summary="Audit flags, newest first")
+    @router.get("/api/v1/audit/flags", tags=["audit"], summary="Audit flags, newest first",
+                response_model=list[schemas.AuditFlag])
     def api_flags(limit: int = Query(100, ge=1, le=1000), kind: str | None = None) -> list[dict[str, Any]]:
         with read_sf() as s:
             return queries.list_flags(s, limit=limit, kind=kind)
 
-    @router.get("/api/v1/alerts", tags=["alerts"], summary="FAIL verdicts and audit flags as alerts")
+    @router.get("/api/v1/alerts", tags=["alerts"], summary="FAIL verdicts and audit flags as alerts",
+                response_model=schemas.AlertList)
     def api_alerts(unacknowledged: bool = False, limit: int = Query(50, ge=1, le=500),
                    offset: int = Query(0, ge=0)) -> dict[str, Any]:
         with read_sf() as s:
             return queries.list_alerts(s, unacknowledged=unacknowledged, limit=limit, offset=offset)
 
     @router.post("/api/v1/alerts/{kind}/{ref_id}/ack", tags=["alerts"], dependencies=mutating,
-                 summary="Acknowledge an alert (admin)")
+                 summary="Acknowledge an alert (admin)", response_model=schemas.AckResult,
+                 responses={404: {"description": "no such alert"}, 409: {"description": "already acknowledged"}})
     async def api_ack(request: Request, kind: str, ref_id: int, user: Any = Depends(current_user)) -> JSONResponse:
         """Body (optional): ``{"comment": "..."}``. 409 when it was already acknowledged."""
         comment = None
