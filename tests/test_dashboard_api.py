@@ -343,8 +343,13 @@ def test_webhooks_retried_with_backoff_then_delivered_or_dead(dash, fail_first, 
     body = handler.bodies[-1]
     assert body["alert_id"] == f"verdict_fail:{seeded.fail_result_ids[0]}" and body["verdict"] == "FAIL"
     assert PATIENT_KEY not in json.dumps(handler.bodies)
+    st = client().get("/api/v1/status", headers=READ).json()  # what `qcnode status` shows too
+    assert st["webhooks"] == {expected: 1}
     if expected == "dead":
         assert w.last_error == "RuntimeError: HTTP 500"
+        assert st["dead_webhooks"] == [{"webhook_id": w.id, "alert": f"verdict_fail:{w.ref_id}", "attempts": 4,
+                                        "error": "RuntimeError: HTTP 500"}]
+        assert "Dead webhooks" in client().get("/", headers=READ).text
     sender.run_once()  # nothing new to queue or send
     assert len(handler.bodies) == w.attempts
     alert = client().get("/api/v1/alerts", headers=READ).json()

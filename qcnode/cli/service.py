@@ -189,6 +189,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"series     {fmt(st['series'])}")
     print(f"jobs       {fmt(st['jobs'])}")
     print(f"deliveries {fmt(st['deliveries'])}")
+    if st.get("webhooks"):
+        print(f"webhooks   {fmt(st['webhooks'])}")
     print(f"results    {st['results']}   quarantine {st['quarantine']}")
     print(f"model      {st['model']['checkpoint']} ({'present' if st['model']['present'] else 'MISSING'}),"
           f" last used version {st['model'].get('last_version_used')}")
@@ -202,6 +204,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if "clock_skew_seconds" in st:
         print(f"clock      {st['clock_skew_seconds']:+.3f} s to the database server")
     for title, key in (("last job errors", "last_job_errors"), ("dead letters", "dead_letters"),
+                       ("dead webhooks", "dead_webhooks"),
                        ("delivery retries", "last_delivery_errors"), ("last quarantined", "last_quarantine")):
         if st.get(key):
             print(f"{title}:")

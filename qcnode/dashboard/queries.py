@@ -657,8 +657,6 @@ def overview(session: Session, cfg: Config, now: dt.datetime | None = None) -> d
     out["disk_free_mb"] = round(free_disk_mb(spool), 1) if spool.exists() else None
     out["min_free_disk_mb"] = cfg.storage.min_free_disk_mb
     out["alerts_open"] = list_alerts(session, unacknowledged=True, limit=5)["unacknowledged"]
-    out["webhooks"] = {str(k): int(v) for k, v in session.execute(
-        select(AlertWebhook.status, func.count()).group_by(AlertWebhook.status))}
     return out
 
 

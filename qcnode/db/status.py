@@ -11,18 +11,21 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from qcnode.db.alert_models import AlertWebhook
 from qcnode.db.models import Delivery, Job, QuarantineRecord, Series, SeriesResult
 
 
 def status_counts(s: Session) -> dict[str, Any]:
-    """Series, jobs and deliveries by state, failed series, last errors, dead letters, quarantine,
-    the model version of the latest result and the number of results."""
+    """Series, jobs, deliveries and alert webhooks by state, failed series, last errors, dead letters
+    (deliveries and webhooks), quarantine, the model version of the latest result and the number of
+    results."""
     def counts(col: Any) -> dict[str, int]:
         return {str(k): int(v) for k, v in s.execute(select(col, func.count()).group_by(col)).all()}
     out: dict[str, Any] = {}
     out["series"] = counts(Series.status)
     out["jobs"] = counts(Job.status)
     out["deliveries"] = counts(Delivery.status)
+    out["webhooks"] = counts(AlertWebhook.status)  # alert webhook POSTs ([alerts])
     out["quarantine"] = int(s.scalar(select(func.count(QuarantineRecord.id))) or 0)
     out["failed_series"] = [
         {"series_id": x.id, "series_instance_uid": x.series_instance_uid, "version": x.version,
@@ -38,6 +41,10 @@ def status_counts(s: Session) -> dict[str, Any]:
          "error": (d.last_error or "")[:300]}
         for d in s.scalars(select(Delivery).where(Delivery.status == "dead")
                            .order_by(Delivery.id.desc()).limit(20))]
+    out["dead_webhooks"] = [
+        {"webhook_id": w.id, "alert": f"{w.kind}:{w.ref_id}", "attempts": w.attempts, "error": (w.last_error or "")[:300]}
+        for w in s.scalars(select(AlertWebhook).where(AlertWebhook.status == "dead")
+                           .order_by(AlertWebhook.id.desc()).limit(20))]
     out["last_delivery_errors"] = [
         {"delivery_id": d.id, "destination": d.destination, "status": d.status, "attempts": d.attempts,
          "error": (d.last_error or "")[:300]}
