@@ -39,7 +39,7 @@ return Array.from(document.querySelectorAll('.chart')).map(function (el) {
 });"""
 
 
-def _driver():
+def _driver(javascript: bool = True):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     os.environ["SE_OFFLINE"] = "true"  # selenium manager must never fetch a browser or driver
@@ -48,6 +48,8 @@ def _driver():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1440,1800", "--disable-extensions", "--no-first-run"):
         opts.add_argument(arg)
+    if not javascript:
+        opts.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
@@ -203,6 +205,26 @@ def test_browser_on_a_node_that_received_real_series(tmp_path, port, shared_ct):
         with sf() as s:
             ack = s.scalars(select(AlertAck)).one()
             assert (ack.kind, ack.acknowledged_by, ack.comment) == ("audit_flag", "local", "phantom protocol, expected")
+
+        # without JavaScript the tables, filters and forms still work (only the charts need it)
+        plain = _driver(javascript=False)
+        try:
+            plain.get(base + "/series")
+            assert len(plain.find_elements(By.CSS_SELECTOR, "#series-table tbody tr[data-series-id]")) == 3
+            Select(plain.find_element(By.NAME, "protocol")).select_by_visible_text("(unnamed)")
+            plain.find_element(By.ID, "apply-filter").click()
+            wait_for(lambda: "protocol=%28unnamed%29" in plain.current_url, 20, what="the filter without JS")
+            assert plain.find_element(By.ID, "total").text == "1"
+            plain.get(base + "/protocols")
+            assert len(plain.find_elements(By.CSS_SELECTOR, "#protocol-table tr")) == 3  # header + 2 groups
+            assert not plain.find_elements(By.CSS_SELECTOR, ".chart svg")  # scripts are off: no chart drawn
+            plain.get(base + "/alerts")
+            row = plain.find_element(By.CSS_SELECTOR, "tr[id^='alert-verdict_fail-']")
+            row.find_element(By.CSS_SELECTOR, "button[type=submit]").click()  # a plain form POST
+            wait_for(lambda: plain.find_elements(By.ID, "flash"), 20, what="the acknowledgement without JS")
+            assert plain.find_element(By.ID, "open-count").text == "2"
+        finally:
+            plain.quit()
 
         # no patient name or ID on any page
         sources = []
