@@ -188,7 +188,9 @@ def test_behind_a_reverse_proxy_links_carry_the_root_path(dash):
     assert 'href="/qcnode/series"' in r.text and 'src="/qcnode/static/dashboard.js"' in r.text
     assert f'action="/qcnode/alerts/verdict_fail/{seeded.fail_result_ids[0]}/ack"' in r.text
     assert "Path=/qcnode;" in r.headers["set-cookie"]
-    assert 'href="/series' not in c.get("/series").text
+    html = c.get("/series").text
+    assert 'href="/series' not in html
+    assert '<a href="/qcnode/series" class="active">Series</a>' in html
 
 
 def test_acknowledge_and_rescore_via_api_are_logged(dash):
@@ -211,6 +213,7 @@ def test_acknowledge_and_rescore_via_api_are_logged(dash):
     with sf() as s:
         assert s.get(Series, sid).status == "stable"
         assert s.scalars(select(Job.series_version).where(Job.series_id == sid)).all() == [2]
+    assert c.post("/api/v1/series/999999/rescore", headers=ADMIN).status_code == 404
     # round 2 is queued, not scored: the list and the protocols still show round 1
     row = next(r for r in c.get("/api/v1/series", headers=READ).json()["rows"] if r["series_id"] == sid)
     assert (row["version"], row["verdict"], row["status"]) == (1, "PASS", "stable")

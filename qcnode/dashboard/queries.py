@@ -423,8 +423,8 @@ def instance_spool_path(session: Session, series_id: int, instance_id: int) -> s
                                                             Instance.series_id == series_id))
 
 
-def series_id_by_uid(session: Session, uid: str) -> int | None:
-    return session.scalar(select(Series.id).where(Series.series_instance_uid == uid))
+def series_exists(session: Session, series_id: int) -> bool:
+    return session.scalar(select(Series.id).where(Series.id == series_id)) is not None
 
 
 # ---- protocols -----------------------------------------------------------------------------------------

@@ -108,8 +108,10 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
         if fresh:
             token = protector.new_token()
         base = request.scope.get("root_path", "").rstrip("/")
+        path = request.url.path
+        nav = (path[len(base):] or "/") if base and path.startswith(base) else path
         html = env.get_template(template).render(request=request, base=base, title=title, csrf_token=token,
-                                                 csrf_field=csrf.FIELD, nav=request.url.path, **ctx)
+                                                 csrf_field=csrf.FIELD, nav=nav, **ctx)
         resp = HTMLResponse(html)
         if fresh:
             resp.set_cookie(csrf.COOKIE, token, httponly=True, samesite="strict", path=base or "/",
@@ -143,7 +145,7 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
     def do_rescore(series_id: int, user: Any) -> int | None:
         from qcnode.tracking.series import rescore_series
         with read_sf() as s:
-            if queries.series_detail(s, series_id, False) is None:
+            if not queries.series_exists(s, series_id):
                 raise HTTPException(404, "no such series")
         version = rescore_series(session_factory, series_id)
         log.info("series_rescore_requested", series_id=series_id, user=user_name(user), queued_version=version)
