@@ -345,6 +345,7 @@ def test_webhooks_retried_with_backoff_then_delivered_or_dead(dash, fail_first, 
     assert len(handler.bodies) == w.attempts
     body = handler.bodies[-1]
     assert body["alert_id"] == f"verdict_fail:{seeded.fail_result_ids[0]}" and body["verdict"] == "FAIL"
+    assert dt.datetime.fromisoformat(body["at"]).utcoffset() == dt.timedelta(0)
     assert PATIENT_KEY not in json.dumps(handler.bodies)
     st = client().get("/api/v1/status", headers=READ).json()  # what `qcnode status` shows too
     assert st["webhooks"] == {expected: 1}

@@ -23,7 +23,7 @@ from qcnode.config import Config
 from qcnode.db.alert_models import ALERT_AUDIT_FLAG, ALERT_VERDICT_FAIL, AlertWebhook
 from qcnode.db.audit_models import AuditFlag, AuditRun
 from qcnode.db.models import Series, SeriesResult, utcnow
-from qcnode.db.queue import LeaseKeeper, claim_rows, settle_attempt
+from qcnode.db.queue import LeaseKeeper, as_utc, claim_rows, settle_attempt
 from qcnode.log import get_logger
 
 log = get_logger("qcnode.alerts.webhooks")
@@ -69,7 +69,7 @@ def alert_payload(session: Session, kind: str, ref_id: int) -> dict[str, Any] | 
         if row is None:
             return None
         r, s = row
-        return {"alert_id": f"{kind}:{ref_id}", "kind": kind, "at": r.created_at.isoformat(),
+        return {"alert_id": f"{kind}:{ref_id}", "kind": kind, "at": as_utc(r.created_at).isoformat(),
                 "series_id": s.id, "series_instance_uid": s.series_instance_uid, "version": r.version,
                 "protocol": s.protocol_name, "series_description": s.series_description,
                 "scanner": " ".join(x for x in (s.manufacturer, s.model_name, s.station_name) if x),
