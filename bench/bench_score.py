@@ -34,7 +34,7 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from qcnode.cli.model import score_paths
+    from qcnode.scoring.files import score_paths
     from qcnode.model.scorer import Scorer
 
     torch.set_num_threads(args.threads)

@@ -34,7 +34,7 @@ def main() -> None:
     from skimage.transform import iradon, radon
 
     from qcnode.dicom import physics
-    from qcnode.simulation import ct_projector, simulate
+    from qcnode.simulation import ct_projector, simulate, sources
     from qcnode.simulation.phantoms import make_phantom
 
     torch.set_num_threads(args.threads)
@@ -51,7 +51,7 @@ def main() -> None:
         ref = iradon(sino, theta, output_size=n, filter_name="shepp-logan", circle=False)
         print(f"{n}x{n}, {views} views: skimage radon {t_sk_fp:.2f} s, iradon {t_sk_bp:.2f} s | torch forward "
               f"{t_fp:.2f} s, FBP {t_bp:.2f} s | max |FBP diff| / max = {np.abs(ours - ref).max() / np.abs(ref).max():.2e}")
-    spec = simulate.SourceSpec("phantom:body:1", "phantom", "body", "phantom_body", "train", seed=1,
+    spec = sources.SourceSpec("phantom:body:1", "phantom", "body", "phantom_body", "train", seed=1,
                                variants=[(d, v) for v in (720, 360, 180) for d in (1.0, 0.5, 0.25, 0.1)])
     t_src = _time(lambda: simulate.simulate_sources([spec], n), 1)
     print(f"one phantom, 12 dose/view variants at {n}x{n}: {t_src:.2f} s ({t_src / 12 * 1000:.0f} ms/image)")

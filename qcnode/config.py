@@ -5,7 +5,8 @@ Relative paths in the file are resolved against the directory of the file; the d
 Environment variables ``QCNODE__SECTION__KEY=value`` override single keys
 (for example ``QCNODE__STORAGE__DATABASE_URL=postgresql://...``): a string key takes the value as
 it is, a list key a TOML array or a comma-separated list, other keys a TOML value (``true``, ``8``).
-The array sections (``[[destinations]]``, ``[[audit.reference_levels]]``) cannot be overridden.
+The array sections (``[[destinations]]``, ``[[audit.reference_levels]]``, ``[[http.tokens]]``) cannot be
+overridden.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class NodeConfig:
     network_timeout: float = 60.0
     max_pdu_size: int = 262144
     scp_processes: int = 0
+    fast_path: bool = True
     allowed_ae_titles: list[str] = field(default_factory=list)
     allowed_ips: list[str] = field(default_factory=list)
     tls_enabled: bool = False
@@ -108,12 +110,26 @@ class OutboxConfig:
 @dataclass
 class Destination:
     name: str = ""
+    type: str = "dicom"  # "dicom": C-STORE SCU; "dicomweb": STOW-RS (qcnode.delivery.dicomweb)
     ae_title: str = ""
     host: str = "127.0.0.1"
     port: int = 104
     send: list[str] = field(default_factory=lambda: ["sr"])
     tls_enabled: bool = False
     tls_ca: str = ""
+    timeout_seconds: float = 0.0  # 0 = outbox.send_timeout_seconds
+    # type = "dicomweb" only: the service root (the URL before /studies) and its HTTP auth
+    url: str = ""
+    username: str = ""
+    password_file: str = ""
+    bearer_token_file: str = ""
+    tls_verify: bool = True
+
+
+DESTINATION_TYPES = ("dicom", "dicomweb")
+# keys that belong to one destination type only (checked on the keys the file sets)
+DICOM_ONLY_KEYS = ("ae_title", "host", "port", "tls_enabled")
+DICOMWEB_ONLY_KEYS = ("url", "username", "password_file", "bearer_token_file", "tls_verify")
 
 
 @dataclass
@@ -161,6 +177,22 @@ class AlertsConfig:
     webhook_audit_flag: str = ""
     webhook_timeout_seconds: float = 10.0
     webhook_lookback_hours: float = 24.0
+class HttpToken:
+    """A bearer token of the HTTP server: only its SHA-256 is configured, never the token itself."""
+    name: str = ""
+    sha256: str = ""
+    role: str = "read"
+
+
+@dataclass
+class HttpConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_body_mb: int = 2048
+    tokens: list[HttpToken] = field(default_factory=list)
 
 
 @dataclass
@@ -178,6 +210,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     base_dir: Path = field(default=PROJECT_ROOT)
 
     def path(self, value: str) -> Path:
@@ -198,7 +231,7 @@ class Config:
         return url
 
 
-_LIST_TYPES = {"destinations": Destination, "reference_levels": ReferenceLevel}
+_LIST_TYPES = {"destinations": Destination, "reference_levels": ReferenceLevel, "tokens": HttpToken}
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -295,6 +328,7 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
     _env_overrides(data, dict(os.environ) if environ is None else environ)
     cfg = _build(Config, data, "")
     cfg.base_dir = cfg_path.resolve().parent
+    _check_destination_keys(cfg, data.get("destinations") or [])
     _validate(cfg)
     return cfg
 
@@ -355,9 +389,16 @@ def _validate(cfg: Config) -> None:
     names = [d.name for d in cfg.destinations]
     _check(len(set(names)) == len(names) and all(names), "every [[destinations]] needs a unique, non-empty name")
     for d in cfg.destinations:
-        _check(_is_ae_title(d.ae_title), f"destination {d.name}: ae_title must be 1-16 characters")
-        _check(bool(d.host.strip()), f"destination {d.name}: host must not be empty")
-        _check(0 < d.port < 65536, f"destination {d.name}: port must be 1-65535")
+        _check(d.type in DESTINATION_TYPES, f"destination {d.name}: type must be "
+               f"{' or '.join(repr(t) for t in DESTINATION_TYPES)}, got {d.type!r}")
+        _check(d.timeout_seconds >= 0, f"destination {d.name}: timeout_seconds must not be negative "
+               "(0 = outbox.send_timeout_seconds)")
+        if d.type == "dicomweb":
+            _validate_dicomweb(d)
+        else:
+            _check(_is_ae_title(d.ae_title), f"destination {d.name}: ae_title must be 1-16 characters")
+            _check(bool(d.host.strip()), f"destination {d.name}: host must not be empty")
+            _check(0 < d.port < 65536, f"destination {d.name}: port must be 1-65535")
         for rule in d.send:
             _check(isinstance(rule, str) and rule in SEND_RULES,
                    f"destination {d.name}: unknown send rule {rule!r}; use one of {sorted(SEND_RULES)}")
@@ -376,6 +417,77 @@ def _validate(cfg: Config) -> None:
                f"alerts.{key} must be an http:// or https:// URL (or empty), got {url!r}")
     _check(cfg.alerts.webhook_timeout_seconds > 0, "alerts.webhook_timeout_seconds must be positive")
     _check(cfg.alerts.webhook_lookback_hours > 0, "alerts.webhook_lookback_hours must be positive")
+    _validate_http(cfg.http)
+
+
+HTTP_ROLES = ("read", "store", "admin")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback bind address (127.0.0.0/8, ::1, localhost): only this host can connect."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip()).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_http(http: HttpConfig) -> None:
+    _check(bool(http.host.strip()), "http.host must not be empty (127.0.0.1: this host only)")
+    _check(0 < http.port < 65536, "http.port must be 1-65535")
+    _check(http.max_body_mb >= 1, "http.max_body_mb must be at least 1")
+    _check(bool(http.tls_cert) == bool(http.tls_key), "http.tls_cert and http.tls_key go together (PEM files)")
+    names = [t.name for t in http.tokens]
+    _check(all(names) and len(set(names)) == len(names), "every [[http.tokens]] needs a unique, non-empty name")
+    for t in http.tokens:
+        _check(bool(_SHA256_RE.fullmatch(t.sha256.lower())),
+               f"http token {t.name}: sha256 must be the 64 hex digits of the token's SHA-256 (not the token)")
+        _check(t.role in HTTP_ROLES,
+               f"http token {t.name}: role must be one of {', '.join(HTTP_ROLES)}, got {t.role!r}")
+    _check(not http.enabled or is_loopback(http.host) or bool(http.tokens),
+           f"http.host {http.host} is not a loopback address: configure [[http.tokens]] (anyone could store "
+           f"instances otherwise) or bind to 127.0.0.1")
+
+
+def _validate_dicomweb(d: Destination) -> None:
+    """A ``type = "dicomweb"`` destination: an http(s) url without credentials, one auth method."""
+    from urllib.parse import urlsplit
+    where = f"destination {d.name}"
+    _check(bool(d.url.strip()), f'{where}: type = "dicomweb" needs url (the DICOMweb root, e.g. '
+           '"https://pacs.example.org/dicom-web")')
+    try:
+        parts = urlsplit(d.url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{where}: url is not a valid URL ({exc})") from None
+    _check(parts.scheme in ("http", "https") and bool(parts.hostname),
+           f"{where}: url must be an http:// or https:// URL with a host, got scheme {parts.scheme!r}")
+    _check(port is None or 0 < port < 65536, f"{where}: url port must be 1-65535")
+    _check(parts.username is None and parts.password is None,
+           f"{where}: url must not hold credentials; use username + password_file or bearer_token_file")
+    _check(not parts.query and not parts.fragment, f"{where}: url must have no query or fragment")
+    _check(bool(d.username) == bool(d.password_file),
+           f"{where}: username and password_file go together (HTTP basic auth)")
+    _check(not (d.username and d.bearer_token_file),
+           f"{where}: use either username + password_file or bearer_token_file, not both")
+    _check(not d.tls_ca or parts.scheme == "https", f"{where}: tls_ca needs an https:// url")
+
+
+def _check_destination_keys(cfg: Config, tables: list[dict[str, Any]]) -> None:
+    """Keys a destination's table sets that belong to the other destination type."""
+    for d, table in zip(cfg.destinations, tables):
+        if d.type not in DESTINATION_TYPES:
+            continue  # _validate names the type
+        if d.type == "dicomweb":
+            wrong = [k for k in DICOM_ONLY_KEYS if k in table]
+            _check(not wrong, f"destination {d.name}: {', '.join(wrong)} "
+                   f"{'does' if len(wrong) == 1 else 'do'} not apply to type = \"dicomweb\" (it is reached by url)")
+        else:
+            wrong = [k for k in DICOMWEB_ONLY_KEYS if k in table]
+            _check(not wrong, f"destination {d.name}: {', '.join(wrong)} "
+                   f"{'needs' if len(wrong) == 1 else 'need'} type = \"dicomweb\"")
 
 
 def database_url_problem(url: str) -> str | None:

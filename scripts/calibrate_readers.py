@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from scipy import optimize
 
-from qcnode.simulation import simulate
+from qcnode.simulation.degrade import FULL_VIEWS
+from qcnode.simulation.readers import READERS, Reader, expected_reader_mean
 
 TARGET_PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
 TARGET_LABELS = np.array([0.4, 0.6, 1.2, 2.0, 3.0, 3.6, 3.8])
@@ -36,11 +37,11 @@ SMOOTH_MAX_OWN_NOISE_HU = 12.0
 NOISE_ANCHORS = ((16.0, 2.8), (25.0, 2.0))  # (noise HU at 256 px, expected label), no streaks
 
 
-def scaled_readers(factors: np.ndarray) -> tuple[simulate.Reader, ...]:
+def scaled_readers(factors: np.ndarray) -> tuple[Reader, ...]:
     tn, gn, ts, gs = np.exp(factors)
     return tuple(replace(r, noise_tolerance_hu=r.noise_tolerance_hu * tn, noise_step=1 + (r.noise_step - 1) * gn,
                          streak_tolerance_hu=r.streak_tolerance_hu * ts, streak_step=1 + (r.streak_step - 1) * gs)
-                 for r in simulate.READERS)
+                 for r in READERS)
 
 
 def main(folder: str) -> None:
@@ -49,17 +50,17 @@ def main(folder: str) -> None:
                 and 0 < float(r["own_noise_hu"]) <= SMOOTH_MAX_OWN_NOISE_HU]
     noise = np.array([float(r["noise_hu"]) for r in rows])
     streak = np.array([float(r["streak_index"]) for r in rows])
-    routine = np.array([float(r["dose_fraction"]) == 1.0 and int(r["views"]) == simulate.FULL_VIEWS for r in rows])
+    routine = np.array([float(r["dose_fraction"]) == 1.0 and int(r["views"]) == FULL_VIEWS for r in rows])
     print(f"{len(rows)} images of {len({r['source_id'] for r in rows})} smooth-kernel body slices")
 
     def expected(readers) -> np.ndarray:
-        return np.array([simulate.expected_reader_mean(n, s, "body", readers) for n, s in zip(noise, streak)])
+        return np.array([expected_reader_mean(n, s, "body", readers) for n, s in zip(noise, streak)])
 
     def loss(f: np.ndarray) -> float:
         readers = scaled_readers(f)
         e = expected(readers)
         q = np.percentile(e, TARGET_PERCENTILES)
-        anchors = sum((simulate.expected_reader_mean(n, 0.0, "body", readers) - want) ** 2
+        anchors = sum((expected_reader_mean(n, 0.0, "body", readers) - want) ** 2
                       for n, want in NOISE_ANCHORS)
         return float(np.sum((q - TARGET_LABELS) ** 2) + 2 * anchors
                      + 10 * max(0.0, ROUTINE_MIN_MEAN - e[routine].mean()) ** 2)
@@ -72,7 +73,7 @@ def main(folder: str) -> None:
     e = expected(readers)
     print("factors", np.round(np.exp(best.x), 4), "loss", round(best.fun, 5))
     print("percentiles", np.round(np.percentile(e, TARGET_PERCENTILES), 2), "target", TARGET_LABELS)
-    print("noise anchors", [(n, round(simulate.expected_reader_mean(n, 0.0, "body", readers), 2))
+    print("noise anchors", [(n, round(expected_reader_mean(n, 0.0, "body", readers), 2))
                              for n, _ in NOISE_ANCHORS])
     print("routine mean", round(float(e[routine].mean()), 3), "all mean", round(float(e.mean()), 3),
           "sd", round(float(e.std()), 3))

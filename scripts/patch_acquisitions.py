@@ -5,20 +5,20 @@ fix (same groups, same seeds), so the result equals a full `qcnode simulate` run
 import csv, json, sys
 from pathlib import Path
 import numpy as np, tifffile
-from qcnode.simulation import simulate
+from qcnode.simulation import simulate, sources
 from qcnode.cli.simulate import DEFAULT_CLINICAL, DEFAULT_SHARED_CT, DEFAULT_SPLIT_FILE, TEST_SERIES
 
 out = Path(sys.argv[1])
 params = json.loads((out / "simulation.json").read_text())
-every = simulate.find_real_slices([DEFAULT_CLINICAL])
+every = sources.find_real_slices([DEFAULT_CLINICAL])
 held = set(json.loads(DEFAULT_SPLIT_FILE.read_text())["validation_patients"])
-train, val = simulate.split_by_patient(simulate.thin_series(every, 20), held)
+train, val = sources.split_by_patient(sources.thin_series(every, 20), held)
 real_train = [r.as_source() for r in train]; real_val = [r.as_source() for r in val]; real_test = []
-for src in simulate.default_real_sources(DEFAULT_SHARED_CT):
+for src in sources.default_real_sources(DEFAULT_SHARED_CT):
     (real_test if src[1] in TEST_SERIES else real_train).append(src)
 keys = {sid: (series, path) for sid, series, _, path in [*real_train, *real_val, *real_test]}
 keys.update({r.source_id: (r.acquisition, r.path) for r in every})
-own = simulate.series_noise_levels([(sid, k, p) for sid, (k, p) in keys.items()], params["size"])
+own = sources.series_noise_levels([(sid, k, p) for sid, (k, p) in keys.items()], params["size"])
 splits = simulate.plan(doses=params["doses"], views=params["views"], train_phantoms=32, test_phantoms=0,
                        unlabeled_phantoms=0, seed=params["seed"], real_train=real_train, real_test=real_test,
                        real_val=real_val, own_noise=own)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up qcnode on a fresh machine: .venv in the project root (created if missing), the package
 # and its dependencies (re-installed only when pyproject.toml changed), and with --test the test
-# extras plus the Debian peers and validators the tests use (DCMTK, Orthanc, PostgreSQL, dciodvfy
-# from dicom3tools, PixelMed's SR validator, Chromium + chromedriver for the dashboard; needs root/apt).
+# extras plus the Debian peers and validators the tests use (DCMTK, Orthanc and its DICOMweb plugin,
+# PostgreSQL, dciodvfy from dicom3tools, PixelMed's SR validator, Chromium + chromedriver for the
+# dashboard; needs root/apt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
@@ -29,6 +30,7 @@ if [ "$want_test" = 1 ]; then
   missing=()
   [ -x /usr/bin/storescu ] || missing+=(dcmtk)
   [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
+  [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
   ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
   [ -x /usr/bin/dciodvfy ] || missing+=(dicom3tools)
   [ -f /usr/share/java/pixelmed.jar ] || missing+=(pixelmed-apps)

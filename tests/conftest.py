@@ -32,6 +32,13 @@ def port() -> int:
     return free_port()
 
 
+@pytest.fixture
+def scp_path() -> str:
+    """The receive path of an in-process test SCP (``node.fast_path``): "fast" here; test_scp.py
+    parametrizes it to run its tests (and test_scp_hardening.py's) on "plain", pynetdicom's own, too."""
+    return "fast"
+
+
 PG_URL_ENV = "QCNODE_TEST_PG_URL"
 
 

@@ -11,7 +11,10 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-MODEL_INFO = {"name": "mdiqa-test", "version": "0.1.0"}
+from qcnode.scoring.types import ModelIdentity, SeriesPhysics, SeriesSummary, SliceResult
+
+MODEL_INFO = {"name": "mdiqa-test", "version": "0.1.0"}  # as read_series_sr returns it
+MODEL = ModelIdentity(**MODEL_INFO)
 WHEN = dt.datetime(2024, 5, 1, 12, 30, 15, tzinfo=dt.timezone.utc)
 
 
@@ -21,26 +24,28 @@ def read_headers(folder: Path, limit: int | None = None) -> list[Dataset]:
     return [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
 
 
-def slice_scores(headers: list[Dataset]) -> list[dict]:
+def slice_scores(headers: list[Dataset]) -> list[SliceResult]:
     """Distinct, checkable scores per slice: score = 1 + 0.1*i, interval [score-0.3, score+0.45]."""
     out = []
     for i, h in enumerate(headers):
         score = round(1.0 + 0.1 * i, 4)
-        out.append({"sop_instance_uid": str(h.SOPInstanceUID), "score": score,
-                    "score_low": round(score - 0.3, 4), "score_high": round(score + 0.45, 4)})
+        out.append(SliceResult(sop_instance_uid=str(h.SOPInstanceUID), score=score,
+                               score_low=round(score - 0.3, 4), score_high=round(score + 0.45, 4)))
     return out
 
 
 PHYSICS = {"noise_hu": 6.25, "dw_cm": 17.5, "ssde_mgy": 61.2, "ctdivol_mgy": 50.4}
 
 
-def summary_for(slices: list[dict], verdict: str = "WARN", n_skipped: int = 1, physics: bool = True) -> dict:
+def summary_for(slices: list[SliceResult], verdict: str = "WARN", n_skipped: int = 1,
+                physics: bool = True) -> SeriesSummary:
     """A series summary as the worker builds it (with the series physics unless ``physics`` is off)."""
-    scores = sorted(s["score"] for s in slices)
-    return {"mean_score": round(sum(scores) / len(scores), 4), "min_score": scores[0],
-            "p10_score": scores[max(0, int(0.1 * len(scores)) - 1)],
-            "fraction_below": round(sum(s < 2.0 for s in scores) / len(scores), 4),
-            "verdict": verdict, "n_slices": len(scores), "n_skipped": n_skipped, **(PHYSICS if physics else {})}
+    scores = sorted(s.score for s in slices)
+    return SeriesSummary(mean_score=round(sum(scores) / len(scores), 4), min_score=scores[0],
+                         p10_score=scores[max(0, int(0.1 * len(scores)) - 1)],
+                         fraction_below=round(sum(s < 2.0 for s in scores) / len(scores), 4),
+                         verdict=verdict, n_slices=len(scores), n_skipped=n_skipped,
+                         physics=SeriesPhysics(**PHYSICS) if physics else SeriesPhysics())
 
 
 DCIODVFY = "/usr/bin/dciodvfy"

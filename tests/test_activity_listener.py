@@ -124,7 +124,7 @@ def test_fast_recv_reads_whole_pdus_and_stops_at_close():
     import socket
     import threading
 
-    from qcnode.net.reactors import FastRecvSocket
+    from qcnode.net.pdu import FastRecvSocket
     a, b = socket.socketpair()
     b.settimeout(10)
     sock = object.__new__(FastRecvSocket)  # only .socket is used by recv()

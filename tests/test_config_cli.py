@@ -262,3 +262,83 @@ def test_bare_postgresql_url_uses_the_installed_psycopg2(tmp_path):
     assert cfg.database_url == "postgresql+psycopg2://qc@db/qcnode"
     cfg = load_config(write(tmp_path, '[storage]\ndatabase_url = "postgresql+psycopg2://qc@db/x"\n'), environ={})
     assert cfg.database_url == "postgresql+psycopg2://qc@db/x"
+
+
+# ------------------------------------------------------------------------- DICOMweb destinations
+WEB = '[[destinations]]\nname = "web"\ntype = "dicomweb"\n'
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('[[destinations]]\nname = "p"\ntype = "web"', "destination p: type must be 'dicom' or 'dicomweb', got 'web'"),
+    (WEB, 'destination web: type = "dicomweb" needs url'),
+    (WEB + 'url = "ftp://pacs/dicom-web"', "destination web: url must be an http:// or https:// URL with a host"),
+    (WEB + 'url = "pacs/dicom-web"', "url must be an http:// or https:// URL"),
+    (WEB + 'url = "https:///dicom-web"', "url must be an http:// or https:// URL with a host"),
+    (WEB + 'url = "https://pacs:99999/dicom-web"', "destination web: url is not a valid URL"),
+    (WEB + 'url = "https://pacs/dicom-web?x=1"', "url must have no query or fragment"),
+    (WEB + 'url = "https://qc:hunter2@pacs/dicom-web"',
+     "url must not hold credentials; use username + password_file"),
+    (WEB + 'url = "https://pacs/dw"\nae_title = "PACS"',
+     'destination web: ae_title does not apply to type = "dicomweb" (it is reached by url)'),
+    (WEB + 'url = "https://pacs/dw"\nhost = "pacs"\nport = 443', 'host, port do not apply to type = "dicomweb"'),
+    (WEB + 'url = "https://pacs/dw"\ntls_enabled = true', "tls_enabled does not apply"),
+    ('[[destinations]]\nname = "p"\nae_title = "P"\nurl = "https://pacs/dw"',
+     'destination p: url needs type = "dicomweb"'),
+    ('[[destinations]]\nname = "p"\nurl = "https://pacs/dw"\nusername = "u"', 'url, username need type = "dicomweb"'),
+    (WEB + 'url = "https://pacs/dw"\nusername = "qc"', "username and password_file go together"),
+    (WEB + 'url = "https://pacs/dw"\npassword_file = "pw"', "username and password_file go together"),
+    (WEB + 'url = "https://pacs/dw"\nusername = "qc"\npassword_file = "pw"\nbearer_token_file = "t"',
+     "either username + password_file or bearer_token_file"),
+    (WEB + 'url = "http://pacs/dw"\ntls_ca = "ca.pem"', "destination web: tls_ca needs an https:// url"),
+    (WEB + 'url = "https://pacs/dw"\ntimeout_seconds = -1', "destination web: timeout_seconds must not be negative"),
+    (WEB + 'url = "https://pacs/dw"\ntls_verify = "no"', "destinations[0].tls_verify must be true or false"),
+], ids=["type", "no-url", "ftp", "no-scheme", "no-host", "bad-port", "query", "credentials", "ae_title", "host-port",
+        "tls_enabled", "url-on-dicom", "keys-on-dicom", "user-only", "password-only", "two-auths", "tls_ca-http",
+        "timeout", "tls_verify-type"])
+def test_dicomweb_destination_checked_at_load(tmp_path, text, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)) as err:
+        load_config(write(tmp_path, text + "\n"), environ={})
+    assert "hunter2" not in str(err.value)
+
+
+def test_dicomweb_destination_loads(tmp_path):
+    cfg = load_config(write(tmp_path, '''
+[[destinations]]
+name = "pacs"
+ae_title = "ORTHANC"
+[[destinations]]
+name = "web"
+type = "dicomweb"
+url = "https://pacs.example.org:8443/dicom-web"
+username = "qcnode"
+password_file = "secrets/pacs.pw"
+tls_ca = "ca.pem"
+timeout_seconds = 60
+send = ["sr", "kos:FAIL"]
+[[destinations]]
+name = "cloud"
+type = "dicomweb"
+url = "http://127.0.0.1:8042/dicom-web/studies"
+bearer_token_file = "token"
+tls_verify = false
+'''), environ={})
+    pacs, web, cloud = cfg.destinations
+    assert (pacs.type, pacs.ae_title, pacs.port, pacs.timeout_seconds) == ("dicom", "ORTHANC", 104, 0.0)
+    assert (web.type, web.url, web.username, web.password_file, web.tls_verify) == (
+        "dicomweb", "https://pacs.example.org:8443/dicom-web", "qcnode", "secrets/pacs.pw", True)
+    assert web.timeout_seconds == 60.0 and web.send == ["sr", "kos:FAIL"]
+    assert (cloud.bearer_token_file, cloud.tls_verify) == ("token", False)
+
+
+def test_dicomweb_config_error_is_one_line(tmp_path):
+    r = qcnode("status", "--config", str(write(tmp_path, WEB)))
+    assert_one_line(r, "status", text='destination web: type = "dicomweb" needs url')
+
+
+def test_fast_path_switch(tmp_path):
+    """node.fast_path: qcnode's receive path (default) or pynetdicom's own (qcnode/net/)."""
+    assert load_config(environ={}).node.fast_path is True  # the project's config.toml
+    assert load_config(write(tmp_path, "[node]\nfast_path = false\n"), environ={}).node.fast_path is False
+    assert load_config(write(tmp_path, ""), environ={"QCNODE__NODE__FAST_PATH": "false"}).node.fast_path is False
+    with pytest.raises(ConfigError, match="node.fast_path must be true or false"):
+        load_config(write(tmp_path, '[node]\nfast_path = "no"\n'), environ={})

@@ -17,7 +17,7 @@ from daemon_helpers import (PROJECT_ROOT, Destination, checkpoint_for_tests, ech
 from qcnode.config import load_config
 from qcnode.db.engine import make_engine, session_factory
 from qcnode.db.models import Delivery, Instance, Series, SliceScore
-from qcnode.report.sr import read_series_sr
+from qcnode.report.read import read_series_sr
 
 
 @pytest.mark.slow

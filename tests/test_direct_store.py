@@ -173,7 +173,7 @@ def test_every_read_of_the_receive_path_asks_for_immediate_acks():
     stalled one C-STORE in 13 by 40 ms); the PDU bytes come through unchanged."""
     import socket
 
-    from qcnode.net.reactors import FastRecvSocket
+    from qcnode.net.pdu import FastRecvSocket
     if not hasattr(socket, "TCP_QUICKACK"):
         pytest.skip("TCP_QUICKACK is Linux only")
     server = socket.create_server(("127.0.0.1", 0))

@@ -193,7 +193,7 @@ def _mutant(muts: list) -> tuple[str, bytes]:
 def _score_path(path: Path, scorer) -> str:
     """`qcnode score`'s code path (``score_paths``) on one file: 'scored' or 'skipped'. A skip must
     carry a clear reason (SkipSlice / unreadable), never an unexpected exception."""
-    from qcnode.cli.model import score_paths
+    from qcnode.scoring.files import score_paths
     doc = score_paths(scorer, [path], batch_size=4, progress=lambda *_: None)
     slices = [r for e in doc["series"] for r in e["slices"]]
     skipped = [r for e in doc["series"] for r in e["skipped"]]
@@ -407,6 +407,7 @@ def test_bad_header_fields_still_get_an_sr(scorer, tmp_path, shared_ct):
     from qcnode.db.models import Job, Series, SeriesResult
     from qcnode.tracking.series import mark_stable_series
     from qcnode.scoring.worker import Worker
+    from qcnode.service.publish import ReportPublisher
     from reliability_helpers import make_slices
 
     node = start_scp(tmp_path, free_port())
@@ -423,7 +424,7 @@ def test_bad_header_fields_still_get_an_sr(scorer, tmp_path, shared_ct):
             res = storescu(node.scp.port, files)
             assert res.returncode == 0, res.stderr
         mark_stable_series(node.sf, 0.0)
-        worker = Worker(node.cfg, node.sf, node.scp.spool, scorer=scorer)
+        worker = Worker(node.cfg, node.sf, node.scp.spool, ReportPublisher(node.cfg), scorer=scorer)
         with node.sf() as s:
             jobs = list(s.scalars(select(Job.id)))
         assert len(jobs) == len(BAD_HEADER_FIELDS)

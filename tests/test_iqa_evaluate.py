@@ -38,7 +38,7 @@ def test_evaluate_writes_metrics_plot_and_baseline(tmp_path, capsys):
 def test_evaluate_reports_the_labels_ceiling(tmp_path, capsys):
     import csv
 
-    from qcnode.simulation.simulate import expected_reader_mean
+    from qcnode.simulation.readers import expected_reader_mean
     data = make_tiny_dataset(tmp_path / "test", n_sources=3, size=64, split="test")
     model = write_untrained_checkpoint(tmp_path / "m.pt", MDIQAConfig.from_dict({**MDIQAConfig().to_dict(),
                                                                                **TINY_CONFIG}))

@@ -86,7 +86,7 @@ def test_deform_conv3x3_equals_torchvision():
 
 @pytest.mark.slow
 def test_paper_preset_trains_a_step():
-    from qcnode.training.train import loss_fn
+    from qcnode.training.losses import loss_fn
 
     torch.manual_seed(0)
     m = MDIQA(preset_config("paper")).train()

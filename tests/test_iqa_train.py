@@ -12,7 +12,9 @@ from qcnode.cli import main as qcnode_main
 from qcnode.training.data import cache_labeled, load_labeled
 from qcnode.model.network import MDIQA, MDIQAConfig
 from qcnode.model.scorer import Scorer, read_checkpoint
-from qcnode.training.train import TrainOptions, dose_order_partners, loss_fn, rank_loss, soft_score, train
+from qcnode.training.losses import loss_fn, rank_loss, soft_score
+from qcnode.training.sampling import dose_order_partners
+from qcnode.training.train import TrainOptions, train
 
 torch.set_num_threads(1)
 CFG = {**MDIQAConfig().to_dict(), **TINY_CONFIG}
@@ -196,7 +198,7 @@ def test_separate_validation_folder(tiny_data, tmp_path, capsys):
 
 
 def test_sampling_pool_draws_real_slices_more_often():
-    from qcnode.training.train import sampling_pool
+    from qcnode.training.sampling import sampling_pool
     meta = [{"source_kind": k} for k in ("phantom", "real", "phantom", "real", "real")]
     tr_idx = [0, 1, 2, 3]  # image 4 is in validation
     assert sampling_pool(meta, tr_idx, 6, 1).tolist() == [0, 1, 2, 3, 4, 5]  # 6 rows: 2 pseudo-labeled

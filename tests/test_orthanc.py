@@ -4,8 +4,6 @@ Orthanc (checked through Orthanc's REST API) referencing exactly the slices of t
 from __future__ import annotations
 
 import io
-import json
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -14,71 +12,14 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import free_port
 from daemon_helpers import (checkpoint_for_tests, serve_process, stop_process, wait_for, wait_port, write_config,
                             STORESCU)
-from qcnode.report.sr import read_series_sr
+from conftest import free_port
+from orthanc_helpers import DICOMWEB_PLUGIN, ORTHANC, Orthanc
+from qcnode.report.read import read_series_sr
 from reliability_helpers import make_slices
 
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow, pytest.mark.timeout(400)]
-
-# Forward every stable CT series to qcnode; never the SRs that come back (no loop). The store goes
-# through Orthanc's job engine (REST /modalities/{id}/store): Lua's synchronous SendToModality fails
-# in Debian's Orthanc 1.10 with "Unable to read attachment dicom of instance".
-LUA_FORWARD = """
-function OnStableSeries(seriesId, tags, metadata)
-  if tags['Modality'] == 'CT' then
-    RestApiPost('/modalities/qcnode/store', seriesId, false)
-  end
-end
-"""
-
-
-class Orthanc:
-    """An Orthanc instance on loopback with its own storage, stopped on ``stop()``."""
-
-    def __init__(self, workdir: Path, qcnode_port: int, qcnode_aet: str = "QCNODE"):
-        self.http_port, self.dicom_port = free_port(), free_port()
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "forward.lua").write_text(LUA_FORWARD)
-        config = {
-            "Name": "qcnode-test", "StorageDirectory": str(workdir / "storage"),
-            "IndexDirectory": str(workdir / "index"), "HttpPort": self.http_port, "DicomPort": self.dicom_port,
-            "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-            "DicomModalities": {"qcnode": [qcnode_aet, "127.0.0.1", qcnode_port]},
-            "StableAge": 2, "LuaScripts": [str(workdir / "forward.lua")], "Plugins": [],
-            "DicomCheckCalledAet": False, "HttpTimeout": 30, "ConcurrentJobs": 1,
-        }
-        (workdir / "orthanc.json").write_text(json.dumps(config, indent=1))
-        self.log = open(workdir / "orthanc.log", "wb")
-        self.proc = subprocess.Popen([ORTHANC, str(workdir / "orthanc.json")], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        wait_for(self._up, 60, interval=0.3, what="Orthanc's REST API")
-
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with {self.proc.returncode}")
-        try:
-            self.get("/system")
-            return True
-        except OSError:
-            return False
-
-    def get(self, path: str, raw: bool = False):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
-            data = r.read()
-        return data if raw else json.loads(data)
-
-    def post(self, path: str, body: dict):
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.log.close()
 
 
 @pytest.fixture
@@ -128,3 +69,59 @@ def test_orthanc_forwards_stable_ct_and_receives_the_sr(tmp_path, orthanc_and_no
     ct = pacs.post("/tools/find", {"Level": "Series", "Query": {"SeriesInstanceUID": series_uid}, "Expand": True})
     assert len(ct[0]["Instances"]) == len(files)
     print(f"\northanc round trip: {len(files)} CT slices -> Orthanc -> qcnode -> SR in Orthanc in {elapsed:.1f}s")
+
+
+def test_orthanc_pushes_a_study_to_qcnode_over_stow_rs(tmp_path, port, shared_ct):
+    """Orthanc's DICOMweb client (POST /dicom-web/servers/qcnode/stow, with a bearer token of role
+    store) sends a study to qcnode's STOW-RS endpoint: every instance is stored (no calling AE: it came
+    over HTTP) and the series is grouped, becomes stable and is scored as if it had come over C-STORE."""
+    from sqlalchemy import select
+
+    from qcnode.config import load_config
+    from qcnode.db.engine import make_engine, session_factory
+    from qcnode.db.models import Instance, Series
+    from qcnode.http.auth import token_sha256
+
+    if not Path(DICOMWEB_PLUGIN).exists():
+        pytest.fail("Orthanc's DICOMweb plugin not installed (Debian's orthanc-dicomweb)")
+    hport = free_port()
+    cfg_path = write_config(tmp_path, port, checkpoint=checkpoint_for_tests(tmp_path),
+                            extra={"http": {"enabled": True, "port": hport}})
+    token = "orthanc-stow-token-4f1d"
+    cfg_path.write_text(cfg_path.read_text() + f'[[http.tokens]]\nname = "orthanc"\nrole = "store"\n'
+                                               f'sha256 = "{token_sha256(token)}"\n')
+    node = serve_process(cfg_path)
+    pacs = Orthanc(tmp_path / "orthanc", port, forward=False, dicomweb=True, dicomweb_servers={"qcnode": {
+        "Url": f"http://127.0.0.1:{hport}/dicomweb/", "HttpHeaders": {"Authorization": f"Bearer {token}"}}})
+    engine = None
+    try:
+        files = make_slices(sorted((shared_ct / "ge_head").glob("*.dcm"))[:5], tmp_path / "in", 5)
+        sent = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+        series_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        res = subprocess.run([STORESCU, "-aet", "SCANNER", "-aec", "ORTHANC", "127.0.0.1", str(pacs.dicom_port),
+                              *map(str, files)], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        wait_port(hport, 120, node)
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{hport}/readyz", timeout=5).status == 200, 120,
+                 what="qcnode's /readyz")
+        studies = pacs.get("/studies")
+        assert len(studies) == 1
+        out = pacs.post("/dicom-web/servers/qcnode/stow", {"Resources": studies})  # synchronous
+        assert int(out["InstancesCount"]) == len(files), out
+        engine = make_engine(load_config(cfg_path).database_url)
+        sf = session_factory(engine)
+        with sf() as s:
+            rows = s.scalars(select(Instance).where(Instance.sop_instance_uid.in_(sent))).all()
+            assert {r.sop_instance_uid for r in rows} == sent and all(r.calling_ae is None for r in rows)
+
+        def scored():
+            with sf() as s:
+                return s.scalar(select(Series.status).where(Series.series_instance_uid == series_uid)) == "scored"
+        wait_for(scored, 240, interval=1.0, what="the series pushed over STOW-RS scored")
+    finally:
+        if engine is not None:
+            engine.dispose()
+        pacs.stop()
+        stop_process(node)
+    log_text = (tmp_path / "var" / "qcnode.log").read_text()
+    assert '"token": "orthanc"' in log_text and token not in log_text

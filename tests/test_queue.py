@@ -66,6 +66,7 @@ def test_lease_expiry_is_an_interruption_not_an_attempt(sf):
     a, b = make_owner("a"), make_owner("b")
     with sf() as s:
         job = claim_job(s, a, lease_seconds=60, max_interruptions=2)
+        s.commit()
         assert job is not None and job.status == "running" and job.attempts == 1 and job.lease_owner == a
     with sf() as s:
         assert claim_job(s, b, lease_seconds=60, max_interruptions=2) is None  # leased
@@ -73,10 +74,12 @@ def test_lease_expiry_is_an_interruption_not_an_attempt(sf):
         _expire_leases(sf)
         with sf() as s:
             job = claim_job(s, b, lease_seconds=60, max_interruptions=2)
+            s.commit()
             assert job.lease_owner == b and job.attempts == 1 and job.interruptions == n
     _expire_leases(sf)
     with sf() as s:  # third expiry > max_interruptions: gave up, the series is failed (an alert)
         assert claim_job(s, a, lease_seconds=60, max_interruptions=2) is None
+        s.commit()
         job = s.scalars(select(Job)).one()
         assert job.status == "failed" and "lease expired" in job.last_error and job.attempts == 1
         series = s.get(Series, sid)
@@ -90,8 +93,10 @@ def test_failed_series_is_retried_with_back_off_and_rescored(sf):
     for failures in (1, 2):
         with sf() as s:
             job_id = claim_job(s, owner, 60, 5).id
+            s.commit()
         with sf() as s:
             assert fail_job(s, job_id, "boom", max_attempts=1, retry_delay_seconds=1) == "failed"
+            s.commit()
         t0 = utcnow()
         assert retry_failed_series(sf, 100.0, now=t0) == []  # scheduled, not yet due
         with sf() as s:
@@ -116,14 +121,17 @@ def test_fail_then_retry_then_complete(sf):
     owner = make_owner("w")
     with sf() as s:
         job_id = claim_job(s, owner, 60, max_interruptions=3).id
+        s.commit()
     with sf() as s:
         assert fail_job(s, job_id, "boom", max_attempts=3, retry_delay_seconds=3600) == "pending"
+        s.commit()
     with sf() as s:
         assert claim_job(s, owner, 60, 3) is None  # not before the back-off
         s.execute(update(Job).values(not_before=utcnow()))
         s.commit()
     with sf() as s:
         job = claim_job(s, owner, 60, 3)
+        s.commit()
         assert job.attempts == 2 and job.last_error == "boom"
         complete_job(s, job)
         s.commit()
@@ -142,6 +150,7 @@ def test_two_claimers_never_get_the_same_job(sf):
     for i in range(5):
         with sf() as s:
             job = claim_job(s, make_owner(f"w{i}"), 60, 3)
+            s.commit()
             got.append(job.id if job else None)
     assert sorted(x for x in got if x) == [1, 2, 3, 4] and got[-1] is None
 
@@ -156,6 +165,7 @@ def test_dead_local_lease_is_released(sf):
     import socket
     with sf() as s:
         claim_job(s, f"{socket.gethostname()}:{dead}:worker:x", 3600, 3)
+        s.commit()
     with sf() as s:
         assert claim_job(s, make_owner("w"), 60, 3) is None
         assert release_dead_local_leases(s, Job) == 1

@@ -13,7 +13,7 @@ import torch
 from qcnode.config import VerdictConfig
 from qcnode.dicom.pixels import load_slices
 from qcnode.training import realval
-from qcnode.simulation import simulate
+from qcnode.simulation import simulate, sources
 from qcnode.training.data import LDCTIQAC_WINDOW_HU, preprocess_tif
 from qcnode.model.scorer import Scorer
 
@@ -66,11 +66,11 @@ def test_smooth_twin_scores_above_sharp_twin(validation_series):
 @pytest.mark.slow
 def test_simulated_lower_doses_of_real_slices_score_lower(scorer):
     held_out = realval.SplitFile.read(SPLIT).validation_patients
-    real = [r for r in simulate.find_real_slices([CLINICAL / "lidc_idri_0001", CLINICAL / "lung_pet_ct_dx"])
+    real = [r for r in sources.find_real_slices([CLINICAL / "lidc_idri_0001", CLINICAL / "lung_pet_ct_dx"])
             if r.patient in held_out]
-    chosen = simulate.thin_series([r for r in real if realval.kernel_class(r.kernel) == "smooth"], 2)
+    chosen = sources.thin_series([r for r in real if realval.kernel_class(r.kernel) == "smooth"], 2)
     variants = [(d, v) for v in (720, 128) for d in (1.0, 0.75, 0.5, 0.25)]
-    specs = [simulate.SourceSpec(r.source_id, "real", r.anatomy, r.series, "val", path=r.path, variants=variants)
+    specs = [sources.SourceSpec(r.source_id, "real", r.anatomy, r.series, "val", path=r.path, variants=variants)
              for r in chosen]
     out = simulate.simulate_sources(specs, 256)
     scores = scorer.score_hu([img for _, _, img, _ in out])

@@ -23,10 +23,11 @@ from qcnode.db.queue import (LeaseKeeper, LeaseLost, as_utc, claim_job, fail_job
 from qcnode.ingest.scp import StorageSCP
 from qcnode.tracking.series import mark_stable_series
 from qcnode.ingest.spool import Spool
-from qcnode.report.sr import read_series_sr
+from qcnode.report.read import read_series_sr
 from qcnode.model.scorer import Scorer
 from qcnode.delivery.outbox import OutboxSender
 from qcnode.scoring.worker import Worker
+from qcnode.service.publish import ReportPublisher
 
 
 class _ScorerWithHook:
@@ -78,7 +79,7 @@ def test_instance_arriving_while_scoring_supersedes_that_round(node):
     assert _stable(sf) == [(1, 1)]
     cfg.verdict.fail_mean_below = 4.1  # round 1 would FAIL (and forward the series to the hold node)
     node["scorer"].hook = lambda: storescu(node["port"], files[3:])  # the 4th slice arrives meanwhile
-    worker = Worker(cfg, sf, node["spool"], scorer=node["scorer"])
+    worker = Worker(cfg, sf, node["spool"], ReportPublisher(cfg), scorer=node["scorer"])
     assert worker.run_once()
     with sf() as s:
         series = s.scalars(select(Series)).one()
@@ -105,7 +106,7 @@ def test_pending_delivery_of_a_reopened_series_is_not_sent(node):
     assert storescu(node["port"], files[:3]).returncode == 0
     _stable(sf)
     cfg.verdict.fail_mean_below = 4.1
-    assert Worker(cfg, sf, node["spool"], scorer=node["scorer"]).run_once()
+    assert Worker(cfg, sf, node["spool"], ReportPublisher(cfg), scorer=node["scorer"]).run_once()
     with sf() as s:
         assert {d.kind for d in s.scalars(select(Delivery))} == {"sr", "series"}
     assert storescu(node["port"], files[3:]).returncode == 0  # reopens the series before the outbox ran
@@ -125,7 +126,7 @@ def test_slow_send_keeps_its_lease_and_is_sent_once(node):
         cfg.outbox.lease_seconds = 0.3
         assert storescu(node["port"], files[:2]).returncode == 0
         _stable(sf)
-        assert Worker(cfg, sf, node["spool"], scorer=node["scorer"]).run_once()
+        assert Worker(cfg, sf, node["spool"], ReportPublisher(cfg), scorer=node["scorer"]).run_once()
         a, b = OutboxSender(cfg, sf, "sender-a"), OutboxSender(cfg, sf, "sender-b")
         first = threading.Thread(target=a.run_once)
         first.start()
@@ -145,7 +146,9 @@ def _claimed_job(sf, owner, lease_seconds):
         s.add(Job(kind="score_series", series_id=1, series_version=1))
         s.commit()
     with sf() as s:
-        return claim_job(s, owner, lease_seconds, 5).id
+        job_id = claim_job(s, owner, lease_seconds, 5).id
+        s.commit()
+        return job_id
 
 
 def test_lease_keeper_renews_and_reports_a_takeover(node):
@@ -172,8 +175,10 @@ def test_fail_job_by_a_worker_that_lost_the_lease_changes_nothing(node):
     time.sleep(0.05)
     with sf() as s:  # a's lease expired: b claims the job
         assert claim_job(s, "worker-b", 60, 5).id == job_id
+        s.commit()
     with sf() as s:
         assert fail_job(s, job_id, "a's late error", 5, 1.0, owner="worker-a") == "lease_lost"
+        s.commit()
     with sf() as s:
         job = s.get(Job, job_id)
         assert (job.status, job.lease_owner, job.attempts, job.interruptions) == ("running", "worker-b", 1, 1)
@@ -193,6 +198,7 @@ def test_dead_lease_of_an_earlier_process_with_the_same_pid_is_released(node):
         s.commit()
     with sf() as s:
         live_job = claim_job(s, live, 300, 5).id
+        s.commit()
     with sf() as s:
         assert release_dead_local_leases(s, Job) == 1
         s.commit()

@@ -1,4 +1,10 @@
-"""Storage SCP on a real socket: DCMTK storescu/echoscu and pynetdicom as peers."""
+"""Storage SCP on a real socket: DCMTK storescu/echoscu and pynetdicom as peers.
+
+Every test that starts a node (``start_node``; also those of test_scp_hardening.py, which imports
+these fixtures) runs twice: on the fast path ("fast": ``node.fast_path = true``, qcnode's reactors
+and direct C-STORE) and on pynetdicom's own ("plain"). Tests of what only the fast path does are
+marked ``FAST_PATH_ONLY``.
+"""
 from __future__ import annotations
 
 import stat
@@ -20,17 +26,29 @@ from qcnode.ingest.scp import StorageSCP
 from qcnode.ingest.spool import Spool
 
 
+@pytest.fixture(params=["fast", "plain"])
+def scp_path(request) -> str:
+    """The node's receive path: "fast" (node.fast_path = true) or "plain" (pynetdicom's own)."""
+    return request.param
+
+
+FAST_PATH_ONLY = pytest.mark.parametrize("scp_path", ["fast"])  # what pynetdicom's own path does not do
+
+
 @pytest.fixture
-def start_node(tmp_path, port):
-    """start_node(**node_or_storage_overrides) -> (scp, session_factory, cfg); stopped afterwards."""
+def start_node(tmp_path, port, scp_path):
+    """start_node(**node_or_storage_overrides) -> (scp, session_factory, cfg) on the receive path
+    ``scp_path``; stopped afterwards."""
     started = []
 
     def start(node: dict | None = None, storage: dict | None = None):
-        cfg = load_config(write_config(tmp_path, port, extra={"node": node or {}, "storage": storage or {}}))
+        node = {"fast_path": scp_path == "fast", **(node or {})}
+        cfg = load_config(write_config(tmp_path, port, extra={"node": node, "storage": storage or {}}))
         upgrade(cfg.database_url)
         engine = make_engine(cfg.database_url)
         sf = session_factory(engine)
         scp = StorageSCP(cfg, sf, Spool(cfg.path(cfg.storage.spool_dir), cfg.path(cfg.storage.quarantine_dir)))
+        assert scp.fast_path == (scp_path == "fast")
         scp.start()
         started.append((scp, engine))
         return scp, sf, cfg
@@ -200,6 +218,7 @@ def test_part10_header_matches_pynetdicoms_encoder():
     assert part10_header("1.2.x", "1.2", "1.2.840.10008.1.2") is None  # not a UID: pynetdicom's encoder is used
 
 
+@FAST_PATH_ONLY
 def test_associations_wait_for_events_instead_of_polling(start_node, port):
     """The SCP's association threads block until something happens: request/response round trips
     do not wait for the idle timeout, open idle associations hardly wake up, release works."""
@@ -253,7 +272,7 @@ def _wait_no_associations(scp: StorageSCP, timeout: float = 5.0) -> None:
 def test_pdv_items_are_cut_from_the_p_data_tf_body():
     import struct
 
-    from qcnode.net.reactors import InvalidPDU, split_pdv_items
+    from qcnode.net.pdu import InvalidPDU, split_pdv_items
 
     def item(context_id: int, data: bytes) -> bytes:
         return struct.pack(">LB", len(data) + 1, context_id) + data

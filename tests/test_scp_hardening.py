@@ -12,6 +12,9 @@
   class on a CT context, a CT slice on the Verification context) is 0x0122, on both paths;
 - a full disk (ENOSPC/EDQUOT) while spooling is 0xA700 out of resources;
 - an IPv4 peer of a dual-stack listener (node.host "::") is matched against IPv4 node.allowed_ips.
+
+Each test that starts a node runs on the fast path and on pynetdicom's own (test_scp.py's
+``scp_path``); those about what only the fast path does are marked ``FAST_PATH_ONLY``.
 """
 from __future__ import annotations
 
@@ -37,9 +40,11 @@ from sqlalchemy import select
 
 from qcnode.db.models import Instance, QuarantineRecord
 from qcnode.ingest import scp as scp_mod
-from qcnode.net.reactors import MAX_ASSOCIATION_PDU_LENGTH, pdata_length_limit
+from qcnode.net.pdu import MAX_ASSOCIATION_PDU_LENGTH, pdata_length_limit
+from qcnode.ingest.validate import error_reason
 from qcnode.log import redact_quoted_values
-from test_scp import start_node  # noqa: F401 - the fixture
+from qcnode.net.policy import REJECT_IP
+from test_scp import FAST_PATH_ONLY, scp_path, start_node  # noqa: F401 - the fixtures
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CT = str(CTImageStorage)
@@ -87,6 +92,7 @@ def _no_server_associations(scp, timeout: float = 10.0) -> bool:
 
 # ---- 1. PDU length limits --------------------------------------------------------------------
 
+@FAST_PATH_ONLY
 @pytest.mark.parametrize("pdu_type", [0x01, 0x04, 0x07])
 def test_huge_pdu_before_association_is_aborted_without_allocating(start_node, port, pdu_type):
     """01 00 40 00 00 00 (an A-ASSOCIATE-RQ of 1 GiB) from any address and AE title used to
@@ -113,6 +119,7 @@ def test_huge_pdu_before_association_is_aborted_without_allocating(start_node, p
     assert _echo_ok(port)  # the node keeps serving
 
 
+@FAST_PATH_ONLY
 def test_huge_p_data_on_an_established_association_is_aborted(start_node, port):
     scp, _, cfg = start_node()
     assoc = _associate(port)
@@ -192,6 +199,7 @@ class RawStore:
             self.assoc.release()
 
 
+@FAST_PATH_ONLY
 def test_long_p_data_within_the_limit_is_still_read(start_node, port, shared_ct):
     """A peer that ignores the negotiated maximum and sends a 2 MiB slice in one P-DATA-TF (longer
     than any PDU allowed before establishment) is still served."""
@@ -211,6 +219,7 @@ def test_long_p_data_within_the_limit_is_still_read(start_node, port, shared_ct)
 
 # ---- 2. a handler slower than the network timeout ---------------------------------------------
 
+@FAST_PATH_ONLY
 @pytest.mark.parametrize("direct", [True, False], ids=["dul-thread", "pynetdicom"])
 def test_slow_store_handler_still_gets_success_and_keeps_the_association(start_node, port, shared_ct,
                                                                           monkeypatch, direct):
@@ -271,7 +280,7 @@ _PHI_SCRIPT = textwrap.dedent("""
     from qcnode.log import configure_logging
 
     tmp, port, src = Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-    cfg = load_config(write_config(tmp, port))
+    cfg = load_config(write_config(tmp, port, extra={"node": {"fast_path": sys.argv[6] == "fast"}}))
     configure_logging("debug", tmp / "qcnode.log")
     upgrade(cfg.database_url)
     scp = StorageSCP(cfg, session_factory(make_engine(cfg.database_url)),
@@ -300,12 +309,12 @@ _PHI_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_pydicom_warnings_never_put_patient_values_in_a_log_line(tmp_path, port, shared_ct):
+def test_pydicom_warnings_never_put_patient_values_in_a_log_line(tmp_path, port, shared_ct, scp_path):
     """pydicom logs (and warns) "Invalid value for VR IS: 'SECRETID77'" for a PatientID
     mis-encoded as IS: in a process with qcnode's logging neither the JSON log nor stderr holds it."""
     src = sorted((shared_ct / "ge_head").glob("*.dcm"))[0]
     proc = subprocess.run([sys.executable, "-c", _PHI_SCRIPT, str(PROJECT_ROOT / "tests"), str(PROJECT_ROOT),
-                           str(tmp_path), str(port), str(src)],
+                           str(tmp_path), str(port), str(src), scp_path],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "STATUSES [0, 0]" in proc.stdout  # stored (the node does not care about the PatientID's VR)
@@ -357,7 +366,9 @@ def test_invalid_sop_instance_uid_in_request_and_data_set_is_invalid_uid(start_n
 
 
 @pytest.mark.parametrize("split_command", [False, True], ids=["one-pdu-command", "split-command"])
-@pytest.mark.parametrize("case", ["unknown-class-on-ct-context", "ct-on-verification-context"])
+@pytest.mark.parametrize("case,scp_path", [("unknown-class-on-ct-context", "fast"),  # plain: pynetdicom aborts
+                                           ("ct-on-verification-context", "fast"),
+                                           ("ct-on-verification-context", "plain")])
 def test_c_store_whose_sop_class_is_not_the_contexts_is_sop_class_not_supported(start_node, port, shared_ct,
                                                                                  case, split_command):
     """pynetdicom dispatches a C-STORE on the request's own SOP Class UID: an unknown one on an
@@ -382,6 +393,7 @@ def test_c_store_whose_sop_class_is_not_the_contexts_is_sop_class_not_supported(
     assert _echo_ok(port)
 
 
+@FAST_PATH_ONLY
 def test_overlong_sop_instance_uid_is_invalid_uid_not_an_abort(start_node, port, shared_ct):
     """A 65-character UID made pynetdicom abort the association; on the DUL-thread path it is
     0xC001 now, and the response leaves the UID out so that the peer can decode it."""
@@ -449,14 +461,31 @@ def test_ipv4_peer_of_a_dual_stack_listener_matches_ipv4_allowed_ips(start_node,
         if assoc.is_established:
             assoc.release()
     assert scp.association_policy("PYSCU", "::ffff:127.0.0.1") is None
-    assert scp.association_policy("PYSCU", "::ffff:10.1.2.3") == scp_mod.REJECT_IP
-    assert scp.association_policy("PYSCU", "::1") == scp_mod.REJECT_IP
-    assert scp.association_policy("PYSCU", "not an address") == scp_mod.REJECT_IP
+    assert scp.association_policy("PYSCU", "::ffff:10.1.2.3") == REJECT_IP
+    assert scp.association_policy("PYSCU", "::1") == REJECT_IP
+    assert scp.association_policy("PYSCU", "not an address") == REJECT_IP
 
 
 def test_refusal_reasons_from_exceptions_never_quote_a_value():
     """A conversion error quotes the offending text, which may be a patient's name or ID sent
     under a numeric VR: reasons (logged and written next to the quarantine copy) redact it."""
-    from qcnode.ingest.scp import _error
-    reason = _error(ValueError("invalid literal for int() with base 10: 'SMITH^JOHN'"))
+    reason = error_reason(ValueError("invalid literal for int() with base 10: 'SMITH^JOHN'"))
     assert reason == "ValueError: invalid literal for int() with base 10: '<redacted>'"
+
+
+def test_a_failing_association_check_rejects_transiently(start_node, port, monkeypatch):
+    """A policy check that raises (the spool's file system gone) rejects the association (transient,
+    local limit exceeded) instead of accepting it, and the node keeps serving."""
+    scp, _, _ = start_node()
+    free_disk_mb = scp.spool.free_disk_mb
+
+    def broken() -> float:
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(scp.spool, "free_disk_mb", broken)
+    assoc = _associate(port, Verification)
+    assert assoc.is_rejected
+    p = assoc.acceptor.primitive
+    assert (p.result, p.result_source, p.diagnostic) == (2, 3, 2)
+    assert _no_server_associations(scp)
+    monkeypatch.setattr(scp.spool, "free_disk_mb", free_disk_mb)
+    assert _echo_ok(port)

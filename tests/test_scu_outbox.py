@@ -25,10 +25,11 @@ from qcnode.db.engine import make_engine, session_factory, upgrade
 from qcnode.db.models import Delivery, Instance, Series, SeriesResult, Study
 from qcnode.db.queue import as_utc
 from qcnode.delivery.scu import DeliveryError, send_datasets
-from qcnode.report.sr import build_series_sr, read_series_sr, write_sr
+from qcnode.report.read import read_series_sr
+from qcnode.report.sr import build_series_sr, write_sr
 from qcnode.report.kos import build_quality_issue_kos, failing_slices
 from qcnode.delivery.outbox import KIND_KOS, OutboxSender, enqueue, kos_relpath, payload_kinds, wants_kind
-from sr_helpers import MODEL_INFO, WHEN, slice_scores, summary_for, write_validated
+from sr_helpers import MODEL, MODEL_INFO, WHEN, slice_scores, summary_for, write_validated
 
 N_SLICES = 4
 
@@ -103,13 +104,13 @@ def _seed(cfg: Config, ct_files: list[Path], verdict: str = "FAIL", version: int
         shutil.copyfile(f, spool / "in" / f.name)
         headers.append(pydicom.dcmread(f, stop_before_pixels=True))
     slices = slice_scores(headers)
-    sr = build_series_sr(headers, slices, summary_for(slices, verdict), MODEL_INFO, version,
+    sr = build_series_sr(headers, slices, summary_for(slices, verdict), MODEL, version,
                          content_datetime=WHEN)
     sr_rel = f"sr/{sr.SOPInstanceUID}.dcm"
     write_sr(sr, spool / sr_rel)
     if wants_kind(cfg, verdict, KIND_KOS):  # as the worker does
         threshold = cfg.verdict.slice_threshold
-        kos = build_quality_issue_kos(headers, failing_slices(slices, threshold), MODEL_INFO, version, threshold,
+        kos = build_quality_issue_kos(headers, failing_slices(slices, threshold), MODEL, version, threshold,
                                       content_datetime=WHEN)
         write_validated(kos, spool / kos_relpath(str(headers[0].StudyInstanceUID),
                                                  str(headers[0].SeriesInstanceUID), MODEL_INFO["version"], version))
@@ -268,7 +269,7 @@ def test_quality_issue_kos_for_fail_only(tmp_path, scp_factory, ct_files, verdic
     assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == ("113010", "DCM", "Quality Issue")
     # the slices below the threshold (the helper's scores are 1.0, 1.1, ...), no others
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in ct_files]
-    scores = {str(h.SOPInstanceUID): s["score"] for h, s in zip(headers, slice_scores(headers))}
+    scores = {str(h.SOPInstanceUID): s.score for h, s in zip(headers, slice_scores(headers))}
     referenced = {str(r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
                   for r in kos[0].ContentSequence if r.ValueType == "IMAGE"}
     assert referenced == {u for u, sc in scores.items() if sc < cfg.verdict.slice_threshold} and referenced

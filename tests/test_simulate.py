@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qcnode.simulation import ct_projector, simulate
+from qcnode.simulation import ct_projector, degrade, readers, simulate, sources
 from qcnode.simulation.phantoms import make_phantom
 
 torch.set_num_threads(1)
@@ -53,9 +53,9 @@ def test_batched_projection_equals_single():
     assert torch.allclose(rec[1], ct_projector.fbp(batch[1], theta, 48), atol=1e-4)
 
 
-def _spec(anatomy: str = "body", seed: int = 11, variants=None, split: str = "train") -> simulate.SourceSpec:
+def _spec(anatomy: str = "body", seed: int = 11, variants=None, split: str = "train") -> sources.SourceSpec:
     grid = [(d, v) for v in (720, 360, 180) for d in (1.0, 0.5, 0.25, 0.1)]
-    return simulate.SourceSpec(f"phantom:{anatomy}:{seed}", "phantom", anatomy, f"phantom_{anatomy}", split,
+    return sources.SourceSpec(f"phantom:{anatomy}:{seed}", "phantom", anatomy, f"phantom_{anatomy}", split,
                                seed=seed, variants=variants or grid)
 
 
@@ -67,10 +67,10 @@ def simulated_body():
 
 def test_noise_std_rises_as_dose_falls(simulated_body):
     rows = {(r["dose_fraction"], r["views"]): (img, r) for _, _, img, r in simulated_body}
-    ref = simulate.reconstruct_hu(
-        simulate.line_integrals(make_phantom("body", 11, 96).hu[None], [make_phantom("body", 11, 96).pixel_spacing_mm]),
+    ref = degrade.reconstruct_hu(
+        degrade.line_integrals(make_phantom("body", 11, 96).hu[None], [make_phantom("body", 11, 96).pixel_spacing_mm]),
         720, 96, make_phantom("body", 11, 96).pixel_spacing_mm)[0].numpy()
-    tissue = simulate.soft_tissue_mask(ref)
+    tissue = degrade.soft_tissue_mask(ref)
     measured = [float(np.std((rows[(d, 720)][0] - ref)[tissue])) for d in (1.0, 0.5, 0.25, 0.1)]
     assert all(a < b for a, b in zip(measured, measured[1:])), measured
     # Quantum noise: sd ~ 1/sqrt(dose); the 10x dose step gives about sqrt(10) (more with electronic noise).
@@ -93,12 +93,12 @@ def test_labels_on_grid_and_monotone_in_expectation(simulated_body):
         assert img.dtype == np.float32 and img.shape == (96, 96)
         assert 0.0 <= r["label"] <= 4.0
         assert abs(r["label"] * 5 - round(r["label"] * 5)) < 1e-9
-        assert all(r[c] in (0, 1, 2, 3, 4) for c in simulate.READER_COLUMNS)
+        assert all(r[c] in (0, 1, 2, 3, 4) for c in readers.READER_COLUMNS)
     # Expected label over the reader jitter: non-increasing in noise and streaks, spanning the range.
     rng = np.random.default_rng(0)
 
     def expected(noise, streak, anatomy="body"):
-        return np.mean([simulate.mean_label(simulate.reader_scores(noise, streak, anatomy, rng))
+        return np.mean([readers.mean_label(readers.reader_scores(noise, streak, anatomy, rng))
                         for _ in range(300)])
 
     by_noise = [expected(n, 0.0) for n in (3, 8, 12, 18, 27, 40, 60)]
@@ -117,11 +117,11 @@ def test_real_slice_keeps_its_pixels_and_gets_the_extra_noise_of_lower_doses(sha
     from qcnode.dicom.physics import global_noise_level
     path = shared_ct / "ge_head" / "10.dcm"
     variants = [(1.0, 720), (0.5, 720), (0.25, 720), (1.0, 180), (0.25, 180)]
-    spec = simulate.SourceSpec("real:ge_head/10", "real", "head", "ge_head", "train", path=str(path),
+    spec = sources.SourceSpec("real:ge_head/10", "real", "head", "ge_head", "train", path=str(path),
                                variants=variants)
     out = {(r["dose_fraction"], r["views"]): (img, r) for _, _, img, r in simulate.simulate_sources([spec], 128)}
     sl = load_slices(path)[0]
-    src, spacing = simulate.resample_square(sl.hu, sl.pixel_spacing_mm[0], 128)
+    src, spacing = sources.resample_square(sl.hu, sl.pixel_spacing_mm[0], 128)
     assert spacing == pytest.approx(sl.pixel_spacing_mm[0] * 4)
     np.testing.assert_array_equal(out[(1.0, 720)][0], src)  # nothing added: the slice as acquired
     own = global_noise_level(src, spacing)
@@ -137,25 +137,25 @@ def test_real_slice_keeps_its_pixels_and_gets_the_extra_noise_of_lower_doses(sha
 
 def test_real_noise_scale_adds_only_the_extra_variance():
     # own 10 HU; at quarter dose the total is 20 HU, so the simulated image (std 5) is scaled to sqrt(300)
-    assert simulate.real_noise_scale(10.0, 5.0, 0.25, 720) == pytest.approx(np.sqrt(300) / 5)
-    assert simulate.real_noise_scale(10.0, 5.0, 1.0, 720) == 0.0
-    assert simulate.real_noise_scale(10.0, 5.0, 1.0, 180) == pytest.approx(np.sqrt(300) / 5)
-    assert simulate.real_noise_scale(10.0, 0.0, 0.5, 720) == 0.0
+    assert degrade.real_noise_scale(10.0, 5.0, 0.25, 720) == pytest.approx(np.sqrt(300) / 5)
+    assert degrade.real_noise_scale(10.0, 5.0, 1.0, 720) == 0.0
+    assert degrade.real_noise_scale(10.0, 5.0, 1.0, 180) == pytest.approx(np.sqrt(300) / 5)
+    assert degrade.real_noise_scale(10.0, 0.0, 0.5, 720) == 0.0
 
 
 def test_clinical_slices_split_by_patient_and_thinned():
     root = simulate_data_root()
-    slices = simulate.find_real_slices([root / "lung_pet_ct_dx"])
+    slices = sources.find_real_slices([root / "lung_pet_ct_dx"])
     assert {r.series for r in slices} == {f"series{i}" for i in range(1, 5)}
     assert len({r.patient for r in slices}) == 2
     kernels = {r.series: r.kernel for r in slices}
     assert kernels["series1"] == "B40f" and kernels["series3"] == "B70f"
     one = next(iter(sorted({r.patient for r in slices})))
-    train, val = simulate.split_by_patient(slices, {one})
+    train, val = sources.split_by_patient(slices, {one})
     assert train and val and not {r.patient for r in train} & {r.patient for r in val}
-    thin = simulate.thin_series(slices, 5)
+    thin = sources.thin_series(slices, 5)
     assert len(thin) == 4 * 5 and {r.series for r in thin} == {r.series for r in slices}
-    assert simulate.thin_series(slices, 0) == slices
+    assert sources.thin_series(slices, 0) == slices
 
 
 def simulate_data_root():
@@ -271,7 +271,7 @@ def test_tissue_free_skull_phantoms_planned_seeded_and_labelled():
         assert (np.median(inside) < -900) if kind == "skull_air" else (abs(np.median(inside)) < 60)
     torch.set_num_threads(1)
     for kind, seed in (("skull_air", 101), ("skull_water", 102)):
-        spec = simulate.SourceSpec(f"phantom:{kind}:{seed}", "phantom", "head", f"phantom_{kind}", "train",
+        spec = sources.SourceSpec(f"phantom:{kind}:{seed}", "phantom", "head", f"phantom_{kind}", "train",
                                    seed=seed, variants=[(1.0, 720), (0.1, 720), (1.0, 180), (0.1, 180)], phantom=kind)
         rows = {(r["dose_fraction"], r["views"]): r for *_, r in simulate.simulate_sources([spec], 96)}
         again = {(r["dose_fraction"], r["views"]): r for *_, r in simulate.simulate_sources([spec], 96)}
@@ -288,7 +288,7 @@ def test_readers_are_tied_to_the_challenge_scale():
     """The calibrated readers: a routine smooth-kernel slice (about 7 HU at 256 px) is good to
     excellent, a quarter of its dose still fair to good, a sharp kernel (25 HU) fair, heavy
     sparse-view streaks poor to bad."""
-    e = simulate.expected_reader_mean
+    e = readers.expected_reader_mean
     assert e(7.0, 0.0, "body") >= 3.5
     assert 2.5 <= e(14.0, 0.0, "body") < e(7.0, 0.0, "body")
     assert 1.7 <= e(25.0, 0.0, "body") <= 2.3
@@ -299,9 +299,9 @@ def test_readers_are_tied_to_the_challenge_scale():
 def test_expected_reader_mean_is_the_exact_expectation():
     rng = np.random.default_rng(1)
     for noise, streak, anatomy in [(5.0, 0.0, "body"), (12.0, 1.5, "head"), (30.0, 4.0, "body")]:
-        monte_carlo = np.mean([np.mean(simulate.reader_scores(noise, streak, anatomy, rng)) for _ in range(20000)])
-        assert simulate.expected_reader_mean(noise, streak, anatomy) == pytest.approx(monte_carlo, abs=0.02)
-    by_noise = [simulate.expected_reader_mean(n, 0.0, "body") for n in (2, 8, 16, 32, 64)]
+        monte_carlo = np.mean([np.mean(readers.reader_scores(noise, streak, anatomy, rng)) for _ in range(20000)])
+        assert readers.expected_reader_mean(noise, streak, anatomy) == pytest.approx(monte_carlo, abs=0.02)
+    by_noise = [readers.expected_reader_mean(n, 0.0, "body") for n in (2, 8, 16, 32, 64)]
     assert all(a > b for a, b in zip(by_noise, by_noise[1:])) and 0.0 <= by_noise[-1] < by_noise[0] <= 4.0
 
 
@@ -310,17 +310,17 @@ def test_default_real_sources_hold_three_real_heads_for_training(shared_ct):
     and two JPEG 2000 heads from other scanners) train; the Philips phantom is the test series; the
     localizer is left out; every source decodes to a square HU image."""
     from qcnode.cli.simulate import TEST_SERIES
-    sources = simulate.default_real_sources(shared_ct)
-    series = {s[1] for s in sources}
+    found = sources.default_real_sources(shared_ct)
+    series = {s[1] for s in found}
     assert {"ge_head", "philips_head_phantom", "pydicom_ct_small", "pydicom_head_j2k_a",
             "pydicom_head_j2k_b"} <= series
-    assert not any("localizer" in s[0] for s in sources)
-    train_heads = {s[1] for s in sources if s[2] == "head" and s[1] not in TEST_SERIES}
+    assert not any("localizer" in s[0] for s in found)
+    train_heads = {s[1] for s in found if s[2] == "head" and s[1] not in TEST_SERIES}
     assert train_heads == {"ge_head", "pydicom_head_j2k_a", "pydicom_head_j2k_b"}
-    for sid, ser, anatomy, path in sources:
+    for sid, ser, anatomy, path in found:
         if ser.startswith("pydicom_head"):
-            spec = simulate.SourceSpec(sid, "real", anatomy, ser, "train", path=path, variants=[(1.0, 720)])
-            im = simulate.load_source(spec, 128)
+            spec = sources.SourceSpec(sid, "real", anatomy, ser, "train", path=path, variants=[(1.0, 720)])
+            im = sources.load_source(spec, 128)
             assert im.hu.shape == (128, 128)
             assert im.hu.min() >= -1000.0 and im.hu.max() > 300.0  # air clamped; skull present
 
@@ -330,12 +330,12 @@ def test_series_noise_level_is_the_median_of_the_acquisition():
     from qcnode.dicom.physics import global_noise_level
     files = sorted((simulate_data_root() / "lidc_idri_0001").glob("*.dcm"))[20:25]
     single = sorted((simulate_data_root() / "lung_pet_ct_dx" / "series2").glob("*.dcm"))[0]
-    sources = [(f"a{i}", "lidc", str(f)) for i, f in enumerate(files)] + [("b", "other", str(single))]
-    levels = simulate.series_noise_levels(sources, 256)
+    found = [(f"a{i}", "lidc", str(f)) for i, f in enumerate(files)] + [("b", "other", str(single))]
+    levels = sources.series_noise_levels(found, 256)
 
     def own(path):
         sl = load_slices(path)[0]
-        return global_noise_level(*simulate.resample_square(sl.hu, sl.pixel_spacing_mm[0], 256))
+        return global_noise_level(*sources.resample_square(sl.hu, sl.pixel_spacing_mm[0], 256))
     each = [own(f) for f in files]
     assert [levels[f"a{i}"] for i in range(5)] == [pytest.approx(float(np.median(each)))] * 5
     assert levels["b"] == pytest.approx(own(single))  # a series of one keeps its own measurement

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import copy
+from dataclasses import replace
 import shutil
 import subprocess
 
@@ -12,8 +13,10 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from qcnode.report import sr as sr_mod
-from qcnode.report.sr import SRBuildError, build_series_sr, read_series_sr, sr_bytes
-from sr_helpers import (MODEL_INFO, PHYSICS, WHEN, pixelmed_sr_validator, read_headers, slice_scores,
+from qcnode.report.read import read_series_sr
+from qcnode.report.sr import SRBuildError, build_series_sr, sr_bytes
+from qcnode.scoring.types import ModelIdentity, SliceResult
+from sr_helpers import (MODEL, MODEL_INFO, PHYSICS, WHEN, pixelmed_sr_validator, read_headers, slice_scores,
                         summary_for, write_validated)
 
 
@@ -22,7 +25,7 @@ def ge_headers(shared_ct):
     return read_headers(shared_ct / "ge_head")
 
 
-def _build(headers, version=1, model=MODEL_INFO, verdict="WARN", when=WHEN):
+def _build(headers, version=1, model=MODEL, verdict="WARN", when=WHEN):
     slices = slice_scores(headers)
     return build_series_sr(headers, slices, summary_for(slices, verdict), model, version,
                            content_datetime=when), slices
@@ -45,11 +48,11 @@ def test_sr_round_trip_with_highdicom(ge_headers, tmp_path):
     assert set(got) == {h.SOPInstanceUID for h in ge_headers}  # every slice referenced once
     assert len(parsed["slices"]) == len(ge_headers)
     for s in slices:
-        g = got[s["sop_instance_uid"]]
-        assert g["score"] == pytest.approx(s["score"], abs=1e-6)
-        assert g["score_low"] == pytest.approx(s["score_low"], abs=1e-6)
-        assert g["score_high"] == pytest.approx(s["score_high"], abs=1e-6)
-    summary = summary_for(slices)
+        g = got[s.sop_instance_uid]
+        assert g["score"] == pytest.approx(s.score, abs=1e-6)
+        assert g["score_low"] == pytest.approx(s.score_low, abs=1e-6)
+        assert g["score_high"] == pytest.approx(s.score_high, abs=1e-6)
+    summary = summary_for(slices).flat()
     for key in ("mean_score", "min_score", "p10_score", "fraction_below", *PHYSICS):
         assert parsed["summary"][key] == pytest.approx(summary[key], abs=1e-6)
     assert parsed["summary"]["verdict"] == "WARN"
@@ -98,7 +101,7 @@ def test_sr_is_deterministic(ge_headers, tmp_path):
     assert v2.SOPInstanceUID != a.SOPInstanceUID
     assert v2.InstanceNumber == 2 and v2.SeriesNumber == a.SeriesNumber
 
-    other_model, _ = _build(ge_headers, model={"name": "mdiqa-test", "version": "0.2.0"})
+    other_model, _ = _build(ge_headers, model=ModelIdentity("mdiqa-test", "0.2.0"))
     assert other_model.SeriesInstanceUID != a.SeriesInstanceUID
 
     # the content time is what the caller passes, not the wall clock
@@ -119,12 +122,12 @@ def test_sr_frame_reference_for_multiframe(ge_headers, tmp_path):
     headers = [copy.deepcopy(ge_headers[0])]
     headers[0].SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # pretend Enhanced CT (multi-frame IOD)
     headers[0].NumberOfFrames = 2
-    slices = [{"sop_instance_uid": headers[0].SOPInstanceUID, "score": 2.5, "score_low": 2.0,
-               "score_high": 3.0, "frame": f} for f in (1, 2)]
-    sr = build_series_sr(headers, slices, summary_for(slices, "PASS"), MODEL_INFO, 1, content_datetime=WHEN)
+    slices = [SliceResult(headers[0].SOPInstanceUID, score=2.5, score_low=2.0, score_high=3.0, frame=f)
+              for f in (1, 2)]
+    sr = build_series_sr(headers, slices, summary_for(slices, "PASS"), MODEL, 1, content_datetime=WHEN)
     parsed = read_series_sr(sr)
     assert [s["frame"] for s in parsed["slices"]] == [1, 2]
-    single = build_series_sr(ge_headers[:1], slices[:1], summary_for(slices[:1], "PASS"), MODEL_INFO, 1,
+    single = build_series_sr(ge_headers[:1], slices[:1], summary_for(slices[:1], "PASS"), MODEL, 1,
                              content_datetime=WHEN)  # a single-frame object: no frame reference
     assert read_series_sr(single)["slices"][0]["frame"] is None
     assert parsed["summary"]["verdict"] == "PASS"
@@ -132,28 +135,28 @@ def test_sr_frame_reference_for_multiframe(ge_headers, tmp_path):
         write_validated(ds, tmp_path / name)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda sl, su, hd_: sl.append({"sop_instance_uid": "1.2.3.4", "score": 1, "score_low": 0,
-                                     "score_high": 2}), "no source header"),
-    (lambda sl, su, hd_: su.update(verdict="MAYBE"), "verdict must be one of"),
-    (lambda sl, su, hd_: sl[0].update(score_low=sl[0]["score"] + 1), "not inside its interval"),
-    (lambda sl, su, hd_: hd_[0].__delattr__("StudyInstanceUID"), "lacks StudyInstanceUID"),
+@pytest.mark.parametrize("mutate, message", [  # (slices, summary, headers) -> (slices, summary)
+    (lambda sl, su, hd_: (sl + [SliceResult("1.2.3.4", score=1, score_low=0, score_high=2)], su),
+     "no source header"),
+    (lambda sl, su, hd_: (sl, replace(su, verdict="MAYBE")), "verdict must be one of"),
+    (lambda sl, su, hd_: ([replace(sl[0], score_low=sl[0].score + 1)] + sl[1:], su), "not inside its interval"),
+    (lambda sl, su, hd_: (hd_[0].__delattr__("StudyInstanceUID") or sl, su), "lacks StudyInstanceUID"),
 ])
 def test_sr_rejects_bad_input(ge_headers, mutate, message):
     headers = [copy.deepcopy(h) for h in ge_headers[:3]]
     slices = slice_scores(headers)
     summary = summary_for(slices)
-    mutate(slices, summary, headers)
+    slices, summary = mutate(slices, summary, headers)
     with pytest.raises(SRBuildError, match=message):
-        build_series_sr(headers, slices, summary, MODEL_INFO, 1, content_datetime=WHEN)
+        build_series_sr(headers, slices, summary, MODEL, 1, content_datetime=WHEN)
 
 
 def test_sr_needs_slices_and_model(ge_headers):
     with pytest.raises(SRBuildError, match="no scored slices"):
-        build_series_sr(ge_headers[:1], [], summary_for([{"score": 1.0}]), MODEL_INFO, 1)
+        build_series_sr(ge_headers[:1], [], summary_for(slice_scores(ge_headers[:1])), MODEL, 1)
     slices = slice_scores(ge_headers[:1])
     with pytest.raises(SRBuildError, match="name and a version"):
-        build_series_sr(ge_headers[:1], slices, summary_for(slices), {"name": "x"}, 1)
+        build_series_sr(ge_headers[:1], slices, summary_for(slices), ModelIdentity("x", ""), 1)
 
 
 def test_sr_times_are_marked_utc(ge_headers, tmp_path):
@@ -214,8 +217,8 @@ def test_sr_follows_ihe_ai_results(ge_headers, tmp_path):
 
 def test_sr_without_physics_leaves_it_out(ge_headers, tmp_path):
     slices = slice_scores(ge_headers[:2])
-    summary = dict(summary_for(slices, physics=False), ctdivol_mgy=None)
-    sr = build_series_sr(ge_headers[:2], slices, summary, MODEL_INFO, 1, content_datetime=WHEN)
+    summary = summary_for(slices, physics=False)
+    sr = build_series_sr(ge_headers[:2], slices, summary, MODEL, 1, content_datetime=WHEN)
     parsed = read_series_sr(pydicom.dcmread(write_validated(sr, tmp_path / "sr.dcm")))
     assert not set(PHYSICS) & set(parsed["summary"])
 
@@ -232,8 +235,8 @@ def test_quality_issue_kos_lists_failing_slices(ge_headers, tmp_path):
     slices = slice_scores(ge_headers[:4])  # 1.0, 1.1, 1.2, 1.3
     assert [f.score for f in failing_slices(slices, 1.15)] == [1.0, 1.1]
     # a FAIL by the series mean alone still flags its worst slice
-    assert failing_slices(slices, 0.5) == [FlaggedSlice(slices[0]["sop_instance_uid"], 1.0)]
-    kos = build_quality_issue_kos(ge_headers, failing_slices(slices, 1.15), MODEL_INFO, 2, 1.15,
+    assert failing_slices(slices, 0.5) == [FlaggedSlice(slices[0].sop_instance_uid, 1.0)]
+    kos = build_quality_issue_kos(ge_headers, failing_slices(slices, 1.15), MODEL, 2, 1.15,
                                   content_datetime=WHEN)
     back = pydicom.dcmread(write_validated(kos, tmp_path / "kos.dcm"))
     assert back.SOPInstanceUID == kos_sop_uid(ge_headers[0].SeriesInstanceUID, MODEL_INFO["version"], 2)
@@ -242,7 +245,7 @@ def test_quality_issue_kos_lists_failing_slices(ge_headers, tmp_path):
     device = [e for e in back.ContributingEquipmentSequence if e.get("DeviceUID")]
     assert device[0].DeviceUID == sr_mod.algorithm_device_uid(MODEL_INFO["name"], MODEL_INFO["version"])
     with pytest.raises(SRBuildError, match="at least one flagged slice"):
-        build_quality_issue_kos(ge_headers, [], MODEL_INFO, 1, 1.15)
+        build_quality_issue_kos(ge_headers, [], MODEL, 1, 1.15)
 
 
 @pytest.mark.parametrize("sex", ["m", "X"])
@@ -253,5 +256,27 @@ def test_patient_sex_highdicom_refuses_is_left_empty(ge_headers, sex):
         h.PatientSex = sex
     sr, slices = _build(headers)
     assert sr.PatientSex == ""
-    kos = build_quality_issue_kos(headers, failing_slices(slices, 4.0), MODEL_INFO, 1, 4.0, content_datetime=WHEN)
+    kos = build_quality_issue_kos(headers, failing_slices(slices, 4.0), MODEL, 1, 4.0, content_datetime=WHEN)
     assert kos.PatientSex == ""
+
+
+def test_multiframe_table_agrees_with_highdicoms_tables_of_the_standard():
+    """qcnode/report/sr.py keeps its own table instead of importing highdicom's private helper
+    (qcnode/net/ is the only fenced package); for the CT image IODs both must agree."""
+    from highdicom._standard_utils import is_multiframe_image as highdicoms
+    from pydicom.dataset import Dataset
+
+    from qcnode.dicom.pixels import CT_IMAGE_CLASSES
+    for uid in sorted(CT_IMAGE_CLASSES | {"1.2.840.10008.5.1.4.1.1.2.2"}):  # + Legacy Converted Enhanced CT
+        ds = Dataset()
+        ds.SOPClassUID = uid
+        assert sr_mod.is_multiframe_image(ds) == highdicoms(ds), uid
+
+
+def test_load_standard_tables_loads_highdicoms_tables():
+    from highdicom import _standard_utils as standard
+    tables = (standard.get_sop_class_iod_map, standard.get_iod_module_map, standard.get_module_attribute_map)
+    for table in tables:
+        table.cache_clear()
+    sr_mod.load_standard_tables()
+    assert [table.cache_info().currsize for table in tables] == [1, 1, 1]

@@ -16,20 +16,22 @@ from qcnode.db.models import Delivery, Instance, Job, Series, SeriesResult, Slic
 from qcnode.ingest.scp import StorageSCP
 from qcnode.tracking.series import mark_stable_series
 from qcnode.ingest.spool import Spool
-from qcnode.report.sr import read_series_sr
+from qcnode.report.read import read_series_sr
 from qcnode.delivery.outbox import kos_relpath
 from sr_helpers import dciodvfy
-from qcnode.scoring.worker import Worker, summarise
+from qcnode.scoring.summary import summarise
+from qcnode.scoring.worker import Worker
+from qcnode.service.publish import ReportPublisher
 from daemon_helpers import checkpoint_for_tests, storescu
 
 
 def test_summary_and_verdicts():
     cfg = load_config()
     v = cfg.verdict
-    assert summarise([3.0, 3.2, 3.5], v.slice_threshold, v)["verdict"] == "PASS"
-    assert summarise([3.0, 1.0, 3.5, 3.0], v.slice_threshold, v)["verdict"] == "WARN"  # 25% low
+    assert summarise([3.0, 3.2, 3.5], v.slice_threshold, v).verdict == "PASS"
+    assert summarise([3.0, 1.0, 3.5, 3.0], v.slice_threshold, v).verdict == "WARN"  # 25% low
     s = summarise([1.0, 1.2, 1.4], v.slice_threshold, v)
-    assert s["verdict"] == "FAIL" and s["fraction_below"] == 1.0 and s["min_score"] == 1.0
+    assert s.verdict == "FAIL" and s.fraction_below == 1.0 and s.min_score == 1.0
 
 
 @pytest.mark.timeout(300)
@@ -57,7 +59,7 @@ def test_worker_scores_series_once(tmp_path, port, shared_ct):
         raw = path.read_bytes()
         path.write_bytes(raw[:len(raw) // 2])
     assert mark_stable_series(sf, 1.5, now=utcnow() + dt.timedelta(seconds=5))
-    worker = Worker(cfg, sf, spool)
+    worker = Worker(cfg, sf, spool, ReportPublisher(cfg))
     assert worker.run_once()
     assert not worker.run_once()
     with sf() as s:
@@ -117,6 +119,7 @@ def test_worker_start_loads_highdicoms_tables(tmp_path, port):
         table.cache_clear()
     upgrade(cfg.database_url)
     worker = Worker(cfg, session_factory(make_engine(cfg.database_url)),
-                    Spool(cfg.path(cfg.storage.spool_dir), cfg.path(cfg.storage.quarantine_dir)))
+                    Spool(cfg.path(cfg.storage.spool_dir), cfg.path(cfg.storage.quarantine_dir)),
+                    ReportPublisher(cfg))
     worker.load_scorer()
     assert [t.cache_info().currsize for t in tables] == [1, 1, 1]

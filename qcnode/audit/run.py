@@ -21,6 +21,7 @@ from qcnode.audit.stats import GroupStats, fetch_series, group_stats
 from qcnode.config import Config, ConfigError
 from qcnode.db.audit_models import AuditFlag, AuditProtocolStat, AuditRun
 from qcnode.db.models import utcnow
+from qcnode.db.states import AuditRunState
 from qcnode.log import get_logger
 
 log = get_logger("qcnode.audit")
@@ -32,7 +33,7 @@ MAX_CATCH_UP_DAYS = 31
 @dataclass
 class AuditResult:
     run_id: int
-    status: str  # ok | no_data
+    status: AuditRunState  # ok | no_data
     since: dt.date
     until: dt.date
     n_series: int
@@ -66,7 +67,8 @@ def run_audit(cfg: Config, session_factory: sessionmaker[Session], since: dt.dat
     out_root = Path(out_dir) if out_dir else cfg.path(audit.out_dir)
 
     with session_factory() as session, session.begin():
-        run = AuditRun(trigger=trigger, since=since, until=until, status="running", started_at=utcnow())
+        run = AuditRun(trigger=trigger, since=since, until=until, status=AuditRunState.RUNNING,
+                       started_at=utcnow())
         session.add(run)
         session.flush()
         run_id = run.id
@@ -84,10 +86,10 @@ def run_audit(cfg: Config, session_factory: sessionmaker[Session], since: dt.dat
             say(message)
             html_path = report.write_html(run_dir / "report.html", since=since, until=until, run_id=run_id,
                                           records=[], flags=[], rows=[], trend_rows=[], message=message)
-            _finish(session_factory, run_id, status="no_data", n_series=0, n_groups=0, n_flags=0,
+            _finish(session_factory, run_id, status=AuditRunState.NO_DATA, n_series=0, n_groups=0, n_flags=0,
                     message=message, report_path=str(html_path), csv_path=None)
-            log.info("audit_finished", run_id=run_id, status="no_data")
-            return AuditResult(run_id, "no_data", since, until, 0, report_path=html_path, message=message)
+            log.info("audit_finished", run_id=run_id, status=AuditRunState.NO_DATA)
+            return AuditResult(run_id, AuditRunState.NO_DATA, since, until, 0, report_path=html_path, message=message)
 
         stats = group_stats(rows)
         baseline = {g.key: g for g in group_stats(baseline_rows)}
@@ -107,14 +109,14 @@ def run_audit(cfg: Config, session_factory: sessionmaker[Session], since: dt.dat
             session.add_all(AuditProtocolStat(run_id=run_id, **rec) for rec in records)
             session.add_all(AuditFlag(run_id=run_id, protocol=f.protocol, scanner=f.scanner, kind=f.kind,
                                       value=f.value, reference=f.reference, message=f.message) for f in flags)
-        _finish(session_factory, run_id, status="ok", n_series=len(rows), n_groups=len(stats),
+        _finish(session_factory, run_id, status=AuditRunState.OK, n_series=len(rows), n_groups=len(stats),
                 n_flags=len(flags), message=message, report_path=str(html_path), csv_path=str(csv_path))
-        log.info("audit_finished", run_id=run_id, status="ok", n_series=len(rows), n_groups=len(stats),
+        log.info("audit_finished", run_id=run_id, status=AuditRunState.OK, n_series=len(rows), n_groups=len(stats),
                  n_flags=len(flags))
-        return AuditResult(run_id, "ok", since, until, len(rows), stats=stats, flags=flags,
+        return AuditResult(run_id, AuditRunState.OK, since, until, len(rows), stats=stats, flags=flags,
                            report_path=html_path, csv_path=csv_path, flags_csv_path=flags_csv, message=message)
     except Exception as exc:
-        _finish(session_factory, run_id, status="error", message=f"{type(exc).__name__}: {exc}")
+        _finish(session_factory, run_id, status=AuditRunState.ERROR, message=f"{type(exc).__name__}: {exc}")
         log.error("audit_failed", run_id=run_id, error=f"{type(exc).__name__}: {exc}")
         raise
 
@@ -128,8 +130,9 @@ def nightly_window(session: Session, today: dt.date | None = None) -> tuple[dt.d
     """The range the nightly audit covers: from the day after the last nightly run's ``until``
     (at most 31 days back; yesterday on the first run) up to yesterday (UTC); None when done."""
     until = (today or utc_today()) - dt.timedelta(days=1)
+    done = (AuditRunState.OK, AuditRunState.NO_DATA)
     last = session.scalar(sa.select(sa.func.max(AuditRun.until))
-                          .where(AuditRun.trigger == "nightly", AuditRun.status.in_(("ok", "no_data"))))
+                          .where(AuditRun.trigger == "nightly", AuditRun.status.in_(done)))
     since = until if last is None else last + dt.timedelta(days=1)
     since = max(since, until - dt.timedelta(days=MAX_CATCH_UP_DAYS - 1))
     return None if since > until else (since, until)

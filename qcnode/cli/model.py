@@ -6,12 +6,9 @@ start-up).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # ----------------------------------------------------------------------------------------- train
 def run_train(args: argparse.Namespace) -> int:
     from qcnode.model.network import preset_config
+    from qcnode.training.semi import train_semi_supervised
     from qcnode.training.train import TrainOptions, train
 
     if not args.data.is_dir():
@@ -177,45 +175,11 @@ def run_train(args: argparse.Namespace) -> int:
         if args.unlabeled is None:
             train(base)
         else:
-            _train_semi(base, args.n_teachers)
+            train_semi_supervised(base, args.n_teachers)
     except (FileNotFoundError, ValueError) as exc:
         _err(f"qcnode train: {exc}")
         return EXIT_ARGS
     return EXIT_OK
-
-
-def _train_semi(opts, n_teachers: int) -> None:
-    from dataclasses import replace
-
-    from qcnode.model.network import MDIQAConfig
-    from qcnode.training.semi import pseudo_label, pseudo_training_set
-    from qcnode.training.train import train
-
-    out = Path(opts.out)
-    teachers = list(opts.teachers)
-    if not teachers:
-        for i in range(1, max(1, n_teachers) + 1):
-            t_out = out.with_name(f"{out.name[:-3] if out.name.endswith('.pt') else out.name}.teacher{i}.pt")
-            if opts.resume and t_out.is_file() and not t_out.with_name(t_out.name + ".state.pt").is_file():
-                _err(f"train: teacher {i} already trained: {t_out}")
-            else:
-                _err(f"train: training teacher {i}/{n_teachers} -> {t_out}")
-                train(replace(opts, out=str(t_out), seed=opts.seed + 1000 * i, unlabeled=None, teachers=[]))
-                _cleanup_state(t_out)
-            teachers.append(str(t_out))
-    pl = pseudo_label(teachers, opts.unlabeled, opts.pseudo_max_std, opts.pseudo_keep)
-    cfg = MDIQAConfig.from_dict(opts.config)
-    x, y = pseudo_training_set(pl, cfg.input_size, cfg.window_hu)
-    info = {"unlabeled": str(opts.unlabeled), "teachers": teachers, **pl.summary(),
-            "max_std": opts.pseudo_max_std, "keep": opts.pseudo_keep, "weight": opts.pseudo_weight}
-    _err(f"train: training the student on labeled + {len(y)} pseudo-labeled slices -> {out}")
-    train(replace(opts, teachers=teachers), extra_x=x, extra_y=y, extra_info=info)
-
-
-def _cleanup_state(ckpt: Path) -> None:
-    state = ckpt.with_name(ckpt.name + ".state.pt")
-    if state.is_file():
-        state.unlink()
 
 
 # -------------------------------------------------------------------------------------- evaluate
@@ -244,102 +208,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------- score
-def _iter_files(paths: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
-        else:
-            files.append(p)
-    return files
-
-
-def _series_summary(scores: list[float], n_skipped: int) -> dict[str, Any]:
-    import numpy as np
-
-    s = np.asarray(scores, dtype=float)
-    out: dict[str, Any] = {"n_slices": int(s.size), "n_skipped": int(n_skipped)}
-    if s.size:
-        out.update({"mean": round(float(s.mean()), 4), "std": round(float(s.std()), 4),
-                    "min": round(float(s.min()), 4), "p10": round(float(np.percentile(s, 10)), 4),
-                    "median": round(float(np.median(s)), 4), "max": round(float(s.max()), 4)})
-    return out
-
-
-def score_paths(scorer, paths: list[Path], batch_size: int = 16, progress=_err) -> dict[str, Any]:
-    """Score DICOM files/folders; returns the ``qcnode score`` JSON document."""
-    from qcnode.dicom.pixels import SkipSlice, UnreadableFile, iter_slices, read_dataset
-
-    files = _iter_files(paths)
-    series: dict[str | None, dict[str, Any]] = {}
-    pending: list[tuple[dict[str, Any], Any]] = []  # (slice record, hu)
-
-    def entry(uid: str | None) -> dict[str, Any]:
-        if uid not in series:
-            series[uid] = {"series_instance_uid": uid, "slices": [], "skipped": []}
-        return series[uid]
-
-    def flush() -> None:
-        if not pending:
-            return
-        results = scorer.score_hu([hu for _, hu in pending], batch_size=batch_size)
-        for (rec, _), q in zip(pending, results):
-            rec.update(score=round(q.score, 4), score_low=round(q.score_low, 4), score_high=round(q.score_high, 4))
-        pending.clear()
-
-    t0 = time.time()
-    n_slices = 0
-    for i, f in enumerate(files):
-        uid = None
-        try:
-            ds = read_dataset(f)
-            uid = str(ds.get("SeriesInstanceUID", "")) or None
-            for s in iter_slices(ds, str(f)):
-                rec = {"path": str(f), "sop_instance_uid": s.sop_instance_uid, "instance_number": s.instance_number}
-                if s.frame is not None:
-                    rec["frame"] = s.frame
-                entry(s.series_instance_uid)["slices"].append(rec)
-                pending.append((rec, s.hu))
-                n_slices += 1
-                if len(pending) >= batch_size:
-                    flush()
-        except SkipSlice as exc:
-            entry(uid)["skipped"].append({"path": str(f), "reason": exc.reason})
-        except UnreadableFile as exc:
-            entry(uid)["skipped"].append({"path": str(f), "reason": f"unreadable: {exc}"})
-        except Exception as exc:  # noqa: BLE001 - one bad file never ends the run
-            entry(uid)["skipped"].append({"path": str(f), "reason": f"error: {type(exc).__name__}: {exc}"})
-        if (i + 1) % 100 == 0:
-            progress(f"score: {i + 1}/{len(files)} files, {n_slices} slices, {time.time() - t0:.1f} s")
-    flush()
-    out_series = []
-    for uid, e in series.items():
-        e["slices"] = [r for r in e["slices"] if "score" in r]
-        e["slices"].sort(key=lambda r: (r["instance_number"] is None, r["instance_number"] or 0, r.get("frame") or 0,
-                                        r["path"]))
-        e["summary"] = _series_summary([r["score"] for r in e["slices"]], len(e["skipped"]))
-        out_series.append(e)
-    out_series.sort(key=lambda e: (e["series_instance_uid"] is None, e["series_instance_uid"] or ""))
-    return {"model": scorer.info, "series": out_series,
-            "totals": {"files": len(files), "slices": sum(len(e["slices"]) for e in out_series),
-                       "skipped": sum(len(e["skipped"]) for e in out_series),
-                       "seconds": round(time.time() - t0, 2)}}
-
-
-def _to_csv(doc: dict[str, Any]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["series_instance_uid", "path", "sop_instance_uid", "instance_number", "frame",
-                "score", "score_low", "score_high", "model_version"])
-    version = doc["model"].get("version", "")
-    for e in doc["series"]:
-        for r in e["slices"]:
-            w.writerow([e["series_instance_uid"], r["path"], r["sop_instance_uid"],
-                        "" if r["instance_number"] is None else r["instance_number"], r.get("frame", ""),
-                        r["score"], r["score_low"], r["score_high"], version])
-    return buf.getvalue()
-
-
 def _unwritable(path: Path) -> str | None:
     """Why ``path`` cannot be written (None when it can): creates its folder, probes the file."""
     if path.is_dir():
@@ -374,14 +242,15 @@ def run_score(args: argparse.Namespace) -> int:
         batch_size = batch_size or cfg.model.batch_size
         threads = cfg.model.threads if threads is None else threads
     from qcnode.model.scorer import CheckpointError, Scorer
+    from qcnode.scoring.files import score_paths, to_csv
 
     try:
         scorer = Scorer.load(model_path, threads=threads or 0)
     except CheckpointError as exc:
         _err(f"qcnode score: {exc}")
         return EXIT_MODEL
-    doc = score_paths(scorer, list(args.paths), batch_size=batch_size or 16)
-    text = json.dumps(doc, indent=2) + "\n" if args.format == "json" else _to_csv(doc)
+    doc = score_paths(scorer, list(args.paths), batch_size=batch_size or 16, progress=_err)
+    text = json.dumps(doc, indent=2) + "\n" if args.format == "json" else to_csv(doc)
     if args.format == "csv":
         for e in doc["series"]:
             for s in e["skipped"]:

@@ -72,13 +72,12 @@ def _fail(name: str, reason: object) -> int:
 
 @_db_errors("serve")  # e.g. the database unreachable at start, the port taken: one line, exit 1
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from qcnode.service.daemon import serve
+    from qcnode.service.daemon import ServeOptions, serve
     cfg = load_config(args.config)
     run_scp = not (args.no_scp or args.worker_only)
-    run_worker = False if args.no_worker else None
     if not run_scp and args.no_worker:
         raise SystemExit("qcnode serve: --no-scp and --no-worker leave nothing to run")
-    return serve(cfg, run_scp=run_scp, run_worker=run_worker)
+    return serve(cfg, ServeOptions(scp=run_scp, worker=False if args.no_worker else None))
 
 
 @_db_errors("db upgrade")
@@ -106,6 +105,7 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
 
     from qcnode.db.engine import make_engine, session_factory
     from qcnode.db.models import Series
+    from qcnode.db.states import SeriesState
     from qcnode.tracking.series import rescore_series
     from qcnode.db.migrate import current_revision, head_revision
     if not args.series_uids and not args.failed:
@@ -120,7 +120,7 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
         with sf() as s:
             cond = Series.series_instance_uid.in_(args.series_uids)
             if args.failed:
-                cond = cond | (Series.status == "failed")
+                cond = cond | (Series.status == SeriesState.FAILED)
             found = dict(s.execute(select(Series.series_instance_uid, Series.id).where(cond)).all())
         for uid in args.series_uids:
             if uid not in found:
@@ -176,6 +176,7 @@ def make_engine_url_safe(url: str) -> str:
 
 @_db_errors("status")
 def _cmd_status(args: argparse.Namespace) -> int:
+    from qcnode.db.states import SeriesState
     cfg = load_config(args.config)
     st = collect_status(cfg)
     if args.json:
@@ -195,7 +196,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"model      {st['model']['checkpoint']} ({'present' if st['model']['present'] else 'MISSING'}),"
           f" last used version {st['model'].get('last_version_used')}")
     print(f"disk free  {st['disk_free_mb']} MiB (watermark {st['min_free_disk_mb']} MiB)")
-    n_failed = st["series"].get("failed", 0)
+    n_failed = st["series"].get(str(SeriesState.FAILED), 0)
     if n_failed:
         print(f"ALERT      {n_failed} series gave up scoring (no SR): retried with back-off, "
               f"or now with `qcnode rescore --failed`")

@@ -83,14 +83,14 @@ def run_simulate(args: argparse.Namespace) -> int:
     if min(args.train_phantoms, args.test_phantoms, args.unlabeled_phantoms) < 0:
         print("qcnode simulate: phantom counts must be >= 0", file=sys.stderr)
         return 2
-    from qcnode.simulation import simulate  # imports torch
+    from qcnode.simulation import simulate, sources  # imports torch
 
     real_train: list = []
     real_test: list = []
     real_val: list = []
     acquisitions: dict[str, tuple[str, str]] = {}
     if not args.no_real:
-        clinical = _clinical_sources(args, simulate)
+        clinical = _clinical_sources(args)
         if clinical is None:
             return 2
         train_slices, val_slices, every_slice = clinical
@@ -103,8 +103,8 @@ def run_simulate(args: argparse.Namespace) -> int:
             if missing:
                 print(f"qcnode simulate: source not found: {', '.join(missing)}", file=sys.stderr)
                 return 2
-            extra_train = simulate.find_real_slices(args.sources)
-            extra_test = simulate.find_real_slices(args.test_sources or [])
+            extra_train = sources.find_real_slices(args.sources)
+            extra_test = sources.find_real_slices(args.test_sources or [])
             problem = _split_leak(extra_train, extra_test, val_slices, every_slice)
             if problem:
                 print(f"qcnode simulate: {problem}", file=sys.stderr)
@@ -115,13 +115,13 @@ def run_simulate(args: argparse.Namespace) -> int:
             if not DEFAULT_SHARED_CT.is_dir():
                 print(f"qcnode simulate: {DEFAULT_SHARED_CT} not found; using pydicom's bundled CT slices only",
                       file=sys.stderr)
-            for src in simulate.default_real_sources(DEFAULT_SHARED_CT):
+            for src in sources.default_real_sources(DEFAULT_SHARED_CT):
                 (real_test if src[1] in TEST_SERIES else real_train).append(src)
     keys = {sid: (series, path) for sid, series, _, path in [*real_train, *real_val, *real_test]}
     keys.update(acquisitions)  # clinical slices: one acquisition is one patient's series
     if keys:
         print(f"simulate: measuring the own noise of {len(keys)} real slices", file=sys.stderr)
-    own_noise = simulate.series_noise_levels([(sid, key, path) for sid, (key, path) in keys.items()], args.size)
+    own_noise = sources.series_noise_levels([(sid, key, path) for sid, (key, path) in keys.items()], args.size)
     try:
         splits = simulate.plan(doses=args.doses, views=args.views, train_phantoms=args.train_phantoms,
                                test_phantoms=args.test_phantoms, unlabeled_phantoms=args.unlabeled_phantoms,
@@ -157,9 +157,10 @@ def _split_leak(extra_train: list, extra_test: list, clinical_val: list, clinica
     return None
 
 
-def _clinical_sources(args: argparse.Namespace, simulate) -> tuple[list, list, list] | None:
+def _clinical_sources(args: argparse.Namespace) -> tuple[list, list, list] | None:
     """(train, val, all) RealSlices of the clinical folders (train and val split by patient and
     thinned); None after an error message."""
+    from qcnode.simulation import sources
     dirs = args.clinical if args.clinical is not None else ([DEFAULT_CLINICAL] if DEFAULT_CLINICAL.is_dir() else [])
     if not dirs:
         return [], [], []
@@ -173,8 +174,8 @@ def _clinical_sources(args: argparse.Namespace, simulate) -> tuple[list, list, l
         print(f"qcnode simulate: cannot read --validation-patients {args.validation_patients}: {exc}",
               file=sys.stderr)
         return None
-    every_slice = simulate.find_real_slices(dirs)
-    train, val = simulate.split_by_patient(simulate.thin_series(every_slice, args.max_per_series), held_out)
+    every_slice = sources.find_real_slices(dirs)
+    train, val = sources.split_by_patient(sources.thin_series(every_slice, args.max_per_series), held_out)
     n_patients = [len({r.patient for r in side}) for side in (train, val)]
     print(f"simulate: clinical: {len(train)} slices of {n_patients[0]} patients train, "
           f"{len(val)} slices of {n_patients[1]} patients val", file=sys.stderr)

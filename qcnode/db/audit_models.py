@@ -12,6 +12,7 @@ from sqlalchemy import Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from qcnode.db.models import Base, utcnow
+from qcnode.db.states import AuditRunState
 
 
 class AuditRun(Base):
@@ -23,7 +24,7 @@ class AuditRun(Base):
     until: Mapped[dt.date] = mapped_column(index=True)
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[Optional[dt.datetime]] = mapped_column()
-    status: Mapped[str] = mapped_column(String(16), default="running")  # running | ok | no_data | error
+    status: Mapped[str] = mapped_column(String(16), default=AuditRunState.RUNNING)  # AuditRunState
     n_series: Mapped[int] = mapped_column(default=0)
     n_groups: Mapped[int] = mapped_column(default=0)
     n_flags: Mapped[int] = mapped_column(default=0)

@@ -14,6 +14,8 @@ from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, 
                         String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from qcnode.db.states import DeliveryState, JobState, SeriesState
+
 
 def utcnow() -> dt.datetime:
     """Current time, timezone-aware UTC."""
@@ -57,9 +59,9 @@ class Series(Base):
     model_name: Mapped[Optional[str]] = mapped_column(String(128))
     station_name: Mapped[Optional[str]] = mapped_column(String(128))
     device_serial: Mapped[Optional[str]] = mapped_column(String(128))
-    # receiving -> stable (job queued) -> scored / skipped / failed (its job gave up: queued again at
-    # retry_at, or by `qcnode rescore`); a late instance sets receiving again
-    status: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    # SeriesState: receiving -> stable (job queued) -> scored / skipped / failed (its job gave up:
+    # queued again at retry_at, or by `qcnode rescore`); a late instance sets receiving again
+    status: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING, index=True)
     version: Mapped[int] = mapped_column(default=0)  # last version queued for scoring
     failures: Mapped[int] = mapped_column(default=0, server_default="0")  # scoring rounds that gave up
     retry_at: Mapped[Optional[dt.datetime]] = mapped_column()  # when a failed series is queued again
@@ -145,15 +147,15 @@ class SeriesResult(Base):
 
 
 class Delivery(Base):
-    """Outbox row: one payload (``sr`` or ``series``) for one destination."""
+    """Outbox row: one payload (``sr``, ``kos`` or ``series``) for one destination."""
     __tablename__ = "deliveries"
     __table_args__ = (UniqueConstraint("series_result_id", "destination", "kind", name="uq_delivery"),
                       Index("ix_deliveries_status_next", "status", "next_attempt_at"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_result_id: Mapped[int] = mapped_column(ForeignKey("series_results.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(16))  # sr | series
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending/sending/delivered/dead
+    kind: Mapped[str] = mapped_column(String(16))  # sr | kos | series
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)  # DeliveryState
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     lease_owner: Mapped[Optional[str]] = mapped_column(String(128))
@@ -172,7 +174,7 @@ class Job(Base):
     kind: Mapped[str] = mapped_column(String(32))  # score_series
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     series_version: Mapped[int] = mapped_column()
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending/running/done/failed
+    status: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)  # JobState
     attempts: Mapped[int] = mapped_column(default=0)  # claims that ran to an outcome (or are running)
     # claims of an expired lease: its process died mid-job (not counted against worker.max_attempts)
     interruptions: Mapped[int] = mapped_column(default=0, server_default="0")

@@ -6,6 +6,11 @@
 is in the running state with an expired lease (its worker died). On PostgreSQL the rows are
 locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` so several workers never claim the same row;
 on SQLite the engine starts every transaction with ``BEGIN IMMEDIATE`` (one writer at a time).
+
+No function here commits the session it is given: the caller owns the transaction, so a claim, a
+completion or a failure commits together with whatever else the caller writes (e.g. a job's
+results with its completion). Only ``LeaseKeeper`` commits, in sessions of its own.
+``backoff_seconds`` is the one retry policy (jobs, outbox deliveries, failed series).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from qcnode.db.models import Job, Series, utcnow
+from qcnode.db.states import DeliveryState, JobState, SeriesState
 from qcnode.log import get_logger
 
 log = get_logger("qcnode.queue")
@@ -52,8 +58,14 @@ def as_utc(value: dt.datetime | None) -> dt.datetime | None:
     return value.replace(tzinfo=dt.timezone.utc)
 
 
+def backoff_seconds(failures: int, initial: float, maximum: float) -> float:
+    """Delay before the next try after ``failures`` failed tries: ``initial``, doubling with every
+    further failure, at most ``maximum``."""
+    return float(min(initial * 2.0 ** min(max(failures - 1, 0), 64), maximum))
+
+
 def claim_rows(session: Session, model: type[T], owner: str, lease_seconds: float, *, due: Any,
-               where: Any = None, running_status: str = "running", order_by: Sequence[Any] = (),
+               where: Any = None, running_status: str = JobState.RUNNING, order_by: Sequence[Any] = (),
                limit: int = 1, now: dt.datetime | None = None, reclaims: str | None = None) -> list[T]:
     """Claim up to ``limit`` rows of ``model`` for ``owner`` and return them (caller commits).
 
@@ -85,11 +97,6 @@ def claim_rows(session: Session, model: type[T], owner: str, lease_seconds: floa
     return rows
 
 
-def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
-    """Delay before the next try after ``attempts`` failed tries: initial * 2**(attempts-1), capped."""
-    return float(min(initial * 2.0 ** min(max(attempts - 1, 0), 64), maximum))
-
-
 def settle_attempt(row: Any, error: str | None, *, max_attempts: int, backoff_initial: float,
                    backoff_max: float, dead: bool = False) -> dict[str, Any]:
     """Record the outcome of one send attempt on a claimed outbox row (``deliveries``,
@@ -99,16 +106,16 @@ def settle_attempt(row: Any, error: str | None, *, max_attempts: int, backoff_in
     row.lease_owner = None
     row.lease_expires_at = None
     if error is None:
-        row.status = "delivered"
+        row.status = DeliveryState.DELIVERED
         row.delivered_at = utcnow()
         row.last_error = None
         return {"outcome": "delivered"}
     row.last_error = error[:4000]
     if dead or row.attempts >= max_attempts:
-        row.status = "dead"
+        row.status = DeliveryState.DEAD
         return {"outcome": "dead"}
     delay = backoff_seconds(row.attempts, backoff_initial, backoff_max)
-    row.status = "pending"
+    row.status = DeliveryState.PENDING
     row.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
     return {"outcome": "retry", "retry_in_s": round(delay, 3)}
 
@@ -185,9 +192,10 @@ def _owner_alive(lease_owner: str) -> bool:
     return not started.isdigit() or abs(int(started) - (_start_time(pid) or -10**12)) <= 1
 
 
-def release_dead_local_leases(session: Session, model: type, running_status: str = "running") -> int:
+def release_dead_local_leases(session: Session, model: type, running_status: str = JobState.RUNNING) -> int:
     """Expire leases held by processes of this host that no longer exist (after kill -9 and restart),
-    so their rows are picked up at once instead of after the lease time. Returns the count."""
+    so their rows are picked up at once instead of after the lease time. Returns the count (caller
+    commits)."""
     m: Any = model
     host = socket.gethostname() + ":"
     rows = session.execute(select(m.id, m.lease_owner).where(
@@ -204,7 +212,8 @@ def release_dead_local_leases(session: Session, model: type, running_status: str
 
 # ---- jobs ----------------------------------------------------------------------------------------
 def enqueue_job(session: Session, kind: str, series_id: int, series_version: int) -> bool:
-    """Insert a pending job unless one exists for (kind, series, version). True if inserted."""
+    """Insert a pending job unless one exists for (kind, series, version). True if inserted (caller
+    commits)."""
     exists = session.scalar(select(Job.id).where(Job.kind == kind, Job.series_id == series_id,
                                                  Job.series_version == series_version))
     if exists is not None:
@@ -219,41 +228,40 @@ def enqueue_job(session: Session, kind: str, series_id: int, series_version: int
 
 def claim_job(session: Session, owner: str, lease_seconds: float, max_interruptions: int,
               kinds: Sequence[str] = (JOB_SCORE_SERIES,)) -> Job | None:
-    """Claim the oldest due job (pending, or running with an expired lease) and commit the claim.
+    """Claim the oldest due job (pending, or running with an expired lease); the caller commits the
+    claim (also when None is returned: jobs given up on the way are committed with it).
 
     Taking over an expired lease counts as an interruption (``jobs.interruptions``), not an
     attempt: the job's process died (kill, crash, power loss), the job itself did not fail. A job
-    interrupted more than ``max_interruptions`` times (it may be what kills its process) gives up.
+    interrupted more than ``max_interruptions`` times (it may be what kills its process) gives up,
+    and the next due job is claimed instead.
     """
     while True:
         now = utcnow()
         rows = claim_rows(session, Job, owner, lease_seconds, now=now,
-                          due=and_(Job.status == "pending", Job.not_before <= now),
+                          due=and_(Job.status == JobState.PENDING, Job.not_before <= now),
                           where=Job.kind.in_(kinds), order_by=(Job.not_before, Job.id), reclaims="interruptions")
         if not rows:
-            session.commit()
             return None
         job = rows[0]
-        if job.interruptions > max_interruptions:
-            give_up(session, job, f"its process died {job.interruptions} times while running it (lease expired)")
-            session.commit()
-            continue
-        session.commit()
-        return job
+        if job.interruptions <= max_interruptions:
+            return job
+        give_up(session, job, f"its process died {job.interruptions} times while running it (lease expired)")
+        session.flush()
 
 
 def give_up(session: Session, job: Job, reason: str) -> None:
     """Mark ``job`` failed and its series round ``failed`` (an alert: error log, ``qcnode status``;
     the series tracker queues it again after a back-off, ``qcnode rescore`` at once). Caller commits."""
-    job.status = "failed"
+    job.status = JobState.FAILED
     job.lease_owner = None
     job.lease_expires_at = None
     job.finished_at = utcnow()
     job.last_error = (f"gave up: {reason}" + (f" | {job.last_error}" if job.last_error else ""))[:4000]
     # only the round this job was for: a series that received new instances since is a new round
     session.execute(update(Series).where(Series.id == job.series_id, Series.version == job.series_version,
-                                         Series.status == "stable")
-                    .values(status="failed", failures=Series.failures + 1, retry_at=None))
+                                         Series.status == SeriesState.STABLE)
+                    .values(status=SeriesState.FAILED, failures=Series.failures + 1, retry_at=None))
     log.error("series_gave_up", job_id=job.id, series_id=job.series_id, version=job.series_version,
               attempts=job.attempts, interruptions=job.interruptions, reason=reason,
               error=(job.last_error or "").splitlines()[0][:300])
@@ -261,7 +269,7 @@ def give_up(session: Session, job: Job, reason: str) -> None:
 
 def complete_job(session: Session, job: Job, note: str | None = None) -> None:
     """Mark ``job`` done (caller commits, typically together with the job's results)."""
-    job.status = "done"
+    job.status = JobState.DONE
     job.finished_at = utcnow()
     job.lease_owner = None
     job.lease_expires_at = None
@@ -275,14 +283,12 @@ def fail_job(session: Session, job_id: int, error: str, max_attempts: int,
 
     With ``owner``, only while that owner still holds the job (a worker whose lease expired must
     not reset the job another worker runs now): else nothing changes and "lease_lost" is returned.
-    Commits. Returns the new status.
+    Returns the new status; the caller commits.
     """
     job = session.get(Job, job_id, with_for_update=True)
     if job is None:
-        session.commit()
         return "missing"
     if owner is not None and job.lease_owner != owner:
-        session.commit()
         return "lease_lost"
     job.last_error = error[:4000]
     job.lease_owner = None
@@ -290,7 +296,6 @@ def fail_job(session: Session, job_id: int, error: str, max_attempts: int,
     if job.attempts >= max_attempts:
         give_up(session, job, f"failed {job.attempts} times")
     else:
-        job.status = "pending"
+        job.status = JobState.PENDING
         job.not_before = utcnow() + dt.timedelta(seconds=retry_delay_seconds)
-    session.commit()
     return job.status

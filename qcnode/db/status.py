@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from qcnode.db.alert_models import AlertWebhook
 from qcnode.db.models import Delivery, Job, QuarantineRecord, Series, SeriesResult
+from qcnode.db.states import DeliveryState, JobState, SeriesState
 
 
 def status_counts(s: Session) -> dict[str, Any]:
@@ -30,26 +31,26 @@ def status_counts(s: Session) -> dict[str, Any]:
     out["failed_series"] = [
         {"series_id": x.id, "series_instance_uid": x.series_instance_uid, "version": x.version,
          "failures": x.failures, "retry_at": str(x.retry_at) if x.retry_at else None}
-        for x in s.scalars(select(Series).where(Series.status == "failed").order_by(Series.id).limit(20))]
+        for x in s.scalars(select(Series).where(Series.status == SeriesState.FAILED).order_by(Series.id).limit(20))]
     out["last_job_errors"] = [
         {"job_id": j.id, "series_id": j.series_id, "version": j.series_version, "status": j.status,
          "attempts": j.attempts, "error": (j.last_error or "").splitlines()[0][:300]}
-        for j in s.scalars(select(Job).where(Job.last_error.is_not(None), Job.status != "done")
+        for j in s.scalars(select(Job).where(Job.last_error.is_not(None), Job.status != JobState.DONE)
                            .order_by(Job.id.desc()).limit(5))]
     out["dead_letters"] = [
         {"delivery_id": d.id, "destination": d.destination, "kind": d.kind, "attempts": d.attempts,
          "error": (d.last_error or "")[:300]}
-        for d in s.scalars(select(Delivery).where(Delivery.status == "dead")
+        for d in s.scalars(select(Delivery).where(Delivery.status == DeliveryState.DEAD)
                            .order_by(Delivery.id.desc()).limit(20))]
     out["dead_webhooks"] = [
         {"webhook_id": w.id, "alert": f"{w.kind}:{w.ref_id}", "attempts": w.attempts, "error": (w.last_error or "")[:300]}
-        for w in s.scalars(select(AlertWebhook).where(AlertWebhook.status == "dead")
+        for w in s.scalars(select(AlertWebhook).where(AlertWebhook.status == DeliveryState.DEAD)
                            .order_by(AlertWebhook.id.desc()).limit(20))]
     out["last_delivery_errors"] = [
         {"delivery_id": d.id, "destination": d.destination, "status": d.status, "attempts": d.attempts,
          "error": (d.last_error or "")[:300]}
         for d in s.scalars(select(Delivery).where(Delivery.last_error.is_not(None),
-                                                  Delivery.status == "pending")
+                                                  Delivery.status == DeliveryState.PENDING)
                            .order_by(Delivery.id.desc()).limit(5))]
     out["last_quarantine"] = [
         {"at": str(q.received_at), "status": f"0x{q.status_code:04X}" if q.status_code is not None else None,

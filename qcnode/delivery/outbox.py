@@ -3,11 +3,15 @@
 ``enqueue`` adds one ``deliveries`` row per destination and payload kind in the caller's
 transaction (the worker commits it with the result). ``OutboxSender.run_once`` claims due rows
 with a lease (``qcnode.db.queue.claim_rows``: FOR UPDATE SKIP LOCKED on PostgreSQL, BEGIN
-IMMEDIATE on SQLite), sends them with the C-STORE SCU and records the outcome: ``delivered``,
-or back to ``pending`` with exponential back-off, or ``dead`` after ``outbox.max_attempts``.
+IMMEDIATE on SQLite), sends them with the sender of the destination's type (``send_payload``: the
+C-STORE SCU, or STOW-RS for ``type = "dicomweb"``) and records the outcome (``DeliveryState``):
+``delivered``, or back to ``pending`` with exponential back-off (``qcnode.db.queue.backoff_seconds``),
+or ``dead`` after ``outbox.max_attempts`` (at once when the sender says a retry cannot help:
+``DeliveryError.permanent``).
 The lease is renewed while a send runs (``LeaseKeeper``), so a slow destination never gets the
-same payload twice. A delivery whose series has since received new instances is not sent: it is
-marked ``superseded`` (the next round's result brings its own SR and routing by its own verdict).
+same payload twice. A delivery whose round is superseded (``qcnode.db.states.superseded``: its
+series has since received new instances) is not sent: it is marked ``superseded`` (the next
+round's result brings its own SR and routing by its own verdict).
 Status lives in SQL: ``SELECT destination, kind, status, attempts, last_error FROM deliveries``.
 """
 from __future__ import annotations
@@ -21,7 +25,8 @@ from sqlalchemy.orm import Session
 
 from qcnode.config import Config, Destination
 from qcnode.db.models import Delivery, Instance, Series, SeriesResult, Study, utcnow
-from qcnode.db.queue import LeaseKeeper, backoff_seconds, claim_rows, settle_attempt  # noqa: F401
+from qcnode.db.queue import LeaseKeeper, claim_rows, settle_attempt
+from qcnode.db.states import DeliveryState, superseded
 from qcnode.delivery.scu import DeliveryError, send_datasets
 from qcnode.log import get_logger
 
@@ -30,8 +35,6 @@ log = get_logger(__name__)
 KIND_SR = "sr"
 KIND_SERIES = "series"
 KIND_KOS = "kos"  # by verdict only ("kos:FAIL", "kos:WARN"): the failing slices, see qcnode.report.kos
-SENDING = "sending"
-SUPERSEDED = "superseded"
 
 
 def payload_kinds(destination: Destination, verdict: str) -> list[str]:
@@ -73,7 +76,7 @@ def enqueue(session: Session, series_result: SeriesResult, cfg: Config) -> list[
             row = existing.get((dest.name, kind))
             if row is None:
                 row = Delivery(series_result_id=series_result.id, destination=dest.name, kind=kind,
-                               status="pending", attempts=0, next_attempt_at=utcnow())
+                               status=DeliveryState.PENDING, attempts=0, next_attempt_at=utcnow())
                 try:
                     with session.begin_nested():
                         session.add(row)
@@ -83,6 +86,19 @@ def enqueue(session: Session, series_result: SeriesResult, cfg: Config) -> list[
                         Delivery.destination == dest.name, Delivery.kind == kind)).one()
             out.append(row)
     return out
+
+
+def send_payload(cfg: Config, dest: Destination, paths: list[Path]) -> None:
+    """Send ``paths`` to ``dest`` with the sender of its ``type``: the one dispatch point.
+
+    Every sender raises ``DeliveryError`` (``permanent`` when a retry cannot help).
+    """
+    timeout = dest.timeout_seconds or cfg.outbox.send_timeout_seconds
+    if dest.type == "dicomweb":
+        from qcnode.delivery.dicomweb import stow_files
+        stow_files(dest, paths, timeout, base_dir=cfg.base_dir)
+    else:
+        send_datasets(dest, paths, cfg.node.ae_title, timeout, base_dir=cfg.base_dir)
 
 
 class OutboxSender:
@@ -101,8 +117,8 @@ class OutboxSender:
         with self.session_factory() as session:
             now = utcnow()
             rows = claim_rows(session, Delivery, self.owner, self.cfg.outbox.lease_seconds, now=now,
-                              due=and_(Delivery.status == "pending", Delivery.next_attempt_at <= now),
-                              running_status=SENDING,
+                              due=and_(Delivery.status == DeliveryState.PENDING, Delivery.next_attempt_at <= now),
+                              running_status=DeliveryState.SENDING,
                               order_by=(Delivery.next_attempt_at, Delivery.id))
             if not rows:
                 session.commit()
@@ -119,7 +135,7 @@ class OutboxSender:
         if result is None:
             raise DeliveryError(f"series result {series_result_id} no longer exists")
         series = session.get(Series, result.series_id)
-        if series is not None and (series.version != result.version or series.status == "receiving"):
+        if series is not None and superseded(series.version, series.status, result.version):
             return None
         if kind == KIND_SR:
             if not result.sr_path:
@@ -148,15 +164,15 @@ class OutboxSender:
         """Record the outcome if we still hold the lease; returns fields for the log line."""
         with self.session_factory() as session:
             d = session.get(Delivery, delivery_id, with_for_update=True)
-            if d is None or d.lease_owner != self.owner or d.status != SENDING:
+            if d is None or d.lease_owner != self.owner or d.status != DeliveryState.SENDING:
                 session.commit()
                 return {"outcome": "lease_lost"}
             if superseded:
                 d.lease_owner = None
                 d.lease_expires_at = None
-                d.status = SUPERSEDED
+                d.status = DeliveryState.SUPERSEDED
                 d.last_error = "not sent: the series received new instances; the next result is sent instead"
-                info: dict[str, Any] = {"outcome": SUPERSEDED}
+                info: dict[str, Any] = {"outcome": str(DeliveryState.SUPERSEDED)}
             else:
                 ob = self.cfg.outbox
                 info = settle_attempt(d, error, max_attempts=ob.max_attempts, backoff_initial=ob.backoff_initial_seconds,
@@ -186,10 +202,9 @@ class OutboxSender:
                     n = len(paths)
                     with LeaseKeeper(self.session_factory, Delivery, delivery_id, self.owner,
                                      self.cfg.outbox.lease_seconds):
-                        send_datasets(dest, paths, self.cfg.node.ae_title, self.cfg.outbox.send_timeout_seconds,
-                                      base_dir=self.cfg.base_dir)
+                        send_payload(self.cfg, dest, paths)
             except DeliveryError as exc:
-                error = str(exc)
+                error, dead = str(exc), exc.permanent
             except Exception as exc:  # noqa: BLE001 - any failure is recorded, never lost
                 error = f"{type(exc).__name__}: {exc}"
         info = self._finish(delivery_id, error, dead, superseded)

@@ -30,7 +30,15 @@ WARNING_STATUSES = {0x0001, 0xB000, 0xB006, 0xB007}
 
 
 class DeliveryError(RuntimeError):
-    """The destination could not be reached, refused the association, or refused an instance."""
+    """The destination could not be reached, refused the association, or refused an instance.
+
+    ``permanent``: retrying the same payload cannot succeed (e.g. HTTP 415 from a DICOMweb
+    destination); the outbox makes such a delivery a dead letter at once instead of retrying it.
+    """
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 def _describe(dest: Destination) -> str:

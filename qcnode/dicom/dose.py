@@ -1,22 +1,10 @@
-"""Dose and acquisition fields from CT image headers, and CT Radiation Dose SR parsing.
+"""Dose and acquisition fields from CT image headers, and CT Radiation Dose SR (TID 10011) parsing.
 
-``dose_fields`` reads the per-instance acquisition fields (CTDIvol, kVp, mA, mAs, pitch,
-kernel, slice thickness/location) and the series-level identifiers (protocol, scanner).
-It never raises: a missing or malformed value becomes ``None``. Enhanced CT objects keep
-these fields in functional groups; they are looked up there too.
-
-``parse_dose_sr`` walks a TID 10011 "CT Radiation Dose" content tree and returns the
-accumulated DLP and one entry per CT Acquisition (irradiation event).
-
-Phantom rule for SSDE (``ssde_phantom``), first match wins:
-1. the header's CTDI phantom (CTDIPhantomTypeCodeSequence, DCM 113690 "IEC Head Dosimetry
-   Phantom" = head, 113691 "IEC Body Dosimetry Phantom" = body; a code meaning containing
-   HEAD or BODY also counts);
-2. keywords in the protocol name or body part examined: a word starting with HEAD, BRAIN,
-   SKULL, CRANI, CEREB, SINUS, ORBIT, FACIAL, FACE, PETROUS, or equal to IAC means head
-   (so HEADNECK counts as head). NECK alone is *not* head: vendors differ on which phantom
-   they use for neck protocols, so without a phantom code it is taken as body (32 cm);
-3. otherwise body.
+``dose_fields`` never raises: a missing or malformed value becomes ``None`` (Enhanced CT: looked up
+in the functional groups too). ``ssde_phantom`` picks the SSDE phantom, first match wins: the
+header's CTDI phantom code (DCM 113690 head / 113691 body); a protocol or body-part word starting
+with HEAD, BRAIN, SKULL, CRANI, CEREB, SINUS, ORBIT, FACIAL, FACE, PETROUS, or IAC (NECK alone is
+body: vendors differ); otherwise body.
 """
 from __future__ import annotations
 

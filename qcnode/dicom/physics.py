@@ -1,19 +1,12 @@
-"""CT dose and noise physics per slice: patient outline, water-equivalent diameter, SSDE, global noise.
+"""Per-slice CT physics: patient outline, water-equivalent diameter, SSDE, global noise level.
 
-Pure numpy/scipy and cheap enough for the worker to call on every slice: on a 512x512 slice about
-15 ms for the noise level and 12-18 ms for the outline and water-equivalent diameter on the slow 2-core
-host of 2026-12-01 (the model takes about 25 ms a slice there).
-
-- ``patient_mask``: the patient outline with the table removed (threshold, opening, largest
-  connected component, holes filled).
+Pure numpy/scipy, cheap enough for the worker to call on every slice.
 - ``water_equivalent_diameter_cm``: AAPM TG-220, ``Dw = 2 sqrt((mean HU / 1000 + 1) * A / pi)``
-  over the patient outline (A = outline area).
-- ``ssde_conversion_factor`` / ``ssde_mgy``: AAPM TG-204, ``f = a exp(-b Dw[cm])`` with
-  a = 3.704369, b = 0.03671937 for the 32 cm (body) CTDI phantom and a = 1.874799,
-  b = 0.03871313 for the 16 cm (head) phantom; SSDE = CTDIvol x f. TG-220 (appendix A) says to
-  use Dw in place of the effective diameter of TG-204.
-- ``global_noise_level``: the mode of the histogram of the local standard deviation over soft
-  tissue (Christianson et al., Radiology 2015), in HU.
+  over the patient outline (``patient_mask``: threshold, largest component, table removed).
+- ``ssde_mgy``: AAPM TG-204, SSDE = CTDIvol x ``a exp(-b Dw)`` (32 cm or 16 cm phantom
+  coefficients; TG-220 uses Dw for TG-204's effective diameter).
+- ``global_noise_level``: mode of the local standard deviation over soft tissue, in HU
+  (Christianson et al., Radiology 2015).
 """
 from __future__ import annotations
 

@@ -186,7 +186,7 @@ def functional_groups_error(ds: Dataset) -> str | None:
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if not per_frame:
         return "Enhanced CT image without PerFrameFunctionalGroupsSequence"
-    frames = _int_or_none(ds.get("NumberOfFrames"))
+    frames = int_or_none(ds.get("NumberOfFrames"))
     if frames != len(per_frame):
         return f"Enhanced CT image with {len(per_frame)} PerFrameFunctionalGroupsSequence items for " \
                f"NumberOfFrames {frames}"
@@ -199,7 +199,7 @@ def pixel_metadata_error(ds: Dataset) -> str | None:
     that is not a finite number, is 0, or maps the stored pixel range beyond ``HU_LIMIT``."""
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     value = ds.get("SamplesPerPixel")
-    samples = 1 if value in (None, "") else _int_or_none(value)
+    samples = 1 if value in (None, "") else int_or_none(value)
     needed = PHOTOMETRIC_SAMPLES.get(photometric)
     if needed is not None and samples != needed:
         return f"PhotometricInterpretation {photometric} with SamplesPerPixel {samples} (needs {needed})"
@@ -226,10 +226,10 @@ def pixel_metadata_error(ds: Dataset) -> str | None:
 
 def _stored_range(ds: Dataset) -> tuple[int, int]:
     """The smallest and largest stored pixel value BitsStored and PixelRepresentation allow."""
-    allocated = _int_or_none(ds.get("BitsAllocated")) or 16
-    stored = _int_or_none(ds.get("BitsStored"))
+    allocated = int_or_none(ds.get("BitsAllocated")) or 16
+    stored = int_or_none(ds.get("BitsStored"))
     bits = min(max(stored if stored and 0 < stored <= allocated else allocated, 1), 64)
-    if _int_or_none(ds.get("PixelRepresentation")) == 1:
+    if int_or_none(ds.get("PixelRepresentation")) == 1:
         return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     return 0, (1 << bits) - 1
 
@@ -312,7 +312,7 @@ def _spacing(ds: Dataset) -> tuple[float, float] | None:
         return None
 
 
-def _int_or_none(value: Any) -> int | None:
+def int_or_none(value: Any) -> int | None:
     try:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
@@ -331,7 +331,7 @@ def iter_slices(ds: Dataset, path: str | None = None) -> Iterator[CTSlice]:
     series_uid = str(ds.get("SeriesInstanceUID", ""))
     if not sop_uid or not series_uid:
         raise SkipSlice("missing SOP Instance UID or Series Instance UID")
-    number = _int_or_none(ds.get("InstanceNumber"))
+    number = int_or_none(ds.get("InstanceNumber"))
     if str(ds.SOPClassUID) == CT_IMAGE_STORAGE:
         yield CTSlice(to_hu(ds), sop_uid, series_uid, number, _spacing(ds), path)
         return

@@ -1,14 +1,8 @@
 """Receiving goes first: the SCP marks when it last took a C-STORE, the worker paces itself by it.
 
-On a small host the scoring worker and the receiving processes share the same cores (on 2-vCPU
-machines often two hyper-threads of one core, where a busy sibling slows the other down even
-when the scheduler favours it). A PACS waiting for C-STORE responses should not wait for the
-model. So every SCP process writes ``time.monotonic()`` (one clock for all processes of the host)
-into an 8-byte memory-mapped file in the spool, and the worker, while that time is recent, keeps
-itself to a duty cycle (``worker.duty_while_receiving``): after each slice of work it sleeps long
-enough that it ran at most that fraction of the time. Scoring goes on during a burst, slower, and
-at full speed again once receiving stops. Processes on other hosts (a spool on shared storage)
-simply do not see each other's marks.
+Every SCP process writes ``time.monotonic()`` into an 8-byte memory-mapped file in the spool; while
+that mark is recent the worker keeps to ``worker.duty_while_receiving`` (sleeping after each slice),
+so a PACS waiting for C-STORE responses does not wait for the model on a small host.
 """
 from __future__ import annotations
 

@@ -1,19 +1,11 @@
 """Group commit of received instances: one writer thread records many C-STOREs per transaction.
 
-The C-STORE handlers (one thread per association) write their file (temp file, fsync, rename)
-and hand a :class:`PendingInstance` to :meth:`InstanceRecorder.record`, which blocks until
-the record is committed. The writer thread takes everything queued so far (waiting up to
-``LINGER_S`` for C-STOREs the SCP is still handling), fsyncs each spool folder touched by the
-batch once (making the renames durable; in a helper thread, while the SQL runs), upserts the
-studies, series and instances of the whole batch in ONE transaction and commits once the folder
-fsyncs are done; only then are the handlers released to answer Success. Under load the batches
-grow by themselves, so the per-instance cost of the folder fsync and of the commit shrinks, and
-the handlers never compete for the SQLite write lock.
-
-Study and series ids are cached in-process after a commit. Several SCP processes may share one
-database: every insert is an upsert on the unique UID, and a failing batch (for instance a
-cached id whose row another process removed) is retried once with empty caches, then one
-record per transaction so that one bad record cannot fail the others.
+C-STORE handlers write their file, hand a :class:`PendingInstance` to
+:meth:`InstanceRecorder.record` and block until it is committed; the writer fsyncs the touched
+spool folders once per batch and upserts the whole batch in one transaction, so the per-instance
+cost of fsync and commit shrinks under load and handlers never compete for SQLite's write lock.
+Inserts are upserts on the unique UIDs (several SCP processes may share a database); a failing
+batch is retried with empty id caches, then one record per transaction.
 """
 from __future__ import annotations
 
@@ -32,6 +24,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from qcnode.db.models import DoseReport, Instance, Series, Study
+from qcnode.db.states import SeriesState
 from qcnode.ingest.spool import fsync_dir
 from qcnode.log import get_logger
 
@@ -67,7 +60,7 @@ _WHEN = bindparam("when", type_=_SERIES.c.last_received_at.type)
 _NEWEST_ARRIVAL = case((or_(_SERIES.c.last_received_at.is_(None), _SERIES.c.last_received_at < _WHEN), _WHEN),
                        else_=_SERIES.c.last_received_at)
 _TOUCH_SERIES = (update(_SERIES).where(_SERIES.c.id == bindparam("sid"))
-                 .values(status="receiving", last_received_at=_NEWEST_ARRIVAL,
+                 .values(status=SeriesState.RECEIVING, last_received_at=_NEWEST_ARRIVAL,
                          instance_count=select(func.count(_INSTANCES.c.id))
                          .where(_INSTANCES.c.series_id == bindparam("sid")).scalar_subquery()))
 

@@ -2,131 +2,56 @@
 
 Receipt is durable: the dataset, as encoded by the sender, is written to the spool (temp file,
 fsync, rename) and recorded in the database (study, series, instance; dose SRs also as a
-DoseReport) and only then answered with Success. Pixel data is *not* decoded here (the worker
-does that); headers are validated. Bad input gets a failure status, a log line and a
-quarantine copy with the reason; the server keeps running.
+DoseReport) and only then answered with Success, by :class:`qcnode.ingest.store.InstanceStore` (shared
+with STOW-RS). Headers are validated first (:mod:`qcnode.ingest.validate`, which lists the failure
+statuses); bad input gets a failure status, a log line and a quarantine copy with the reason.
 
-Failure statuses: 0xA700 out of resources (free disk below the watermark, the spool's file system
-full or over quota while writing, or shutting down), 0xA900 dataset does not match the SOP class
-(or the request's UIDs; an Enhanced CT image without its per-frame functional groups), 0xC210 cannot
-understand (undecodable dataset), 0xC001 invalid UIDs (in the dataset or in the C-STORE request; also a
-component with a leading zero), 0xC002 no pixel data, 0xC003 inconsistent pixel data (a native PixelData
-length other than Rows x Columns x BitsAllocated x SamplesPerPixel x frames, a PhotometricInterpretation
-that contradicts SamplesPerPixel, a RescaleSlope/Intercept that is not finite, is 0 or gives absurd HU),
-0xC004 cannot store/record, 0x0122 SOP class not supported (non-CT storage objects and SRs
-that are not dose reports; other storage classes are accepted at negotiation only so that they
-can be refused with a clear status and a quarantine copy; also a C-STORE whose SOP Class UID is not
-the abstract syntax of the presentation context it came on, e.g. a CT slice on the Verification
-context or an unknown SOP class on a CT context, which pynetdicom alone would abort or accept).
-
-Associations are refused with an A-ASSOCIATE-RJ: calling AE title not in the allow-list
-(permanent, service user, calling-AE-title-not-recognised); source IP not allowed (permanent,
-service user, no-reason-given; an IPv4 peer of a dual-stack ``node.host`` such as ``::``, seen as
-``::ffff:a.b.c.d``, is matched as that IPv4 address too); free disk below
-``storage.min_free_disk_mb`` or more than ``node.max_associations`` (transient, service provider,
-local-limit-exceeded). A connection that sends no A-ASSOCIATE-RQ (a load balancer's health check) is
-closed after ``node.artim_timeout`` seconds, or at once when its peer has closed it, and holds no
-association slot after that (``qcnode.net.reactors``, ``qcnode.net.listener``).
+Associations are admitted or rejected by :mod:`qcnode.net.policy` (allow-lists, free disk, stopping).
+The network side runs on the fast path or on pynetdicom's own (``node.fast_path``; see
+:mod:`qcnode.net`): on the fast path a connection that sends no A-ASSOCIATE-RQ (a load balancer's
+health check) is closed after ``node.artim_timeout`` seconds, or at once when its peer has closed it,
+and holds no association slot after that.
 """
 from __future__ import annotations
 
-import datetime as dt
-import errno
-import ipaddress
 import ssl
 import struct
 import threading
 import time
-from typing import Any, Callable, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
 
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import (ALL_TRANSFER_SYNTAXES, AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
                         AllStoragePresentationContexts, evt)
-from pynetdicom.acse import ACSE
-from pynetdicom.sop_class import (Comprehensive3DSRStorage, ComprehensiveSRStorage, EnhancedSRStorage,
-                                  Verification, XRayRadiationDoseSRStorage)
+from pynetdicom.sop_class import Verification
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian)
 from sqlalchemy.orm import Session
 
-from qcnode.ingest.activity import open_activity
 from qcnode.config import Config
-from qcnode.db.models import DoseReport, Instance, QuarantineRecord, Series, Study, utcnow
-from qcnode.dicom.dose import dose_fields, is_dose_sr, parse_dose_sr
-from qcnode.net.listener import NodeAssociationServer, SharedListener, balanced_server_class
-from qcnode.dicom.pixels import (CT_IMAGE_CLASSES, decode_public_elements, functional_groups_error,
-                                 pixel_metadata_error, skip_reason)
-from qcnode.net.reactors import use_fast_receive
-from qcnode.ingest.recorder import InstanceRecorder, PendingInstance
+from qcnode.ingest.activity import open_activity
+from qcnode.ingest.recorder import InstanceRecorder
+from qcnode.ingest.store import InstanceStore
 from qcnode.ingest.spool import InvalidUID, Spool, check_uid
-from qcnode.log import get_logger, redact_quoted
-from qcnode.dicom.privacy import load_or_create_key, pseudonymise
+from qcnode.ingest.validate import (  # noqa: F401 - the statuses the SCP answers, also for its users
+    ACCEPTED_CLASSES, CANNOT_STORE, CANNOT_UNDERSTAND, DATASET_MISMATCH, INCONSISTENT, INVALID_UID, NO_PIXEL_DATA,
+    OUT_OF_RESOURCES, SOP_CLASS_NOT_SUPPORTED, SUCCESS, Refused, check_content, check_request, decode_dataset,
+    error_reason, identifiers, uid_or_none)
+from qcnode.log import get_logger
+from qcnode.net import compat, server as net_server
+from qcnode.net.policy import AssociationPolicy
+
+if TYPE_CHECKING:
+    from qcnode.net.listener import SharedListener
 
 log = get_logger("qcnode.scp")
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC210
-INVALID_UID = 0xC001
-NO_PIXEL_DATA = 0xC002
-INCONSISTENT = 0xC003
-CANNOT_STORE = 0xC004
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-PIXEL_DATA_TAG = 0x7FE00010
 
-# OSErrors while writing the spool that mean "no space", not "cannot store": answered 0xA700
-_NO_SPACE_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if code is not None)
-
-DOSE_SR_CLASSES = {str(XRayRadiationDoseSRStorage), str(EnhancedSRStorage), str(ComprehensiveSRStorage),
-                   str(Comprehensive3DSRStorage)}
-ACCEPTED_CLASSES = CT_IMAGE_CLASSES | DOSE_SR_CLASSES
 # Other storage classes are negotiated only to be refused with a clear status: the uncompressed
 # syntaxes suffice, and fewer contexts keep pynetdicom's per-association copy of the supported
-# contexts cheap (all 45 syntaxes x 170 classes cost ~0.1 s of CPU per association).
+# contexts cheap.
 REFUSE_ONLY_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
                         ExplicitVRBigEndian]
-
-# A-ASSOCIATE-RJ (result, source, reason)
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)
-REJECT_IP = (0x01, 0x01, 0x01)
-REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 ABORT_WAIT_S = 3.0  # at stop, after the in-flight C-STOREs: how long aborted associations get to end
-
-AssociationPolicy = Callable[[str, str], "tuple[int, int, int] | None"]
-
-
-class Refused(Exception):
-    """A C-STORE that is answered with a failure status (and quarantined)."""
-
-    def __init__(self, status: int, reason: str, keep_copy: bool = True):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.keep_copy = keep_copy
-
-
-class _PolicyACSE(ACSE):
-    """ACSE that asks ``policy(calling_ae, ip)`` before negotiating; a tuple means reject."""
-
-    def __init__(self, assoc: Any, policy: AssociationPolicy):
-        super().__init__(assoc)
-        self._policy = policy
-
-    def _negotiate_as_acceptor(self) -> None:
-        rq = self.requestor.primitive
-        try:
-            address = self.assoc.requestor.address
-        except ValueError:
-            address = ""
-        rsd = self._policy(str(rq.calling_ae_title).strip(), address)
-        if rsd:
-            self.send_reject(*rsd)
-            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-            self.assoc.kill()
-            return
-        super()._negotiate_as_acceptor()
 
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -139,7 +64,7 @@ def _meta_element(group_element: int, vr: bytes, value: bytes) -> bytes:
 
 def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes | None:
     """Preamble, "DICM" and File Meta Information for a received dataset, byte for byte what
-    pynetdicom's ``Event.encoded_dataset()`` writes before the dataset, at 1/30 of its cost.
+    pynetdicom's ``Event.encoded_dataset()`` writes before the dataset, without its pydicom encoder.
 
     None if a UID is not a valid DICOM UID (then the caller uses pynetdicom's own encoder)."""
     try:
@@ -171,62 +96,6 @@ def encoded_dataset(event: Any) -> bytes:
     return header + req.DataSet.getbuffer()
 
 
-def _clip(model: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Drop keys that are not columns of ``model``; cut strings to the column length."""
-    out: dict[str, Any] = {}
-    cols = model.__table__.columns  # type: ignore[attr-defined]
-    for key, value in values.items():
-        if key not in cols:
-            continue
-        length = getattr(cols[key].type, "length", None)
-        if isinstance(value, str) and length:
-            value = value[:length]
-        out[key] = value
-    return out
-
-
-def _parse_da(value: Any) -> dt.date | None:
-    try:
-        return dt.datetime.strptime(str(value).strip()[:8], "%Y%m%d").date() if value else None
-    except ValueError:
-        return None
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _check_native_pixel_length(ds: Dataset) -> None:
-    """For uncompressed syntaxes: the PixelData element must declare and hold exactly Rows x Columns x
-    frames x samples x bits (plus the one pad byte that makes an odd length even)."""
-    meta = getattr(ds, "file_meta", None)
-    ts = meta.get("TransferSyntaxUID") if meta is not None else None
-    if ts is None or ts.is_compressed or "PixelData" not in ds:
-        return
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        spp = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise Refused(INCONSISTENT, f"image pixel module incomplete: {_error(exc)}") from exc
-    expected = (rows * cols * spp * frames * bits + 7) // 8
-    element = ds.get_item(PIXEL_DATA_TAG)  # still raw (not decoded at receipt): its declared length as sent
-    value = element.value or b""
-    if not value:  # present but empty
-        raise Refused(NO_PIXEL_DATA, "CT image with empty pixel data")
-    actual = len(value)
-    declared = element.length if isinstance(element, RawDataElement) else actual
-    if declared != actual:
-        raise Refused(INCONSISTENT, f"pixel data element declares {declared} bytes, {actual} follow")
-    if actual != expected and not (expected % 2 and actual == expected + 1):
-        raise Refused(INCONSISTENT, f"pixel data has {actual} bytes, Rows x Columns x frames x samples x "
-                                    f"bits needs {expected}")
-
-
 class StorageSCP:
     """The DICOM listener. ``start()`` returns at once (threaded); ``stop()`` is graceful."""
 
@@ -234,16 +103,17 @@ class StorageSCP:
         self.cfg = cfg
         self.session_factory = session_factory
         self.spool = spool
-        self.key = load_or_create_key(cfg.path(cfg.privacy.pseudonym_key_file)) \
-            if cfg.privacy.pseudonymise_patient_id else b""
-        self.allowed_aets = {a.strip() for a in cfg.node.allowed_ae_titles if a.strip()}
-        self.allowed_nets = [ipaddress.ip_network(n, strict=False) for n in cfg.node.allowed_ips]
+        self.fast_path = compat.fast_path_active(cfg.node.fast_path)
         self._closing = threading.Event()
         self._inflight = 0
         self._lock = threading.Lock()
+        self.association_policy = AssociationPolicy(  # (looks at the spool and the watermark anew each time)
+            cfg.node.allowed_ae_titles, cfg.node.allowed_ips, closing=self._closing.is_set,
+            free_disk_mb=lambda: self.spool.free_disk_mb(), min_free_disk_mb=lambda: self.cfg.storage.min_free_disk_mb)
         self.server: Any = None
         self.ae = self._make_ae()
         self.recorder = InstanceRecorder(session_factory, in_flight=self._in_flight_now)
+        self.store = InstanceStore(cfg, session_factory, spool, self.recorder)  # shared with STOW-RS
         self.activity = open_activity(spool.root)
         self.stored = 0
         self.refused = 0
@@ -288,19 +158,16 @@ class StorageSCP:
         """Listen on ``node.host:node.port`` in background threads.
 
         ``listener``: serve a listening socket shared with the node's other SCP processes (see
-        ``qcnode.net.listener``: associations are spread evenly over the processes)."""
+        ``qcnode.net.listener``: associations are spread evenly over the processes; fast path only)."""
         handlers = [(evt.EVT_CONN_OPEN, self._on_conn_open), (evt.EVT_CONN_CLOSE, self._on_conn_close),
+                    (evt.EVT_REQUESTED, self.association_policy.on_requested),
                     (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_REJECTED, self._on_rejected)]
         address = (self.cfg.node.host, self.cfg.node.port)
-        # what AE.start_server(block=False) does, with the node's server class (over the shared socket)
-        server_class = NodeAssociationServer if listener is None else balanced_server_class(listener)
-        self.server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=self.ssl_context(),
-                                          server_class=server_class)
-        threading.Thread(target=self.server.serve_forever, name="scp-acceptor", daemon=True).start()
-        self.ae._servers.append(self.server)  # noqa: SLF001 - as start_server does (shutdown removes it)
+        self.server = net_server.start_server(self.ae, address, handlers, self.ssl_context(), fast=self.fast_path,
+                                              listener=listener)
         log.info("scp_listening", ae_title=self.cfg.node.ae_title, host=self.cfg.node.host,
-                 port=self.server.server_address[1], tls=self.cfg.node.tls_enabled,
+                 port=self.server.server_address[1], tls=self.cfg.node.tls_enabled, fast_path=self.fast_path,
                  shared_listener=None if listener is None else f"{listener.index + 1}/{listener.processes}")
 
     @property
@@ -324,9 +191,9 @@ class StorageSCP:
 
     def _end_associations(self, deadline: float) -> None:
         """A-ABORT every established association and drop every connection still negotiating,
-        without waiting for each peer in turn; also those accepted while ``stop`` ran. Their DUL
-        threads are daemon threads (``use_fast_receive``): one whose peer never closes cannot
-        keep the process alive after ``stop``; they get until ``deadline`` to end."""
+        without waiting for each peer in turn; also those accepted while ``stop`` ran. They get
+        until ``deadline`` to end (on the fast path their DUL threads are daemon threads: one whose
+        peer never closes cannot keep the process alive after ``stop``)."""
         ended: set[int] = set()
         while True:
             assocs = [a for a in self.ae.active_associations if id(a) not in ended]
@@ -343,39 +210,13 @@ class StorageSCP:
                 return
             time.sleep(0.02)
 
-    # ---- association policy --------------------------------------------------------------------
-    def association_policy(self, calling_ae: str, address: str) -> tuple[int, int, int] | None:
-        """None to accept, else the A-ASSOCIATE-RJ (result, source, reason)."""
-        if self.allowed_aets and calling_ae not in self.allowed_aets:
-            log.warning("association_rejected", reason="calling AE title not allowed", calling_ae=calling_ae,
-                        source_ip=address)
-            return REJECT_CALLING_AE
-        if self.allowed_nets:
-            try:
-                ip = ipaddress.ip_address(address)
-                # an IPv4 peer of a dual-stack listener (node.host "::") arrives as ::ffff:a.b.c.d
-                mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-                ok = any(ip in net or (mapped is not None and mapped in net) for net in self.allowed_nets)
-            except ValueError:
-                ok = False
-            if not ok:
-                log.warning("association_rejected", reason="source IP not allowed", calling_ae=calling_ae,
-                            source_ip=address)
-                return REJECT_IP
-        if self._closing.is_set():
-            return REJECT_LOCAL_LIMIT
-        free = self.spool.free_disk_mb()
-        if free < self.cfg.storage.min_free_disk_mb:
-            log.error("association_rejected", reason="free disk below watermark", free_mb=round(free, 1),
-                      min_free_disk_mb=self.cfg.storage.min_free_disk_mb, calling_ae=calling_ae, source_ip=address)
-            return REJECT_LOCAL_LIMIT
-        return None
-
+    # ---- association events --------------------------------------------------------------------
     def _on_conn_open(self, event: Any) -> None:
-        event.assoc.acse = _PolicyACSE(event.assoc, self.association_policy)
-        # one-buffer reads, no 1 ms polling, P-DATA without copies, plain C-STOREs served in the DUL thread,
-        # a connection that sends no A-ASSOCIATE-RQ closed after node.artim_timeout
-        use_fast_receive(event.assoc, store_handler=self._on_direct_store, artim_timeout=self.cfg.node.artim_timeout)
+        if self.fast_path:
+            # one-buffer reads, no 1 ms polling, P-DATA without copies, plain C-STOREs served in the DUL thread,
+            # a connection that sends no A-ASSOCIATE-RQ closed after node.artim_timeout
+            net_server.use_fast_receive(event.assoc, store_handler=self._on_direct_store,
+                                        artim_timeout=self.cfg.node.artim_timeout)
 
     def _on_conn_close(self, event: Any) -> None:
         closed = getattr(self.server, "connection_closed", None)
@@ -413,181 +254,23 @@ class StorageSCP:
         assoc = event.assoc
         info: dict[str, Any] = {"calling_ae": str(assoc.requestor.ae_title).strip()[:16],
                                 "source_ip": _safe_address(assoc),
-                                "sop_class_uid": _uid_or_none(req.AffectedSOPClassUID),
-                                "sop_instance_uid": _uid_or_none(req.AffectedSOPInstanceUID)}
+                                "sop_class_uid": uid_or_none(req.AffectedSOPClassUID),
+                                "sop_instance_uid": uid_or_none(req.AffectedSOPInstanceUID)}
         raw: bytes | None = None
         try:
-            free = self.spool.free_disk_mb()
-            if free < self.cfg.storage.min_free_disk_mb:
-                raise Refused(OUT_OF_RESOURCES, f"free disk {free:.0f} MiB below storage.min_free_disk_mb",
-                              keep_copy=False)
+            self.store.check_free_disk()
             raw = encoded_dataset(event)
-            for what, key, value in (("SOP Class UID", "sop_class_uid", req.AffectedSOPClassUID),
-                                     ("SOP Instance UID", "sop_instance_uid", req.AffectedSOPInstanceUID)):
-                if info[key] is None:  # (the dataset's own UID is compared with it below)
-                    raise Refused(INVALID_UID, f"invalid {what} in the C-STORE request: {_uid_text(value)!r}")
-            context_class = str(event.context.abstract_syntax)
-            if info["sop_class_uid"] != context_class:  # pynetdicom dispatches on the request's own UID
-                raise Refused(SOP_CLASS_NOT_SUPPORTED,
-                              f"C-STORE of SOP Class {info['sop_class_uid']} on a presentation context "
-                              f"negotiated for {context_class}")
-            try:
-                ds = event.dataset
-                if getattr(ds, "file_meta", None) is None:
-                    ds.file_meta = FileMetaDataset()
-                ds.file_meta.TransferSyntaxUID = event.context.transfer_syntax
-                ds.SOPClassUID  # noqa: B018 - force parsing of the key elements
-                decode_public_elements(ds)  # a bad VR or length is C210 here, not C004 later
-            except Exception as exc:  # noqa: BLE001
-                raise Refused(CANNOT_UNDERSTAND, f"cannot decode dataset: {_error(exc)}") from exc
-            self._store_dataset(ds, raw, info)
+            check_request(req, str(event.context.abstract_syntax), info)
+            self.store.store_dataset(decode_dataset(event), raw, info)
         except Refused as exc:
             self.refused += 1
-            return self._refuse(exc, raw, info)
+            return self.store.refuse(exc, raw, info)
         except Exception as exc:  # noqa: BLE001 - never crash the association thread
             self.refused += 1
             log.exception("store_error", **info)
-            return self._refuse(Refused(CANNOT_STORE, f"cannot store: {_error(exc)}"), raw, info)
+            return self.store.refuse(Refused(CANNOT_STORE, f"cannot store: {error_reason(exc)}"), raw, info)
         self.stored += 1
         return SUCCESS
-
-    def _store_dataset(self, ds: Dataset, raw: bytes, info: dict[str, Any]) -> None:
-        try:
-            sop_class = str(ds.get("SOPClassUID", ""))
-            sop_uid = str(ds.get("SOPInstanceUID", ""))
-            study_uid = str(ds.get("StudyInstanceUID", ""))
-            series_uid = str(ds.get("SeriesInstanceUID", ""))
-        except Exception as exc:  # noqa: BLE001
-            raise Refused(CANNOT_UNDERSTAND, f"cannot decode identifiers: {_error(exc)}") from exc
-        if sop_class != info["sop_class_uid"]:
-            raise Refused(DATASET_MISMATCH, "SOP Class UID of the dataset differs from the C-STORE request")
-        if sop_uid != info["sop_instance_uid"]:
-            raise Refused(DATASET_MISMATCH, "SOP Instance UID of the dataset differs from the C-STORE request")
-        try:
-            for what, uid in (("Study Instance UID", study_uid), ("Series Instance UID", series_uid)):
-                check_uid(uid, what, strict=True)
-            rel = Spool.instance_relpath(study_uid, series_uid, sop_uid)
-        except InvalidUID as exc:
-            raise Refused(INVALID_UID, str(exc)) from exc
-        dose_report: dict[str, Any] | None = None
-        if sop_class in CT_IMAGE_CLASSES:
-            modality = str(ds.get("Modality", "CT") or "CT").upper()
-            if modality != "CT":
-                raise Refused(DATASET_MISMATCH, f"CT image storage with Modality {modality[:16]}")
-            reason = skip_reason(ds)
-            if reason == "no pixel data":
-                raise Refused(NO_PIXEL_DATA, "CT image without pixel data")
-            error = functional_groups_error(ds)
-            if error:
-                raise Refused(DATASET_MISMATCH, error)
-            error = pixel_metadata_error(ds)
-            if error:
-                raise Refused(INCONSISTENT, error)
-            _check_native_pixel_length(ds)
-            scorable, skip = reason is None, reason
-        elif sop_class in DOSE_SR_CLASSES:
-            if not is_dose_sr(ds):
-                raise Refused(SOP_CLASS_NOT_SUPPORTED, "structured report is not a CT radiation dose report")
-            try:
-                dose_report = parse_dose_sr(ds)
-            except Exception as exc:  # noqa: BLE001
-                raise Refused(CANNOT_UNDERSTAND, f"cannot parse dose report: {_error(exc)}") from exc
-            scorable, skip = False, "radiation dose SR (stored for the audit)"
-        else:
-            raise Refused(SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not CT or a CT dose report")
-        try:
-            fields = dose_fields(ds) if sop_class in CT_IMAGE_CLASSES else {}
-        except Exception as exc:  # noqa: BLE001 - odd header values must not lose the image
-            log.warning("dose_fields_error", sop_instance_uid=sop_uid, error=_error(exc))
-            fields = {}
-        identical = self.spool.same_content(rel, raw)
-        if not identical:  # the folder fsync is done once per batch by the recorder, before the commit
-            try:
-                self.spool.write(rel, raw, sync_dir=False)
-            except OSError as exc:
-                if exc.errno in _NO_SPACE_ERRNOS:  # a full disk or quota is a transient lack of resources
-                    raise Refused(OUT_OF_RESOURCES, f"cannot write the spool file: {exc.strerror or exc}",
-                                  keep_copy=False) from exc
-                raise
-        self._record(ds, rel, len(raw), identical, scorable, skip, fields, dose_report, info,
-                     study_uid, series_uid, sop_uid, sop_class)
-
-    def _record(self, ds: Dataset, rel: str, size: int, identical: bool, scorable: bool, skip: str | None,
-                fields: dict[str, Any], dose_report: dict[str, Any] | None, info: dict[str, Any],
-                study_uid: str, series_uid: str, sop_uid: str, sop_class: str) -> None:
-        """Record study/series/instance (group commit); returns once the transaction is committed."""
-        now = utcnow()
-        pending = PendingInstance(
-            study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, received_at=now, identical=identical,
-            sync_dir=self.spool.abspath(rel).parent,
-            study_values=_clip(Study, {
-                "study_instance_uid": study_uid,
-                "patient_key": self._key_of(ds.get("PatientID")),
-                "accession_key": self._key_of(ds.get("AccessionNumber")),
-                "study_date": _parse_da(ds.get("StudyDate")),
-                "study_time": str(ds.get("StudyTime", "") or "") or None}),
-            series_values=_clip(Series, {
-                **fields, "series_instance_uid": series_uid,
-                "modality": str(ds.get("Modality", "") or "") or None,
-                "series_number": _int_or_none(ds.get("SeriesNumber")),
-                "first_received_at": now, "last_received_at": now, "status": "receiving", "version": 0,
-                "instance_count": 0}),
-            instance_values=_clip(Instance, {
-                **fields, "sop_instance_uid": sop_uid, "sop_class_uid": sop_class,
-                "transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
-                "instance_number": _int_or_none(ds.get("InstanceNumber")), "spool_path": rel,
-                "size_bytes": size, "calling_ae": info["calling_ae"], "source_ip": info["source_ip"],
-                "received_at": now, "scorable": scorable, "skip_reason": skip}),
-            dose_report=None if dose_report is None else _clip(DoseReport, {
-                "sop_instance_uid": sop_uid, "total_dlp_mgycm": dose_report.get("total_dlp_mgycm"),
-                "events": dose_report.get("events") or [], "spool_path": rel, "received_at": now}))
-        self.recorder.record(pending)
-        log.debug("instance_stored", sop_instance_uid=sop_uid, scorable=scorable, skip_reason=skip)
-
-    def _key_of(self, value: Any) -> str | None:
-        if value in (None, ""):
-            return None
-        text = str(value)
-        return pseudonymise(text, self.key) if self.cfg.privacy.pseudonymise_patient_id else text[:128]
-
-    def _refuse(self, exc: Refused, raw: bytes | None, info: dict[str, Any]) -> int:
-        """Log, quarantine (copy + reason) and record a refused C-STORE; return its status."""
-        rel = None
-        try:
-            if exc.status != OUT_OF_RESOURCES:
-                rel = self.spool.quarantine(raw if exc.keep_copy else None, exc.reason,
-                                            {**info, "status": f"0x{exc.status:04X}"})
-        except OSError as err:
-            log.error("quarantine_failed", error=str(err))
-        log.warning("store_refused", status=f"0x{exc.status:04X}", reason=exc.reason, quarantine=rel, **info)
-        if exc.status == OUT_OF_RESOURCES:
-            return exc.status
-        try:
-            with self.session_factory() as s:
-                s.add(QuarantineRecord(reason=exc.reason[:4000], status_code=exc.status, path=rel, **info))
-                s.commit()
-        except Exception as err:  # noqa: BLE001
-            log.error("quarantine_record_failed", error=f"{type(err).__name__}: {err}")
-        return exc.status
-
-
-def _uid_or_none(value: Any) -> str | None:
-    """``value`` if it is a valid DICOM UID (no component with a leading zero), else None."""
-    try:
-        return check_uid(value, strict=True)
-    except InvalidUID:
-        return None
-
-
-def _error(exc: BaseException) -> str:
-    """An exception for a refusal reason or log line, quoted values redacted (pydicom's messages
-    may quote a header value, which may be a patient's name or ID)."""
-    return redact_quoted(f"{type(exc).__name__}: {exc}")
-
-
-def _uid_text(value: Any) -> str:
-    """An (invalid) UID for a refusal reason: at most 80 characters."""
-    return ("" if value is None else str(value))[:80]
 
 
 def _safe_address(assoc: Any) -> str | None:

@@ -1,27 +1,14 @@
 """MD-IQA network (arXiv 2311.08024): dual ViT/ConvNeXt branches, deformable alignment at
 several scales, a weighted patch head and multi-scale Gaussian distribution regression.
 
-Shape walk-through for the default configuration (input 1 x 128 x 128, windowed HU in [0, 1]):
-
-* Input: the windowed slice plus a fixed high-pass channel (see ``MDIQA.input_channels``).
-* ViT branch (timm ``vit_tiny_patch16_224`` reduced to depth 3, embed dim 128, 4 heads,
-  ``img_size=128``): tokens (B, 1 + 64, 128) -> prefix tokens dropped -> map (B, 128, 8, 8).
-* ConvNeXt branch (timm ``convnext_atto`` reduced to dims 32/64/128/256, depths 1/1/2/1,
-  ``features_only``): stage maps at strides 4/8/16/32;
-  the ``align_stages`` (default 1 and 2: 16 x 16 and 8 x 8) are used, later stages are pruned.
-* For each align stage: ViT map -> 1x1 conv to ``align_dim`` (24) channels -> bilinear resize
-  to the stage grid; offsets = conv3x3(concat(ViT map, ConvNeXt map)) (zero-initialised);
-  a deformable 3x3 convolution (``torchvision.ops.DeformConv2d`` parameters, computed by the
-  equivalent ``deform_conv3x3``) samples the ViT map at the offset positions (alignment);
-  concat(aligned, ConvNeXt map) -> 1x1 conv -> GELU.  All stages are average-pooled to the
-  coarsest align grid, concatenated and fused to ``fuse_dim`` channels.
-* Weighted patch head (as MANIQA): a per-patch output map and a per-patch weight map
-  (softmax over patches); the image output is the weighted sum over patches.
-  ``head="multiscale"``: K x n_bins logits (K = len(sigmas)); ``"single"``: one head with the
-  middle sigma; ``"regression"``: one scalar score (trained with MSE).
-
-``branches="vit"`` / ``"convnext"`` build single-branch ablations (no alignment).
-Everything trains from scratch (``pretrained=False``; no hub weights here).
+The input is the preprocessed slice plus fixed derived channels (``MDIQA.input_channels``). A
+reduced timm ViT gives one token map; a reduced timm ConvNeXt gives stage maps, of which the
+``align_stages`` are used. Per align stage the ViT map is resized to the stage grid and sampled by
+a deformable 3x3 convolution whose offsets come from both maps (``deform_conv3x3``), then fused
+with the ConvNeXt map; the stages are pooled to the coarsest grid and fused. A MANIQA-style
+weighted patch head gives K x n_bins logits (``head="multiscale"``), one head (``"single"``) or
+one score (``"regression"``, MSE). ``branches="vit"`` / ``"convnext"`` are single-branch
+ablations. Everything trains from scratch (no hub weights).
 """
 from __future__ import annotations
 
@@ -118,7 +105,7 @@ class MDIQAConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # small enough for CPU deployment (>= 25 slices/s on 2 cores including DICOM decode)
+    # small enough for CPU deployment
     "default": {},
     # default network with the wide-window input (noise/streaks in air and bone stay visible);
     # see models/MODEL_CARD.md for why this is the recommended input for the next shipped model
@@ -153,9 +140,9 @@ def deform_conv3x3(x: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
     """3x3 deformable convolution (stride 1, padding 1, DCNv1), numerically identical to
     ``torchvision.ops.deform_conv2d`` with the same offsets layout (B, 2*9, H, W: dy, dx per tap).
 
-    Implemented as 9 bilinear ``grid_sample`` calls plus a 1x1 convolution over the stacked taps:
-    on CPU its forward + backward is about 9x faster than torchvision's kernel at these sizes,
-    which is what makes CPU training feasible (tests check the equality).
+    Implemented as 9 bilinear ``grid_sample`` calls plus a 1x1 convolution over the stacked taps,
+    which on CPU is much faster than torchvision's kernel and makes CPU training feasible (tests
+    check the equality).
     """
     b, c, h, w = x.shape
     ys = torch.arange(h, dtype=x.dtype, device=x.device).view(1, h, 1)

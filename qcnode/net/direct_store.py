@@ -3,12 +3,12 @@
 pynetdicom passes every received P-DATA-TF through its state machine to the DIMSE layer, which
 decodes the command set with pydicom and queues the message for the association thread; that
 thread runs the service class, triggers ``EVT_C_STORE``, and builds and encodes the C-STORE-RSP
-with pydicom again, then hands it back to the DUL thread to send. For a 512 x 512 slice that is
-about 1 ms of Python around a handler that does the real work. :class:`DirectStore` does the same
-steps for a plain C-STORE-RQ inside the DUL thread: it reads the command set itself (Implicit VR
-Little Endian, group 0000 only), collects the data set fragments, calls the node's C-STORE handler
-with the same ``Event`` pynetdicom would give it, and writes the C-STORE-RSP PDU to the socket,
-byte for byte what pynetdicom would send.
+with pydicom again, then hands it back to the DUL thread to send: much Python, and two thread
+hand-offs, around a handler that does the real work. :class:`DirectStore` does the same steps for a
+plain C-STORE-RQ inside the DUL thread: it reads the command set itself (Implicit VR Little Endian,
+group 0000 only), collects the data set fragments, calls the node's C-STORE handler with the same
+``Event`` pynetdicom would give it, and writes the C-STORE-RSP PDU to the socket, byte for byte what
+pynetdicom would send.
 
 Anything it does not recognise goes to pynetdicom unchanged: a command set split over several
 PDUs, any DIMSE message but a C-STORE-RQ with a data set, a command set with elements beyond

@@ -142,18 +142,16 @@ def balanced_server_class(listener: SharedListener) -> type[NodeAssociationServe
             others = [loads[i] for i in range(len(loads)) if i != me]
             return not others or loads[me] <= min(others)
 
-        def _handle_request_noblock(self) -> None:
+        def get_request(self) -> tuple[socket.socket, Any]:
             now = time.monotonic()
             if self._waiting_since is None:
                 self._waiting_since = now
             if not self._my_turn() and now - self._waiting_since < ACCEPT_YIELD_S:
                 time.sleep(_POLL_S)  # a less busy process will take it; look again
-                return
+                # socketserver takes an OSError from get_request as "nothing accepted"
+                raise BlockingIOError(errno.EAGAIN, "left to a less busy SCP process")
             self._waiting_since = None
-            super()._handle_request_noblock()  # accept() raises EAGAIN inside if another was faster
-
-        def get_request(self) -> tuple[socket.socket, Any]:
-            request = super().get_request()
+            request = super().get_request()  # accept() raises EAGAIN if another process was faster
             self._publish(+1)
             return request
 

@@ -1,62 +1,47 @@
-"""The SCP's receive path inside pynetdicom: one-buffer socket reads, event-driven reactors
-(instead of pynetdicom's 1 ms polling) and P-DATA-TF without copies.
+"""Event-driven reactors for the SCP's acceptor associations (the fast path's core).
 
 pynetdicom runs two threads per association, and both poll: the DUL reactor sleeps 1 ms whenever
-it finds nothing to do, the association reactor sleeps 1 ms before every look at its queues. Four
-idle associations cost ~20 % of a core that way, and each wake-up takes the GIL from the thread
-doing real work. Here the DUL thread instead blocks in ``select`` on its socket and on a wake-up
-socket pair (written when a primitive is queued for sending or the reactor is told to stop), and
-the association thread blocks on an Event that the DUL thread sets after each state-machine
-event. Both still wake at least every ``IDLE_WAIT_S`` so that pynetdicom's timers (ARTIM, network
-timeout) and flags set from elsewhere keep working as before.
+it finds nothing to do, the association reactor sleeps 1 ms before every look at its queues, so idle
+associations burn CPU and every wake-up takes the GIL from the thread doing real work. Here the DUL
+thread blocks in ``select`` on its socket and on a wake-up socket pair (written when a primitive is
+queued for sending or the reactor is told to stop), and the association thread blocks on an Event
+that the DUL thread sets after each state-machine event. Both still wake at least every
+``IDLE_WAIT_S`` so that pynetdicom's timers (ARTIM, network timeout) and flags set from elsewhere keep
+working. (Not ``DULServiceProvider._run_loop_delay``: that only sets the length of the polling sleep,
+trading CPU for latency; it cannot make the thread wait for its socket.)
 
-P-DATA-TF PDUs (the bulk of a C-STORE) are also read without pynetdicom's generic PDU decoder:
-their PDV items are cut out of the received buffer as memoryviews (no copies, no item objects)
-and handed to the DIMSE layer as the same P-DATA primitive pynetdicom would make; about 70 us
-less per 128 KiB PDU. Every other PDU goes through pynetdicom's decoder as before. (EVT_PDU_RECV
-is not fired for P-DATA-TF: only pynetdicom's debug logging listens to it.) A P-DATA-TF that
-carries a plain C-STORE-RQ is served right in the DUL thread by :mod:`qcnode.net.direct_store`
-when the SCP passes its handler; everything else goes on to pynetdicom's DIMSE layer.
+The DUL thread reads PDUs with :mod:`qcnode.net.pdu` (length limits checked before a byte of the body
+is allocated, P-DATA-TF without pynetdicom's decoder; EVT_PDU_RECV is not fired for P-DATA-TF: only
+pynetdicom's debug logging listens to it), and serves a P-DATA-TF that carries a plain C-STORE-RQ
+itself (:mod:`qcnode.net.direct_store`) when the SCP passes its handler; everything else goes on to
+pynetdicom's DIMSE layer. A PDU over its limit aborts the association as pynetdicom aborts it for an
+invalid PDU (Evt19: A-ABORT, then wait for the peer to close), and whatever else the peer sends on that
+connection is read and dropped in small pieces.
 
-Every socket read first asks the kernel for immediate ACKs (:func:`request_quick_ack`): with
-delayed ACKs about one C-STORE in 13 from DCMTK's storescu stalled 40 ms.
-
-A PDU is read into one buffer of the length its header claims, so that length is checked first
-(:func:`pdu_length_limits`): until the association is established any PDU may be at most
-``MAX_ASSOCIATION_PDU_LENGTH`` long (the peer has passed no allow-list yet); once it is, a P-DATA-TF
-may be as long as the node's maximum PDU size plus ``PDATA_LENGTH_SLACK``, but at least
-``MIN_PDATA_LENGTH_LIMIT`` (a peer that ignores the negotiated maximum and sends one slice per PDU
-keeps working, as with pynetdicom); ``UNLIMITED_PDATA_LENGTH`` when that size is 0 (unlimited). A
-longer PDU is refused before a byte of it is allocated: the association is aborted as pynetdicom
-aborts it for an invalid PDU (Evt19: A-ABORT, then wait for the peer to close), and whatever else
-the peer sends on that connection is read and dropped in small pieces. The check is one list
-look-up and one integer comparison per PDU (it also covers unknown PDU types); the first P-DATA-TF
-over ``MAX_ASSOCIATION_PDU_LENGTH`` of an established association raises the limits once.
-
-While a C-STORE handler runs (in the DUL thread for :mod:`direct_store`, in the association
-thread otherwise) the connection is quiet because the node is busy, not the peer: the network
-timeout (pynetdicom's idle timer) is held while it runs and restarted after it, so a slow
-handler (a long database lock wait) still gets its response sent and keeps its association.
+While a C-STORE handler runs (in the DUL thread for :mod:`direct_store`, in the association thread
+otherwise) the connection is quiet because the node is busy, not the peer: the network timeout
+(pynetdicom's idle timer) is held while it runs and restarted after it, so a slow handler (a long
+database lock wait) still gets its response sent and keeps its association.
 
 A connection that sends no A-ASSOCIATE-RQ (a load balancer's health check) holds an association
 slot only briefly: the DUL's ARTIM timer, which pynetdicom runs for ``acse_timeout`` while it waits for
-the request, runs for ``artim_timeout`` (``node.artim_timeout``, a few seconds) and then closes the
-connection; until the request is in, a socket read (of a PDU sent in part, or a TLS handshake) also
-gives up after that long; and the association thread, which pynetdicom keeps waiting for the request
-for ``acse_timeout`` even after the connection is gone, ends as soon as its DUL thread has ended.
+the request, runs for ``artim_timeout`` (``node.artim_timeout``) and then closes the connection; until
+the request is in, a socket read (of a PDU sent in part, or a TLS handshake) also gives up after that
+long; and the association thread, which pynetdicom keeps waiting for the request for ``acse_timeout``
+even after the connection is gone, ends as soon as its DUL thread has ended.
 
 The loops are pynetdicom 3.0's ``DULServiceProvider.run_reactor``, ``Association.run_reactor``
-(acceptor part) and ``Association._run_reactor`` (MIT licence) with only the waits changed.
+(acceptor part) and ``Association._run_reactor`` (MIT licence) with only the waits changed; they stay
+in one module because the two reactors wake each other and share ``IDLE_WAIT_S``.
 :func:`use_fast_receive` switches an acceptor association to them, and its socket to
-:class:`FastRecvSocket`, before its threads start (``EVT_CONN_OPEN``); an association of any other
-shape is left as pynetdicom made it.
+:class:`~qcnode.net.pdu.FastRecvSocket`, before its threads start (``EVT_CONN_OPEN``); an association
+of any other shape is left as pynetdicom made it.
 """
 from __future__ import annotations
 
 import queue
 import select
 import socket
-import struct
 import threading
 import time
 from typing import Any, Callable, cast
@@ -65,153 +50,24 @@ from pynetdicom import evt
 from pynetdicom.association import LOGGER as ASSOC_LOGGER, Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import LOGGER as DUL_LOGGER, DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
-from pynetdicom.pdu_items import PresentationDataValueItem
-from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import set_timer_resolution
 
-from qcnode.net.direct_store import DirectStore
 from qcnode.log import get_logger
+from qcnode.net.direct_store import DirectStore
+from qcnode.net.pdu import (PDU_HEADER, PDU_NAMES, REFUSE_ALL, FastRecvSocket, ReceivedPDataTF, pdata_length_limit,
+                            pdu_length_limits, split_pdv_items)
 
 log = get_logger("qcnode.scp")
 
 IDLE_WAIT_S = 0.05  # longest wait without an event: the granularity of pynetdicom's timers here
 
-# Longest PDU bodies read (PDU length field, PS3.8 9.3); a longer one aborts the association.
-MAX_ASSOCIATION_PDU_LENGTH = 1 << 20  # any PDU before establishment; A-ASSOCIATE-*, A-RELEASE-*, A-ABORT
-PDATA_LENGTH_SLACK = 1 << 16  # over the node's maximum PDU size: PDU/PDV headers, peers that count differently
-MIN_PDATA_LENGTH_LIMIT = 4 << 20  # a P-DATA-TF of an established association may always be this long
-UNLIMITED_PDATA_LENGTH = 64 << 20  # the P-DATA-TF limit when the node's maximum PDU size is 0 (unlimited)
 _PDATA_STATES = ("Sta6", "Sta7")  # where a P-DATA-TF is valid (established; awaiting A-RELEASE-RP)
 _DISCARD_READ_SIZE = 1 << 16
-
-
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
-
-
-def request_quick_ack(sock: Any) -> None:
-    """Ask the kernel to acknowledge what arrives on ``sock`` at once instead of delaying the ACK.
-
-    Linux falls back to delayed ACKs (up to 40 ms) on a connection that looks interactive, and
-    resets this flag as it pleases, so it is set again before each read. Without it about one
-    C-STORE in 13 from DCMTK's storescu stalled 40 ms in the middle of its data set: the sender
-    held its last small segment until our ACK came (Nagle) while we waited for that segment.
-    Measured (bench_ingest --no-worker, interleaved with and without it, a slow host): one
-    association 60/56 -> 67/66 slices/s, four 124/110/105 -> 139/114/122 slices/s."""
-    if _TCP_QUICKACK is None:
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-    except OSError:  # not TCP (a socket pair in tests), or closed: the read reports it
-        pass
-
-
-class FastRecvSocket(AssociationSocket):
-    """pynetdicom's association socket, reading a PDU with as few ``recv`` calls as the kernel allows.
-
-    pynetdicom reads PDUs 4096 bytes per ``recv`` (about 130 calls, each a poll + recv, for one
-    512x512 slice); this reads straight into one buffer of the requested size. Same result, same
-    errors; about a quarter of the receive CPU per slice is saved. Each read first asks for
-    immediate ACKs (:func:`request_quick_ack`)."""
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        sock = cast(socket.socket, self.socket)
-        request_quick_ack(sock)
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
-        nr_read = 0
-        while nr_read < nr_bytes:
-            n = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
-            if not n:  # connection closed: what was read so far, as pynetdicom's recv() returns
-                del view
-                del buf[nr_read:]
-                return buf
-            nr_read += n
-        return buf
-
-
-_PDU_HEADER = struct.Struct(">BBL")
-_PDV_HEADER = struct.Struct(">LB")
-_KNOWN_PDU_TYPES = (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07)
-_PDU_NAMES = {0x01: "A-ASSOCIATE-RQ", 0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA-TF",
-              0x05: "A-RELEASE-RQ", 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}
-_REFUSE_ALL = [-1] * 256  # limits while the rest of a connection's input is dropped
-
-
-def pdata_length_limit(max_pdu_size: int | None) -> int:
-    """The longest P-DATA-TF PDU length read on an established association whose node negotiates
-    ``max_pdu_size`` (0 or None: unlimited)."""
-    if not max_pdu_size:
-        return UNLIMITED_PDATA_LENGTH
-    return max(max_pdu_size + PDATA_LENGTH_SLACK, MIN_PDATA_LENGTH_LIMIT)
-
-
-def pdu_length_limits(pdata_limit: int = MAX_ASSOCIATION_PDU_LENGTH) -> list[int]:
-    """The longest PDU length read for each PDU type byte (index 0-255; -1: unknown type):
-    ``MAX_ASSOCIATION_PDU_LENGTH``, and ``pdata_limit`` for a P-DATA-TF."""
-    limits = [-1] * 256
-    for pdu_type in _KNOWN_PDU_TYPES:
-        limits[pdu_type] = MAX_ASSOCIATION_PDU_LENGTH
-    limits[0x04] = pdata_limit
-    return limits
-
-
-class InvalidPDU(ValueError):
-    """A P-DATA-TF PDU whose PDV items do not add up to its length."""
-
-
-def split_pdv_items(body: memoryview) -> list[tuple[int, memoryview]]:
-    """(presentation context ID, PDV data) of each item of a P-DATA-TF PDU body (PS3.8 9.3.5),
-    as views into ``body``; raises InvalidPDU if the items do not exactly fill it."""
-    items: list[tuple[int, memoryview]] = []
-    offset, end = 0, len(body)
-    while offset < end:
-        if end - offset < 6:
-            raise InvalidPDU(f"truncated PDV item at offset {offset} of {end}")
-        length, context_id = _PDV_HEADER.unpack_from(body, offset)
-        # length counts the context ID and the data; the data holds at least the control header
-        if length < 2 or offset + 4 + length > end:
-            raise InvalidPDU(f"PDV item length {length} at offset {offset} does not fit the PDU ({end} bytes)")
-        items.append((context_id, body[offset + 5:offset + 4 + length]))
-        offset += 4 + length
-    if not items:
-        raise InvalidPDU("P-DATA-TF PDU without PDV items")
-    return items
-
-
-class ReceivedPDataTF(P_DATA_TF):
-    """A received P-DATA-TF whose PDV data are views into the receive buffer."""
-
-    def __init__(self, items: list[tuple[int, memoryview]]):
-        self._items = items
-        self._item_objects: list[PresentationDataValueItem] | None = None
-        super().__init__()
-
-    @property  # type: ignore[override]
-    def presentation_data_value_items(self) -> list[PresentationDataValueItem]:
-        """pynetdicom's item objects, made only if something asks (debug logging)."""
-        if self._item_objects is None:
-            self._item_objects = []
-            for context_id, data in self._items:
-                item = PresentationDataValueItem()
-                item.presentation_context_id = context_id
-                item.presentation_data_value = bytes(data)
-                self._item_objects.append(item)
-        return self._item_objects
-
-    @presentation_data_value_items.setter
-    def presentation_data_value_items(self, value: list[PresentationDataValueItem]) -> None:
-        if value:  # P_DATA_TF.__init__ assigns [] (nothing to keep)
-            self._item_objects = value
-
-    def to_primitive(self) -> P_DATA:
-        primitive = P_DATA()
-        primitive.presentation_data_value_list = []  # as pynetdicom: the setter checks only what it is given
-        primitive.presentation_data_value_list.extend(self._items)  # type: ignore[arg-type]
-        return primitive
 
 
 class EventDrivenDUL(DULServiceProvider):
@@ -313,7 +169,7 @@ class EventDrivenDUL(DULServiceProvider):
         if len(header) != 6:
             self.event_queue.put("Evt17")
             return
-        pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
+        pdu_type, _, pdu_length = PDU_HEADER.unpack(header)
         if pdu_length > self.pdu_limits[pdu_type] and not self._admit_pdu(pdu_type, pdu_length):
             return  # unknown type (limit -1), too long, or input being dropped
         try:
@@ -369,11 +225,11 @@ class EventDrivenDUL(DULServiceProvider):
             address = str(self.assoc.requestor.address)
         except (ValueError, AttributeError):
             address = None
-        log.error("association_aborted", reason="PDU longer than allowed", pdu_type=_PDU_NAMES[pdu_type],
+        log.error("association_aborted", reason="PDU longer than allowed", pdu_type=PDU_NAMES[pdu_type],
                   pdu_length=pdu_length, max_length=limit, source_ip=address)
         # the body is never read: the stream is out of step, so nothing after this header is a PDU
         self.discarding = True
-        self.pdu_limits = _REFUSE_ALL
+        self.pdu_limits = REFUSE_ALL
         self.event_queue.put("Evt19")  # A-ABORT to the peer (and A-P-ABORT to the user when established)
         return False
 
@@ -517,7 +373,8 @@ class EventDrivenAssociation(Association):
     def _serve_request(self, msg: Any, context_id: int) -> None:
         """pynetdicom's dispatch, except that a C-STORE of a SOP class pynetdicom has no storage
         service for (an unknown or private UID) goes to the storage service too, whose handler
-        refuses it with 0x0122, instead of an A-ABORT."""
+        refuses it with 0x0122, instead of an A-ABORT. (Not ``_config.UNRESTRICTED_STORAGE_SERVICE``:
+        it is process-wide and also makes negotiation accept every private or unknown abstract syntax.)"""
         if (isinstance(msg, C_STORE) and context_id in self._accepted_cx
                 and uid_to_service_class(msg.AffectedSOPClassUID or "") is not StorageServiceClass
                 and not self.acceptor.accepted_common_extended):

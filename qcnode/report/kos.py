@@ -23,6 +23,7 @@ from pydicom.sr.codedict import codes
 
 from qcnode.report.sr import (MANUFACTURER, SRBuildError, algorithm_equipment, derived_uid, device_observer,
                              evidence_header, pin_times, utc_naive)
+from qcnode.scoring.types import ModelIdentity, SliceResult
 
 KOS_SERIES_NUMBER_BASE = 9500
 
@@ -34,12 +35,12 @@ class FlaggedSlice:
     score: float
 
 
-def failing_slices(slices: Sequence[dict], threshold: float) -> list[FlaggedSlice]:
+def failing_slices(slices: Sequence[SliceResult], threshold: float) -> list[FlaggedSlice]:
     """Instances with a slice scored below ``threshold`` (lowest score per instance), in slice
     order; when none is below (a FAIL by the series mean), the single worst instance."""
     worst: dict[str, float] = {}
     for s in slices:
-        uid, score = str(s["sop_instance_uid"]), float(s["score"])
+        uid, score = str(s.sop_instance_uid), float(s.score)
         worst[uid] = min(score, worst.get(uid, score))
     below = [FlaggedSlice(u, sc) for u, sc in worst.items() if sc < threshold]
     if below or not worst:
@@ -59,14 +60,14 @@ def kos_sop_uid(source_series_uid: str, model_version: str, result_version: int)
 
 
 def build_quality_issue_kos(source_headers: Sequence[Dataset], flagged: Sequence[FlaggedSlice],
-                            model_info: dict, result_version: int, threshold: float,
+                            model: ModelIdentity, result_version: int, threshold: float,
                             content_datetime: dt.datetime | None = None) -> Dataset:
     """The "Quality Issue" KOS of one scoring round: references the ``flagged`` instances."""
     if not flagged:
         raise SRBuildError("a Quality Issue KOS needs at least one flagged slice")
-    name, version = str(model_info.get("name", "")), str(model_info.get("version", ""))
+    name, version = model.name, model.version
     if not name or not version:
-        raise SRBuildError("model_info needs a name and a version")
+        raise SRBuildError("the model needs a name and a version")
     when = utc_naive(content_datetime)
     by_uid = {str(h.SOPInstanceUID): h for h in source_headers}
     missing = [f.sop_instance_uid for f in flagged if f.sop_instance_uid not in by_uid]

@@ -41,6 +41,9 @@ object: SeriesInstanceUID from (source series UID, model version); SOPInstanceUI
 series UID, model version, result version). InstanceNumber = result version; SeriesNumber =
 9000 + the source SeriesNumber (9000 without one). Content, series and instance-creation dates
 come from ``content_datetime`` so the same inputs give byte-identical files.
+
+The inputs are scoring's types (``qcnode.scoring.types``). The codes live in ``codes``, the
+reading back in ``read``; the KOS (``kos``) reuses the UID, device and header helpers here.
 """
 from __future__ import annotations
 
@@ -50,11 +53,9 @@ import uuid
 import warnings
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import highdicom as hd
-from highdicom._standard_utils import (get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map,
-                                       is_multiframe_image)
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom.dataelem import DataElement
@@ -62,56 +63,19 @@ from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, DT, TM
 
 from qcnode import __version__ as QCNODE_VERSION
+from qcnode.report.codes import (COMMENT, CT_PROCEDURE, FRACTION_BELOW, IHE_SCHEME, IMAGES_UNIT, N_SKIPPED,
+                                 N_SLICES, NO_UNIT, P5, P95, PHYSICS_MEASUREMENTS, PROCESSING_ALGORITHM, QC_SCHEME,
+                                 SCORE, SCORE_STATISTICS, SCORE_UNIT, SERIES_SUMMARY_ID, SLICES_UNIT, VERDICT,
+                                 VERDICT_CODES, VERDICT_TEXT)
+from qcnode.scoring.types import ModelIdentity, SeriesSummary, SliceResult
 
-QC_SCHEME = "99QCNODE"
 UID_NAMESPACE = "qcnode-sr"
-
-SCORE = Code("QC001", QC_SCHEME, "CT image quality score")
-VERDICT = Code("QC002", QC_SCHEME, "CT image quality verdict")
-FRACTION_BELOW = Code("QC003", QC_SCHEME, "Fraction of slices below quality threshold")
-N_SLICES = Code("QC004", QC_SCHEME, "Number of scored slices")
-N_SKIPPED = Code("QC005", QC_SCHEME, "Number of skipped images")
-NOISE = Code("QC006", QC_SCHEME, "Global noise level")
-LEGACY_P10 = Code("QC010", QC_SCHEME, "10th percentile")  # read back from SRs before IHE AIR
-P10 = Code("371890005", "SCT", "10th Percentile Value of population")
-P5 = Code("371888009", "SCT", "5th Percentile Value of population")
-P95 = Code("371889001", "SCT", "95th Percentile Value of population")
-WATER_EQUIVALENT_DIAMETER = Code("113980", "DCM", "Water Equivalent Diameter")
-SSDE = Code("113930", "DCM", "Size Specific Dose Estimate")
-MEAN_CTDIVOL = Code("113830", "DCM", "Mean CTDIvol")
-COMMENT = Code("121106", "DCM", "Comment")
-CT_PROCEDURE = Code("25045-6", "LN", "CT unspecified body region")
-IHE_SCHEME = "99IHE"
-PROCESSING_ALGORITHM = Code("1630", IHE_SCHEME, "Processing Algorithm")  # IHE AIR's purpose of reference
-HU_UNIT = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
-CM_UNIT = Code("cm", "UCUM", "centimeter")
-MGY_UNIT = Code("mGy", "UCUM", "milligray")
-VERDICT_CODES = {
-    "PASS": Code("QCPASS", QC_SCHEME, "Pass"),
-    "WARN": Code("QCWARN", QC_SCHEME, "Warning"),
-    "FAIL": Code("QCFAIL", QC_SCHEME, "Fail"),
-}
-SCORE_UNIT = Code("{score}", "UCUM", "score")
-NO_UNIT = Code("1", "UCUM", "no units")
-SLICES_UNIT = Code("{slices}", "UCUM", "slices")
-IMAGES_UNIT = Code("{images}", "UCUM", "images")
-UPPER_UNCERTAINTY = Code("371886008", "SCT", "+, range of upper measurement uncertainty")
-LOWER_UNCERTAINTY = Code("371885007", "SCT", "-, range of lower measurement uncertainty")
-ALGORITHM_NAME = Code("111001", "DCM", "Algorithm Name")
-ALGORITHM_VERSION = Code("111003", "DCM", "Algorithm Version")
 SERIES_NUMBER_BASE = 9000
 DEIDENTIFICATION_UNSTATED = "de-identified at the source; method not stated"
-VERDICT_TEXT = {"PASS": "Pass", "WARN": "Warning", "FAIL": "Fail"}
-# (summary key, concept, unit, derivation across slices) of the per-series physics
-PHYSICS_MEASUREMENTS = (("noise_hu", NOISE, HU_UNIT, codes.SCT.Median),
-                        ("dw_cm", WATER_EQUIVALENT_DIAMETER, CM_UNIT, codes.SCT.Mean),
-                        ("ssde_mgy", SSDE, MGY_UNIT, codes.SCT.Mean),
-                        ("ctdivol_mgy", MEAN_CTDIVOL, MGY_UNIT, None))
 CODING_SCHEMES = (
     CodingSchemeIdentificationItem(designator=QC_SCHEME, name="qcnode image quality codes",
                                    responsible_organization="qcnode"),
@@ -119,7 +83,6 @@ CODING_SCHEMES = (
                                    responsible_organization="IHE"),
 )
 MANUFACTURER = "qcnode"
-SERIES_SUMMARY_ID = "series summary"
 SR_CHARACTER_SET = "ISO_IR 192"  # UTF-8: holds any text decoded from a source header
 
 # Type 2 patient/study attributes highdicom copies from the first source header.
@@ -257,59 +220,76 @@ def _slice_measurements(score: float, low: float, high: float) -> list[hd.sr.Mea
             for value, derivation in ((score, None), (low, P5), (high, P95))]
 
 
-def _ds_value(x: float) -> float:
+def ds_value(x: float) -> float:
     """A float rounded so that it survives the DS (16 character) encoding unchanged."""
     return float(f"{float(x):.6g}")
 
 
-def build_series_sr(source_headers: Sequence[Dataset], slices: Sequence[dict[str, Any]],
-                    summary: dict[str, Any], model_info: dict[str, Any], result_version: int,
+def build_series_sr(source_headers: Sequence[Dataset], slices: Sequence[SliceResult], summary: SeriesSummary,
+                    model: ModelIdentity, result_version: int,
                     content_datetime: dt.datetime | None = None) -> Dataset:
     """Build the TID 1500 Comprehensive 3D SR for one scoring round of a series.
 
-    ``source_headers``: headers of the scored instances (pixels not needed); ``slices``: dicts
-    with sop_instance_uid, score, score_low, score_high (optional ``frame``: 1-based frame
-    number, used for multi-frame objects only);
-    ``summary``: mean_score, min_score, p10_score, fraction_below, verdict, n_slices, n_skipped,
-    optionally the series physics noise_hu, dw_cm, ssde_mgy, ctdivol_mgy (None or absent: left out);
-    ``model_info``: name, version. ``content_datetime`` fixes the content/creation date-time
-    (pass the result's creation time so a retry is byte-identical; default: now, UTC).
+    ``source_headers``: headers of the scored instances (pixels not needed); ``slices``: the scored
+    slices (``frame`` is used for multi-frame objects only); ``summary``: the series summary (its
+    physics left out where None); ``model``: name and version. ``content_datetime`` fixes the
+    content/creation date-time (pass the result's creation time so a retry is byte-identical;
+    default: now, UTC). Raises SRBuildError when the inputs cannot make a valid SR.
     """
+    _check_inputs(source_headers, slices, summary, model)
+    when = utc_naive(content_datetime)
+    headers, first = _evidence_headers(source_headers)
+    algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
+    groups = [_summary_group(summary, algorithm, str(first.SeriesInstanceUID))]  # IHE AIR: the summary first
+    groups += _slice_groups(slices, headers, algorithm)
+    evidence = _image_library(headers, slices)
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=device_observer(model.name, model.version)),
+        procedure_reported=CT_PROCEDURE,
+        imaging_measurements=groups,
+        title=codes.DCM.ImagingMeasurementReport,
+        referenced_images=evidence,  # the Image Library
+    )
+    sr = _document(report, evidence, first, model, result_version, when)
+    pin_times(sr, when)
+    return sr
+
+
+def _check_inputs(source_headers: Sequence[Dataset], slices: Sequence[SliceResult], summary: SeriesSummary,
+                  model: ModelIdentity) -> None:
     if not source_headers:
         raise SRBuildError("no source headers: an SR needs at least one referenced image")
     if not slices:
         raise SRBuildError("no scored slices")
-    verdict = str(summary.get("verdict", ""))
-    if verdict not in VERDICT_CODES:
-        raise SRBuildError(f"verdict must be one of {sorted(VERDICT_CODES)}, got {verdict!r}")
-    name, version = str(model_info.get("name", "")), str(model_info.get("version", ""))
-    if not name or not version:
-        raise SRBuildError("model_info needs a name and a version")
-    when = utc_naive(content_datetime)
+    if str(summary.verdict) not in VERDICT_CODES:
+        raise SRBuildError(f"verdict must be one of {sorted(VERDICT_CODES)}, got {str(summary.verdict)!r}")
+    if not model.name or not model.version:
+        raise SRBuildError("the model needs a name and a version")
 
+
+def _evidence_headers(source_headers: Sequence[Dataset]) -> tuple[dict[str, Dataset], Dataset]:
+    """{SOP Instance UID: evidence header} of the sources (all of one series) and the first one."""
     headers = {str(h.SOPInstanceUID): evidence_header(h) for h in source_headers}
     first = headers[str(source_headers[0].SOPInstanceUID)]
-    source_series = str(first.SeriesInstanceUID)
-    study_uid = str(first.StudyInstanceUID)
     for h in headers.values():
-        if str(h.SeriesInstanceUID) != source_series or str(h.StudyInstanceUID) != study_uid:
+        if str(h.SeriesInstanceUID) != str(first.SeriesInstanceUID) or \
+                str(h.StudyInstanceUID) != str(first.StudyInstanceUID):
             raise SRBuildError("source headers belong to more than one series")
+    return headers, first
 
-    algorithm = hd.sr.AlgorithmIdentification(name=name, version=version)
-    groups = [_summary_group(summary, algorithm, source_series)]  # IHE AIR: the summary first
-    referenced: list[str] = []
-    multiframe_by_class: dict[str, bool] = {}  # highdicom's IOD look-up takes ~10 ms: once per SOP class
+
+def _slice_groups(slices: Sequence[SliceResult], headers: dict[str, Dataset],
+                  algorithm: hd.sr.AlgorithmIdentification) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One TID 1501 group per scored slice: tracking identifier, score and interval, source image."""
+    groups = []
     for i, s in enumerate(slices):
-        uid = str(s["sop_instance_uid"])
+        uid = str(s.sop_instance_uid)
         header = headers.get(uid)
         if header is None:
             raise SRBuildError(f"slice {uid} has no source header")
-        frame = s.get("frame")  # 1-based; only meaningful for multi-frame objects
-        sop_class = str(header.SOPClassUID)
-        if sop_class not in multiframe_by_class:  # by IOD (e.g. Enhanced CT), as highdicom checks
-            multiframe_by_class[sop_class] = is_multiframe_image(header)
-        multiframe = multiframe_by_class[sop_class]
-        frames = [int(frame)] if frame is not None and multiframe else None
+        # a frame is referenced only in an IOD that allows several (e.g. Enhanced CT), as highdicom checks
+        frames = [int(s.frame)] if s.frame is not None and is_multiframe_image(header) else None
         number = header.get("InstanceNumber")
         label = f"slice {number}" if number not in (None, "") else f"slice #{i + 1}"
         if frames:
@@ -318,31 +298,31 @@ def build_series_sr(source_headers: Sequence[Dataset], slices: Sequence[dict[str
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=derived_uid("track", uid, str(frames[0] if frames else 0)), identifier=label),
             algorithm_id=algorithm,
-            measurements=_slice_measurements(_ds_value(s["score"]), _ds_value(s["score_low"]),
-                                             _ds_value(s["score_high"])),
+            measurements=_slice_measurements(ds_value(s.score), ds_value(s.score_low), ds_value(s.score_high)),
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(
                 header, referenced_frame_numbers=frames)],
         ))
-        referenced.append(uid)
+    return groups
 
-    # every source header is evidence, scored or not; referenced ones first, in slice order
-    evidence = [headers[u] for u in dict.fromkeys(referenced)]
-    evidence += [h for u, h in headers.items() if u not in set(referenced)]
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(name, version)),
-        procedure_reported=CT_PROCEDURE,
-        imaging_measurements=groups,
-        title=codes.DCM.ImagingMeasurementReport,
-        referenced_images=evidence,  # the Image Library
-    )
-    source_number = first.get("SeriesNumber")
+
+def _image_library(headers: dict[str, Dataset], slices: Sequence[SliceResult]) -> list[Dataset]:
+    """Every source header is evidence, scored or not: the scored ones first, in slice order."""
+    referenced = dict.fromkeys(str(s.sop_instance_uid) for s in slices)
+    return [headers[u] for u in referenced] + [h for u, h in headers.items() if u not in referenced]
+
+
+def _document(report: hd.sr.MeasurementReport, evidence: list[Dataset], first: Dataset, model: ModelIdentity,
+              result_version: int, when: dt.datetime) -> hd.sr.Comprehensive3DSR:
+    """The SR document around ``report``: a new series in the source study, derived UIDs."""
+    source_series = str(first.SeriesInstanceUID)
     try:
-        series_number = SERIES_NUMBER_BASE + int(source_number)
+        series_number = SERIES_NUMBER_BASE + int(first.get("SeriesNumber"))
     except (TypeError, ValueError):
         series_number = SERIES_NUMBER_BASE
+    name, version = model.name, model.version
     with warnings.catch_warnings():  # de-identified data often has single-component names
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        sr = hd.sr.Comprehensive3DSR(
+        return hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,
             series_instance_uid=sr_series_uid(source_series, version),
@@ -361,31 +341,27 @@ def build_series_sr(source_headers: Sequence[Dataset], slices: Sequence[dict[str
             coding_schemes=list(CODING_SCHEMES),
             contributing_equipment=[algorithm_equipment(name, version, when)],
         )
-    pin_times(sr, when)
-    return sr
 
 
-def _summary_group(summary: dict[str, Any], algorithm: hd.sr.AlgorithmIdentification,
+def _summary_group(summary: SeriesSummary, algorithm: hd.sr.AlgorithmIdentification,
                    source_series: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The series summary: score statistics, counts, physics and the verdict (coded and as text)."""
     measurements: list[hd.sr.Measurement] = []
-    for key, derivation in (("mean_score", codes.SCT.Mean), ("min_score", codes.SCT.Minimum),
-                            ("p10_score", P10)):
-        if summary.get(key) is not None:
-            measurements.append(hd.sr.Measurement(name=SCORE, value=_ds_value(summary[key]),
+    for key, derivation in SCORE_STATISTICS:
+        if getattr(summary, key) is not None:
+            measurements.append(hd.sr.Measurement(name=SCORE, value=ds_value(getattr(summary, key)),
                                                   unit=SCORE_UNIT, derivation=derivation))
-    if summary.get("fraction_below") is not None:
-        measurements.append(hd.sr.Measurement(name=FRACTION_BELOW, value=_ds_value(summary["fraction_below"]),
+    if summary.fraction_below is not None:
+        measurements.append(hd.sr.Measurement(name=FRACTION_BELOW, value=ds_value(summary.fraction_below),
                                               unit=NO_UNIT))
-    measurements.append(hd.sr.Measurement(name=N_SLICES, value=int(summary.get("n_slices", 0)),
-                                          unit=SLICES_UNIT))
-    measurements.append(hd.sr.Measurement(name=N_SKIPPED, value=int(summary.get("n_skipped", 0) or 0),
-                                          unit=IMAGES_UNIT))
+    measurements.append(hd.sr.Measurement(name=N_SLICES, value=int(summary.n_slices or 0), unit=SLICES_UNIT))
+    measurements.append(hd.sr.Measurement(name=N_SKIPPED, value=int(summary.n_skipped or 0), unit=IMAGES_UNIT))
     for key, concept, unit, derivation in PHYSICS_MEASUREMENTS:
-        if summary.get(key) is not None:
-            measurements.append(hd.sr.Measurement(name=concept, value=_ds_value(summary[key]), unit=unit,
+        value = getattr(summary.physics, key)
+        if value is not None:
+            measurements.append(hd.sr.Measurement(name=concept, value=ds_value(value), unit=unit,
                                                   derivation=derivation))
-    verdict = str(summary["verdict"])
+    verdict = str(summary.verdict)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid("track-series", source_series),
                                                      identifier=SERIES_SUMMARY_ID),
@@ -402,10 +378,22 @@ def load_standard_tables() -> None:
     """Load highdicom's tables of the DICOM standard (IODs, modules, attributes) now.
 
     highdicom reads them lazily, once per process, which takes about a second on a small host:
-    the worker calls this at start so that the first series' SR does not wait for it."""
-    get_sop_class_iod_map()
-    get_iod_module_map()
-    get_module_attribute_map()
+    the worker calls this at start so that the first series' SR does not wait for it. (Any SOP
+    instance highdicom makes looks its IOD up in them: a throw-away one loads them.)"""
+    hd.SOPClass(study_instance_uid="2.25.1", series_instance_uid="2.25.2", series_number=1,
+                sop_instance_uid="2.25.3", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+                instance_number=1, modality="SR")
+
+
+# CT image IODs that allow several frames (highdicom references frame numbers only in those; the
+# table is checked against highdicom's tables of the standard in tests/test_sr.py)
+MULTIFRAME_CT_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2.1",   # Enhanced CT Image Storage
+                                   "1.2.840.10008.5.1.4.1.1.2.2"})  # Legacy Converted Enhanced CT Image Storage
+
+
+def is_multiframe_image(dataset: Dataset) -> bool:
+    """Whether the IOD of ``dataset`` (a CT image) allows several frames, as highdicom decides it."""
+    return str(dataset.SOPClassUID) in MULTIFRAME_CT_CLASSES
 
 
 def sr_bytes(sr: Dataset) -> bytes:
@@ -426,101 +414,3 @@ def write_sr(sr: Dataset, path: str | Path) -> Path:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     return path
-
-
-def _code_eq(a: CodedConcept | Code | None, b: Code) -> bool:
-    return a is not None and a.value == b.value and a.scheme_designator == b.scheme_designator
-
-
-def _nested_numbers(item: Dataset) -> dict[tuple[str, str], float]:
-    """{(code value, scheme): value} of the NUM items anywhere below ``item``."""
-    out: dict[tuple[str, str], float] = {}
-    for child in item.get("ContentSequence", []):
-        if child.ValueType == "NUM" and child.get("MeasuredValueSequence"):
-            name = child.ConceptNameCodeSequence[0]
-            out[(name.CodeValue, name.CodingSchemeDesignator)] = float(child.MeasuredValueSequence[0].NumericValue)
-        out.update(_nested_numbers(child))
-    return out
-
-
-def _key(code: Code | CodedConcept) -> tuple[str, str]:
-    return code.value, code.scheme_designator
-
-
-def _text_item(group_item: Dataset, code: Code) -> str | None:
-    for item in group_item.get("ContentSequence", []):
-        name = item.ConceptNameCodeSequence[0]
-        if name.CodeValue == code.value and name.CodingSchemeDesignator == code.scheme_designator:
-            return str(item.TextValue)
-    return None
-
-
-def read_series_sr(ds: Dataset) -> dict[str, Any]:
-    """Parse a qcnode SR (as built by ``build_series_sr``) back with highdicom.
-
-    Returns {sop_instance_uid, series_instance_uid, source_series_instance_uid, instance_number,
-    algorithm: {name, version}, slices: [{sop_instance_uid, score, score_low, score_high, frame}],
-    summary: {mean_score, min_score, p10_score, fraction_below, n_slices, n_skipped, verdict,
-    verdict_text, and noise_hu, dw_cm, ssde_mgy, ctdivol_mgy where present}}.
-    SRs written before IHE AIR (interval as uncertainty ranges, QC010 percentile) read the same.
-    """
-    sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
-    report = hd.sr.MeasurementReport.from_sequence(sr.content)
-    slices: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {}
-    algorithm: dict[str, str | None] = {"name": None, "version": None}
-    sources: set[str] = set()
-    physics_keys = {_key(concept): key for key, concept, _unit, _derivation in PHYSICS_MEASUREMENTS}
-    for group in report.get_image_measurement_groups():
-        algorithm = {"name": _text_item(group[0], ALGORITHM_NAME) or algorithm["name"],
-                     "version": _text_item(group[0], ALGORITHM_VERSION) or algorithm["version"]}
-        if group.tracking_identifier == SERIES_SUMMARY_ID:
-            for m in group.get_measurements():
-                if _code_eq(m.name, SCORE):
-                    key = {_key(codes.SCT.Mean): "mean_score", _key(codes.SCT.Minimum): "min_score",
-                           _key(P10): "p10_score", _key(LEGACY_P10): "p10_score"}.get(
-                        _key(m.derivation) if m.derivation else None)
-                    if key:
-                        summary[key] = float(m.value)
-                elif _key(m.name) in physics_keys:
-                    summary[physics_keys[_key(m.name)]] = float(m.value)
-                elif _code_eq(m.name, FRACTION_BELOW):
-                    summary["fraction_below"] = float(m.value)
-                elif _code_eq(m.name, N_SLICES):
-                    summary["n_slices"] = int(m.value)
-                elif _code_eq(m.name, N_SKIPPED):
-                    summary["n_skipped"] = int(m.value)
-            for ev in group.get_qualitative_evaluations(name=VERDICT):
-                summary["verdict"] = next((k for k, c in VERDICT_CODES.items() if _code_eq(ev.value, c)), None)
-            summary["verdict_text"] = _text_item(group[0], COMMENT)
-            continue
-        by_derivation = {_key(m.derivation) if m.derivation else None: m for m in group.get_measurements(name=SCORE)}
-        m = by_derivation.get(None)
-        if m is not None:
-            score = float(m.value)
-            # before IHE AIR the interval was TID 310 uncertainty ranges below the score
-            numbers = _nested_numbers(m[0])
-            low = float(by_derivation[_key(P5)].value) if _key(P5) in by_derivation else \
-                score - numbers.get(_key(LOWER_UNCERTAINTY), 0.0)
-            high = float(by_derivation[_key(P95)].value) if _key(P95) in by_derivation else \
-                score + numbers.get(_key(UPPER_UNCERTAINTY), 0.0)
-            images = m.referenced_images or group.source_images
-            if not images:
-                raise ValueError(f"measurement group {group.tracking_identifier!r} references no image")
-            ref = images[0]
-            uid = str(ref.referenced_sop_instance_uid)
-            frames = ref.referenced_frame_numbers
-            slices.append({"sop_instance_uid": uid, "score": score, "score_low": _ds_value(low),
-                           "score_high": _ds_value(high), "frame": frames[0] if frames else None})
-            sources.add(uid)
-    source_series = sr.get_evidence_series()
-    return {
-        "sop_instance_uid": str(ds.SOPInstanceUID),
-        "series_instance_uid": str(ds.SeriesInstanceUID),
-        "study_instance_uid": str(ds.StudyInstanceUID),
-        "source_series_instance_uid": str(source_series[0][1]) if source_series else None,
-        "instance_number": int(ds.InstanceNumber),
-        "algorithm": algorithm,
-        "slices": slices,
-        "summary": summary,
-    }

@@ -1,20 +1,24 @@
-"""The scoring worker: claim a ``score_series`` job, score the series, store results, queue the SR.
+"""The scoring worker: claim a ``score_series`` job, score the series, store results, report.
 
 Per job: load the scorable instances of the series from the spool in chunks, decode them to HU
 (``qcnode.dicom.pixels.iter_slices``), score them with the MD-IQA model in batches, compute the
 physics per slice (global noise level, water-equivalent diameter, SSDE), summarise the series
-(mean, min, 10th percentile, fraction below ``verdict.slice_threshold``, verdict), build the SR
-(deterministic UIDs and content time, so a retry writes the same file), write it durably into
-the spool, and then in ONE transaction insert the slice scores, the series result, the outbox
-deliveries, mark the job done and the series scored. A crash anywhere before that commit leaves
-the job leased; it is retried after the lease (or at once after a restart on this host).
+(``qcnode.scoring.summary``), and have the injected ``ResultPublisher`` build the SR (and KOS) from
+an ``SRRequest`` (deterministic UIDs and content time, so a retry builds the same bytes). Then in
+ONE transaction: lock the round (series ``stable`` -> ``scored``), write the files durably into
+the spool, insert the slice scores and the series result, let the publisher add the outbox
+deliveries, and mark the job done. A crash anywhere before that commit leaves the job leased; it
+is retried after the lease (or at once after a restart on this host).
+
+The worker knows nothing of SR or delivery: those stages come after scoring, and the service
+wires them in (``qcnode.service.publish``).
 """
 from __future__ import annotations
 
-import threading
+import datetime as dt
 import traceback
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -22,57 +26,69 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from qcnode.config import Config
+from qcnode.db.models import DoseReport, Instance, Job, Series, SeriesResult, SliceScore, Study
+from qcnode.db.queue import (JOB_SCORE_SERIES, LeaseKeeper, LeaseLost, as_utc, backoff_seconds, claim_job,
+                             complete_job, fail_job, make_owner, release_dead_local_leases)
+from qcnode.db.states import SeriesState, superseded
+from qcnode.dicom.pixels import CTSlice, SkipSlice, UnreadableFile, iter_slices, read_dataset
 from qcnode.ingest.activity import Pacer, open_activity
-from qcnode.config import Config, VerdictConfig
-from qcnode.db.models import (DoseReport, Instance, Job, Series, SeriesResult, SliceScore, Study)
-from qcnode.db.queue import (JOB_SCORE_SERIES, LeaseKeeper, LeaseLost, as_utc, claim_job, complete_job, fail_job,
-                             make_owner, release_dead_local_leases)
-from qcnode.dicom.pixels import SkipSlice, UnreadableFile, iter_slices, read_dataset
 from qcnode.ingest.spool import Spool
 from qcnode.log import get_logger
+from qcnode.scoring.summary import finite_mean, finite_median, summarise
+from qcnode.scoring.types import (ModelIdentity, PreparedReport, ResultPublisher, SeriesPhysics, SeriesSummary,
+                                  SliceResult, SRRequest)
 
 log = get_logger("qcnode.scoring.worker")
 
 CHUNK_INSTANCES = 32  # instances decoded at a time (bounds memory for long series)
-
-
-def verdict_for(mean_score: float, fraction_below: float, v: VerdictConfig) -> str:
-    """PASS / WARN / FAIL from the series mean and the fraction of low-quality slices."""
-    if mean_score < v.fail_mean_below or fraction_below > v.fail_fraction_below:
-        return "FAIL"
-    if mean_score < v.warn_mean_below or fraction_below > v.warn_fraction_below:
-        return "WARN"
-    return "PASS"
-
-
-def summarise(scores: list[float], threshold: float, v: VerdictConfig) -> dict[str, Any]:
-    """Series summary of per-slice scores: mean, min, p10, fraction below threshold, verdict."""
-    arr = np.asarray(scores, dtype=float)
-    mean, frac = float(arr.mean()), float((arr < threshold).mean())
-    return {"mean_score": mean, "min_score": float(arr.min()), "p10_score": float(np.percentile(arr, 10)),
-            "fraction_below": frac, "verdict": verdict_for(mean, frac, v), "n_slices": int(arr.size)}
+JOB_RETRY_INITIAL_SECONDS = 2.0  # a failed job is retried after 2 s, doubling per attempt ...
+JOB_RETRY_MAX_SECONDS = 300.0    # ... at most 5 minutes
+NOTE_SUPERSEDED = "superseded: the series received new instances"
+NOTE_STORED_BY_OTHER = "result already stored by another worker"
 
 
 @dataclass
 class _InstanceResult:
+    """The scored slices (frames) of one instance."""
     instance_id: int
     sop_instance_uid: str
-    scores: list[tuple[float, float, float]] = field(default_factory=list)  # per frame
-    noise: list[float] = field(default_factory=list)
-    dw: list[float] = field(default_factory=list)
-    ssde: list[float] = field(default_factory=list)
-    frames: list[int | None] = field(default_factory=list)  # frame index per score (multi-frame objects)
     ctdivol: float | None = None  # from the instance's header, as recorded
+    slices: list[SliceResult] = field(default_factory=list)
+
+    def slice_score(self, series_id: int, version: int, model_version: str) -> SliceScore:
+        """The instance's ``slice_scores`` row: means over its frames (noise: median)."""
+        sl = self.slices
+        return SliceScore(instance_id=self.instance_id, series_id=series_id, series_version=version,
+                          model_version=model_version, score=finite_mean(x.score for x in sl),
+                          score_low=finite_mean(x.score_low for x in sl),
+                          score_high=finite_mean(x.score_high for x in sl),
+                          noise_hu=finite_median(x.noise_hu for x in sl), dw_cm=finite_mean(x.dw_cm for x in sl),
+                          ssde_mgy=finite_mean(x.ssde_mgy for x in sl))
 
 
-def _mean(values: list[float]) -> float | None:
-    vals = [v for v in values if v is not None and np.isfinite(v)]
-    return float(np.mean(vals)) if vals else None
+@dataclass(frozen=True)
+class _Round:
+    """One job's work, read before the slow part: a series at one version and its instances."""
+    job_id: int
+    series_id: int
+    version: int
+    study_uid: str
+    series_uid: str
+    protocol_name: str | None
+    body_part: str | None
+    created_at: dt.datetime  # the job's creation: the content time of its SR
+    instances: Sequence[Any]  # rows (id, sop_instance_uid, spool_path, scorable, ctdivol_mgy)
+    dlp_mgycm: float | None
 
 
-def _median(values: list[float]) -> float | None:
-    vals = [v for v in values if v is not None and np.isfinite(v)]
-    return float(np.median(vals)) if vals else None
+@dataclass
+class _Scored:
+    """What scoring a round produced: instances with their slices, headers, newly skipped ones."""
+    results: list[_InstanceResult] = field(default_factory=list)
+    headers: list[Dataset] = field(default_factory=list)
+    skipped: dict[int, str] = field(default_factory=dict)  # instance id -> reason
+    phantom: str | None = None  # SSDE phantom, from the first readable instance
 
 
 def _physics(hu: np.ndarray, spacing: tuple[float, float] | None, ctdivol: float | None,
@@ -91,12 +107,13 @@ def _physics(hu: np.ndarray, spacing: tuple[float, float] | None, ctdivol: float
     return noise, dw, ssde
 
 
-def series_physics(results: list[_InstanceResult]) -> dict[str, float | None]:
+def series_physics(results: Sequence[_InstanceResult]) -> SeriesPhysics:
     """Series noise (median over slices), Dw, SSDE and CTDIvol (means): stored and put in the SR."""
-    return {"noise_hu": _median([x for r in results for x in r.noise]),
-            "dw_cm": _mean([x for r in results for x in r.dw]),
-            "ssde_mgy": _mean([x for r in results for x in r.ssde]),
-            "ctdivol_mgy": _mean([r.ctdivol for r in results])}
+    slices = [x for r in results for x in r.slices]
+    return SeriesPhysics(noise_hu=finite_median(x.noise_hu for x in slices),
+                         dw_cm=finite_mean(x.dw_cm for x in slices),
+                         ssde_mgy=finite_mean(x.ssde_mgy for x in slices),
+                         ctdivol_mgy=finite_mean(r.ctdivol for r in results))
 
 
 def _dlp_for_series(session: Session, study_id: int, protocol: str | None) -> float | None:
@@ -116,13 +133,15 @@ def _dlp_for_series(session: Session, study_id: int, protocol: str | None) -> fl
 
 
 class Worker:
-    """Claims and runs scoring jobs. ``scorer`` may be injected (tests); else loaded from config."""
+    """Claims and runs scoring jobs; ``publisher`` reports each stored round (SR, KOS, deliveries).
+    ``scorer`` may be injected (tests); else loaded from config."""
 
     def __init__(self, cfg: Config, session_factory: Callable[[], Session], spool: Spool,
-                 owner: str | None = None, scorer: Any = None):
+                 publisher: ResultPublisher, owner: str | None = None, scorer: Any = None):
         self.cfg = cfg
         self.session_factory = session_factory
         self.spool = spool
+        self.publisher = publisher
         self.owner = owner or make_owner("worker")
         self.scorer = scorer
         self.pacer = Pacer(open_activity(spool.root), cfg.worker.duty_while_receiving,
@@ -130,39 +149,32 @@ class Worker:
 
     def load_scorer(self) -> Any:
         """Load the checkpoint of ``model.checkpoint`` once (torch imported here, not at import), and
-        highdicom's tables of the standard for the SRs."""
+        warm the publisher up (what the first SR would otherwise wait for)."""
         if self.scorer is None:
-            from qcnode.report.sr import load_standard_tables
             from qcnode.model.scorer import Scorer
             path = self.cfg.path(self.cfg.model.checkpoint)
             self.scorer = Scorer.load(str(path), self.cfg.model.device, self.cfg.model.threads)
             log.info("model_loaded", checkpoint=str(path), model_version=self.scorer.version)
-            load_standard_tables()  # what the first SR would otherwise wait for
+            self.publisher.warm_up()
         return self.scorer
 
     # ---- loop ----------------------------------------------------------------------------------
-    def run(self, stop: threading.Event) -> None:
-        """Process jobs until ``stop`` is set (checked between jobs)."""
+    def prepare(self) -> None:
+        """Before the first job (``qcnode serve`` then calls ``run_once`` in a loop): release the
+        leases of this host's dead workers and load the model."""
         with self.session_factory() as s:
             n = release_dead_local_leases(s, Job)
             s.commit()
         if n:
             log.info("released_dead_leases", jobs=n)
         self.load_scorer()
-        while not stop.is_set():
-            try:
-                worked = self.run_once()
-            except Exception as exc:  # noqa: BLE001 - e.g. the database is briefly unavailable
-                log.error("worker_loop_error", error=f"{type(exc).__name__}: {exc}")
-                worked = False
-            if not worked:
-                stop.wait(self.cfg.worker.poll_interval_seconds)
 
     def run_once(self) -> bool:
         """Claim and process one job; False when the queue had nothing due."""
         w = self.cfg.worker
         with self.session_factory() as s:
             job = claim_job(s, self.owner, w.lease_seconds, w.max_interruptions, kinds=(JOB_SCORE_SERIES,))
+            s.commit()
             if job is None:
                 return False
             job_id, attempts = job.id, job.attempts
@@ -173,9 +185,11 @@ class Worker:
             log.warning("job_abandoned", job_id=job_id, attempt=attempts, reason="lease lost")
         except Exception as exc:  # noqa: BLE001 - recorded on the job; retried with back-off
             err = f"{type(exc).__name__}: {exc}"
+            delay = backoff_seconds(attempts, JOB_RETRY_INITIAL_SECONDS, JOB_RETRY_MAX_SECONDS)
             with self.session_factory() as s:
                 status = fail_job(s, job_id, err + "\n" + traceback.format_exc(limit=5), w.max_attempts,
-                                  retry_delay_seconds=min(2.0 ** min(attempts, 16), 300.0), owner=self.owner)
+                                  retry_delay_seconds=delay, owner=self.owner)
+                s.commit()
             log.error("job_failed", job_id=job_id, attempt=attempts, status=status, error=err)
         return True
 
@@ -183,6 +197,27 @@ class Worker:
     def process(self, job_id: int, lease: LeaseKeeper | None = None) -> None:
         """Score the series of ``job_id`` and commit its results (idempotent). ``lease`` (kept by
         the caller) is checked between chunks and before the results are stored."""
+        rnd = self._open_round(job_id)
+        if rnd is None:
+            return
+        scorable = [r for r in rnd.instances if r.scorable]
+        log.info("job_started", job_id=job_id, series_id=rnd.series_id, version=rnd.version,
+                 instances=len(rnd.instances), scorable=len(scorable))
+        if not scorable:
+            self._finish_without_result(rnd, "no scorable instances")
+            return
+        scored = self._score(rnd, scorable, lease)
+        if not scored.results:
+            self._finish_without_result(rnd, "no slice could be scored", scored.skipped)
+            return
+        if lease is not None:
+            lease.check()
+        n_skipped = len(rnd.instances) - len(scorable) + len(scored.skipped)
+        self._store(rnd, scored, n_skipped)
+
+    def _open_round(self, job_id: int) -> _Round | None:
+        """Read the job's series and instances; None (job completed) when its result is already
+        stored or the round is superseded."""
         with self.session_factory() as s:
             job = s.get(Job, job_id)
             series = s.get(Series, job.series_id)
@@ -191,184 +226,148 @@ class Worker:
                                                       SeriesResult.version == version)) is not None:
                 complete_job(s, job, note="result already stored")
                 s.commit()
-                return
-            if series.version != version or series.status == "receiving":
-                complete_job(s, job, note="superseded: the series received new instances")
+                return None
+            if superseded(series.version, series.status, version):
+                complete_job(s, job, note=NOTE_SUPERSEDED)
                 s.commit()
                 log.info("job_superseded", job_id=job_id, series_id=series.id, version=version)
-                return
+                return None
             study = s.get(Study, series.study_id)
             rows = s.execute(select(Instance.id, Instance.sop_instance_uid, Instance.spool_path,
                                     Instance.scorable, Instance.ctdivol_mgy)
                              .where(Instance.series_id == series.id)
                              .order_by(Instance.instance_number, Instance.id)).all()
-            dlp = _dlp_for_series(s, series.study_id, series.protocol_name)
-            ctx = {"series_id": series.id, "study_uid": study.study_instance_uid,
-                   "series_uid": series.series_instance_uid, "protocol_name": series.protocol_name,
-                   "body_part": series.body_part, "created_at": as_utc(job.created_at)}
+            rnd = _Round(job_id=job_id, series_id=series.id, version=version,
+                         study_uid=study.study_instance_uid, series_uid=series.series_instance_uid,
+                         protocol_name=series.protocol_name, body_part=series.body_part,
+                         created_at=as_utc(job.created_at), instances=rows,
+                         dlp_mgycm=_dlp_for_series(s, series.study_id, series.protocol_name))
             s.commit()
-        scorable = [r for r in rows if r.scorable]
-        n_skipped = len(rows) - len(scorable)
-        log.info("job_started", job_id=job_id, series_id=ctx["series_id"], version=version,
-                 instances=len(rows), scorable=len(scorable))
-        if not scorable:
-            self._finish_without_result(job_id, ctx["series_id"], version, "no scorable instances")
-            return
+        return rnd
+
+    def _score(self, rnd: _Round, scorable: Sequence[Any], lease: LeaseKeeper | None) -> _Scored:
+        """Decode and score the scorable instances chunk by chunk; instances without a scored slice
+        are left out of ``results``."""
         scorer = self.load_scorer()
-        results: list[_InstanceResult] = []
-        headers: list[Dataset] = []
-        newly_skipped: dict[int, str] = {}
-        phantom: str | None = None
+        scored = _Scored()
         for start in range(0, len(scorable), CHUNK_INSTANCES):
-            chunk = scorable[start:start + CHUNK_INSTANCES]
-            hus, owners = [], []
-            for row in chunk:
-                path = self.spool.abspath(row.spool_path)
-                try:
-                    ds = read_dataset(path)
-                    slices = list(iter_slices(ds, str(path)))
-                    if not slices:
-                        raise SkipSlice("no axial frames")
-                except (SkipSlice, UnreadableFile) as exc:
-                    reason = getattr(exc, "reason", None) or str(exc)
-                    newly_skipped[row.id] = reason[:256]
-                    self.spool.quarantine_file(path, f"worker could not score: {reason}",
-                                               {"sop_instance_uid": row.sop_instance_uid, "stage": "worker"})
-                    log.warning("slice_skipped", sop_instance_uid=row.sop_instance_uid, reason=reason)
-                    continue
-                if phantom is None:
-                    from qcnode.dicom.dose import ssde_phantom
-                    phantom = ssde_phantom(ctx["protocol_name"], ctx["body_part"], ds)
-                res = _InstanceResult(row.id, row.sop_instance_uid, ctdivol=row.ctdivol_mgy)
-                for sl in slices:
-                    hus.append((sl, row.ctdivol_mgy))
-                    owners.append((res, sl.frame))
-                if "PixelData" in ds:
-                    del ds.PixelData
-                headers.append(ds)
-                results.append(res)
-                self.pacer.pace()
-            if hus:
-                qualities = scorer.score_hu([sl.hu for sl, _ in hus], self.cfg.model.batch_size,
-                                            between_batches=self.pacer.pace)
-                for (sl, ctdivol), (res, frame), q in zip(hus, owners, qualities):
-                    res.scores.append((float(q.score), float(q.score_low), float(q.score_high)))
-                    noise, dw, ssde = _physics(sl.hu, sl.pixel_spacing_mm, ctdivol, phantom or "body")
-                    res.noise.append(noise)
-                    res.dw.append(dw)
-                    res.ssde.append(ssde)
-                    res.frames.append(frame)
-                    self.pacer.pace()
+            pending = self._read_chunk(rnd, scorable[start:start + CHUNK_INSTANCES], scored)
+            if pending:
+                self._score_slices(scorer, pending, scored.phantom or "body")
             if lease is not None:
                 lease.check()
-        n_skipped += len(newly_skipped)
-        results = [r for r in results if r.scores]
-        if not results:
-            self._finish_without_result(job_id, ctx["series_id"], version, "no slice could be scored",
-                                        newly_skipped)
-            return
-        if lease is not None:
-            lease.check()
-        self._store(job_id, version, ctx, scorer, results, headers, n_skipped, newly_skipped, dlp)
+        scored.results = [r for r in scored.results if r.slices]
+        return scored
 
-    def _slices_for_sr(self, results: list[_InstanceResult]) -> list[dict[str, Any]]:
-        out = []
-        for r in results:
-            for (score, low, high), frame in zip(r.scores, r.frames):
-                item = {"sop_instance_uid": r.sop_instance_uid, "score": score, "score_low": low,
-                        "score_high": high}
-                if frame is not None:
-                    item["frame"] = int(frame) + 1
-                out.append(item)
-        return out
+    def _read_chunk(self, rnd: _Round, rows: Sequence[Any],
+                    scored: _Scored) -> list[tuple[CTSlice, _InstanceResult]]:
+        """Read and decode ``rows``; returns their slices to score. An instance that cannot be read
+        is quarantined and recorded in ``scored.skipped``; the others' headers (pixels dropped)
+        and results are added to ``scored``."""
+        pending: list[tuple[CTSlice, _InstanceResult]] = []
+        for row in rows:
+            path = self.spool.abspath(row.spool_path)
+            try:
+                ds = read_dataset(path)
+                slices = list(iter_slices(ds, str(path)))
+                if not slices:
+                    raise SkipSlice("no axial frames")
+            except (SkipSlice, UnreadableFile) as exc:
+                reason = getattr(exc, "reason", None) or str(exc)
+                scored.skipped[row.id] = reason[:256]
+                self.spool.quarantine_file(path, f"worker could not score: {reason}",
+                                           {"sop_instance_uid": row.sop_instance_uid, "stage": "worker"})
+                log.warning("slice_skipped", sop_instance_uid=row.sop_instance_uid, reason=reason)
+                continue
+            if scored.phantom is None:
+                from qcnode.dicom.dose import ssde_phantom
+                scored.phantom = ssde_phantom(rnd.protocol_name, rnd.body_part, ds)
+            res = _InstanceResult(row.id, row.sop_instance_uid, ctdivol=row.ctdivol_mgy)
+            pending += [(sl, res) for sl in slices]
+            if "PixelData" in ds:
+                del ds.PixelData
+            scored.headers.append(ds)
+            scored.results.append(res)
+            self.pacer.pace()
+        return pending
 
-    def _store(self, job_id: int, version: int, ctx: dict[str, Any], scorer: Any,
-               results: list[_InstanceResult], headers: list[Dataset], n_skipped: int,
-               newly_skipped: dict[int, str], dlp: float | None) -> None:
-        from qcnode.delivery import outbox
-        from qcnode.report.sr import build_series_sr, sr_bytes
+    def _score_slices(self, scorer: Any, pending: Sequence[tuple[CTSlice, _InstanceResult]], phantom: str) -> None:
+        """Score the slices in batches and add each, with its physics, to its instance."""
+        qualities = scorer.score_hu([sl.hu for sl, _ in pending], self.cfg.model.batch_size,
+                                    between_batches=self.pacer.pace)
+        for (sl, res), q in zip(pending, qualities):
+            noise, dw, ssde = _physics(sl.hu, sl.pixel_spacing_mm, res.ctdivol, phantom)
+            res.slices.append(SliceResult(
+                sop_instance_uid=res.sop_instance_uid, score=float(q.score), score_low=float(q.score_low),
+                score_high=float(q.score_high), frame=None if sl.frame is None else int(sl.frame) + 1,
+                noise_hu=noise, dw_cm=dw, ssde_mgy=ssde))
+            self.pacer.pace()
 
+    # ---- results -------------------------------------------------------------------------------
+    def _summary(self, results: Sequence[_InstanceResult], n_skipped: int) -> SeriesSummary:
         v = self.cfg.verdict
-        all_scores = [sc[0] for r in results for sc in r.scores]
-        summary = summarise(all_scores, v.slice_threshold, v)
-        summary["n_skipped"] = n_skipped
-        physics = series_physics(results)
-        summary.update(physics)
-        model_version = str(scorer.version)[:64]
-        model_info = {"name": str((getattr(scorer, "info", None) or {}).get("name") or "MD-IQA"),
-                      "version": model_version}
-        slices = self._slices_for_sr(results)
-        sr = build_series_sr(headers, slices, summary, model_info, version, content_datetime=ctx["created_at"])
-        sr_uid = str(sr.SOPInstanceUID)
-        sr_rel = Spool.sr_relpath(ctx["study_uid"], ctx["series_uid"], sr_uid)
-        kos = self._build_kos(ctx, headers, slices, model_info, version, summary["verdict"])
+        summary = summarise([x.score for r in results for x in r.slices], v.slice_threshold, v)
+        return replace(summary, n_skipped=n_skipped, physics=series_physics(results))
+
+    def _store(self, rnd: _Round, scored: _Scored, n_skipped: int) -> None:
+        """Summarise, have the publisher build the report, then store everything in one transaction."""
+        model = ModelIdentity.of(self.scorer)
+        summary = self._summary(scored.results, n_skipped)
+        prepared = self.publisher.prepare(SRRequest(
+            series_id=rnd.series_id, study_uid=rnd.study_uid, series_uid=rnd.series_uid,
+            result_version=rnd.version, headers=scored.headers,
+            slices=[x for r in scored.results for x in r.slices], summary=summary, model=model,
+            slice_threshold=self.cfg.verdict.slice_threshold, content_datetime=rnd.created_at))
+        if self._commit_result(rnd, scored, summary, model, prepared):
+            log.info("series_scored", job_id=rnd.job_id, series_id=rnd.series_id, version=rnd.version,
+                     verdict=summary.verdict, mean_score=round(summary.mean_score, 3),
+                     n_slices=summary.n_slices, n_skipped=n_skipped,
+                     sr_sop_instance_uid=prepared.sr_sop_instance_uid)
+
+    def _commit_result(self, rnd: _Round, scored: _Scored, summary: SeriesSummary, model: ModelIdentity,
+                       prepared: PreparedReport) -> bool:
+        """The result transaction; False (job completed, nothing stored) when the round was
+        superseded meanwhile or another worker stored it first."""
         with self.session_factory() as s:
-            job = s.get(Job, job_id)
+            job = s.get(Job, rnd.job_id)
             # first (it locks the series row): an instance that arrived while this round was being
             # scored has reopened the series, and the next round, not this one, gets delivered
-            if s.execute(update(Series).where(Series.id == ctx["series_id"], Series.version == version,
-                                              Series.status == "stable").values(status="scored")).rowcount != 1:
+            if s.execute(update(Series).where(Series.id == rnd.series_id, Series.version == rnd.version,
+                                              Series.status == SeriesState.STABLE)
+                         .values(status=SeriesState.SCORED)).rowcount != 1:
                 s.rollback()
-                stored = s.scalar(select(SeriesResult.id).where(SeriesResult.series_id == ctx["series_id"],
-                                                                SeriesResult.version == version))
-                complete_job(s, s.get(Job, job_id), note="result already stored by another worker" if stored
-                             else "superseded: the series received new instances")
-                s.commit()
-                if stored is None:
-                    log.info("job_superseded", job_id=job_id, series_id=ctx["series_id"], version=version,
-                             stage="after scoring")
-                return
-            self.spool.write(sr_rel, sr_bytes(sr))  # only the round that is stored writes its SR
-            if kos is not None:
-                self.spool.write(*kos)
+                self._complete_overtaken(s, rnd)
+                return False
+            for relpath, data in prepared.files:  # only the round that is stored writes its files
+                self.spool.write(relpath, data)
             try:
-                result = SeriesResult(
-                    series_id=ctx["series_id"], version=version, model_version=model_version,
-                    n_slices=summary["n_slices"], n_skipped=n_skipped, mean_score=summary["mean_score"],
-                    min_score=summary["min_score"], p10_score=summary["p10_score"],
-                    fraction_below=summary["fraction_below"], verdict=summary["verdict"],
-                    **physics, dlp_mgycm=dlp, sr_sop_instance_uid=sr_uid, sr_path=sr_rel)
+                result = SeriesResult(series_id=rnd.series_id, version=rnd.version, model_version=model.version,
+                                      **summary.flat(), dlp_mgycm=rnd.dlp_mgycm,
+                                      sr_sop_instance_uid=prepared.sr_sop_instance_uid, sr_path=prepared.sr_path)
                 s.add(result)
                 s.flush()
-                for r in results:
-                    s.add(SliceScore(
-                        instance_id=r.instance_id, series_id=ctx["series_id"], series_version=version,
-                        model_version=model_version, score=_mean([x[0] for x in r.scores]),
-                        score_low=_mean([x[1] for x in r.scores]), score_high=_mean([x[2] for x in r.scores]),
-                        noise_hu=_median(r.noise), dw_cm=_mean(r.dw), ssde_mgy=_mean(r.ssde)))
-                self._mark_skipped(s, newly_skipped)
-                outbox.enqueue(s, result, self.cfg)
+                s.add_all(r.slice_score(rnd.series_id, rnd.version, model.version) for r in scored.results)
+                self._mark_skipped(s, scored.skipped)
+                self.publisher.enqueue(s, result)
                 complete_job(s, job)
                 s.commit()
             except IntegrityError:  # another worker stored this round first (our lease had expired)
                 s.rollback()
-                job = s.get(Job, job_id)
-                complete_job(s, job, note="result already stored by another worker")
+                complete_job(s, s.get(Job, rnd.job_id), note=NOTE_STORED_BY_OTHER)
                 s.commit()
-                return
-        log.info("series_scored", job_id=job_id, series_id=ctx["series_id"], version=version,
-                 verdict=summary["verdict"], mean_score=round(summary["mean_score"], 3),
-                 n_slices=summary["n_slices"], n_skipped=n_skipped, sr_sop_instance_uid=sr_uid)
+                return False
+        return True
 
-    def _build_kos(self, ctx: dict[str, Any], headers: list[Dataset], slices: list[dict[str, Any]],
-                   model_info: dict[str, str], version: int, verdict: str) -> tuple[str, bytes] | None:
-        """(spool path, bytes) of the Quality Issue KOS when a destination wants one, built before the
-        result transaction; a KOS that cannot be built is logged and never costs the series its SR."""
-        from qcnode.delivery import outbox
-        from qcnode.report.kos import build_quality_issue_kos, failing_slices
-        from qcnode.report.sr import sr_bytes
-        if not outbox.wants_kind(self.cfg, verdict, outbox.KIND_KOS):
-            return None
-        threshold = self.cfg.verdict.slice_threshold
-        try:
-            kos = build_quality_issue_kos(headers, failing_slices(slices, threshold), model_info, version,
-                                          threshold, content_datetime=ctx["created_at"])
-        except Exception as exc:  # noqa: BLE001 - the KOS is optional; its delivery fails visibly instead
-            log.error("kos_not_built", series_id=ctx["series_id"], version=version,
-                      error=f"{type(exc).__name__}: {exc}"[:300])
-            return None
-        return (outbox.kos_relpath(ctx["study_uid"], ctx["series_uid"], model_info["version"], version),
-                sr_bytes(kos))
+    @staticmethod
+    def _complete_overtaken(s: Session, rnd: _Round) -> None:
+        """Complete the job of a round that lost its series lock: stored by another worker, or superseded."""
+        stored = s.scalar(select(SeriesResult.id).where(SeriesResult.series_id == rnd.series_id,
+                                                        SeriesResult.version == rnd.version))
+        complete_job(s, s.get(Job, rnd.job_id), note=NOTE_STORED_BY_OTHER if stored else NOTE_SUPERSEDED)
+        s.commit()
+        if stored is None:
+            log.info("job_superseded", job_id=rnd.job_id, series_id=rnd.series_id, version=rnd.version,
+                     stage="after scoring")
 
     @staticmethod
     def _mark_skipped(s: Session, skipped: dict[int, str]) -> None:
@@ -376,12 +375,12 @@ class Worker:
             s.execute(update(Instance).where(Instance.id == instance_id).values(scorable=False,
                                                                                    skip_reason=reason))
 
-    def _finish_without_result(self, job_id: int, series_id: int, version: int, note: str,
-                               skipped: dict[int, str] | None = None) -> None:
+    def _finish_without_result(self, rnd: _Round, note: str, skipped: dict[int, str] | None = None) -> None:
         with self.session_factory() as s:
             self._mark_skipped(s, skipped or {})
-            complete_job(s, s.get(Job, job_id), note=note)
-            s.execute(update(Series).where(Series.id == series_id, Series.version == version,
-                                           Series.status == "stable").values(status="skipped"))
+            complete_job(s, s.get(Job, rnd.job_id), note=note)
+            s.execute(update(Series).where(Series.id == rnd.series_id, Series.version == rnd.version,
+                                           Series.status == SeriesState.STABLE).values(status=SeriesState.SKIPPED))
             s.commit()
-        log.info("series_not_scored", job_id=job_id, series_id=series_id, version=version, reason=note)
+        log.info("series_not_scored", job_id=rnd.job_id, series_id=rnd.series_id, version=rnd.version,
+                 reason=note)

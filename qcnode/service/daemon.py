@@ -1,18 +1,22 @@
-"""``qcnode serve``: the long-running process.
+"""``qcnode serve``: the long-running node, one parent process and its children.
 
-Threads: the Storage SCP (pynetdicom, one thread per association), the series tracker, the
-scoring worker, the outbox sender, the alert webhooks (when configured), and the nightly audit
-(APScheduler). SIGTERM/SIGINT: stop accepting associations, let the in-flight C-STORE finish, stop
-the loops between jobs (a job interrupted mid-way keeps its lease and is retried: after a restart
-on this host at once, elsewhere when the lease expires), exit 0. The database is migrated on start.
+What runs where (``plan_processes``): the parent runs the Storage SCP (a thread per association);
+``node.scp_processes`` > 1 adds children ``scp1``, ... on the same port. The tracker, the scoring
+worker, the outbox sender, the alert webhooks (when configured) and the nightly audit run in a niced child ``worker``
+(``worker.separate_process``), or as threads of the parent without the SCP (``--no-scp``) or
+without ``separate_process``. Children die with the parent (kill -9 too) and restart if they exit.
+SIGTERM/SIGINT: stop accepting, finish in-flight C-STOREs, stop the loops between jobs (an
+interrupted job keeps its lease), exit 0. The parent migrates the database on start.
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from sqlalchemy.orm import Session
@@ -20,136 +24,146 @@ from sqlalchemy.orm import Session
 from qcnode.config import Config
 from qcnode.db.engine import make_engine, session_factory
 from qcnode.db.migrate import migrate
-from qcnode.tracking.series import run_tracker as run_tracker_loop
 from qcnode.ingest.spool import Spool
 from qcnode.log import configure_logging, get_logger
+from qcnode.service.loop import ServiceLoop
 from qcnode.service.memory import keep_freed_buffers
 
 log = get_logger("qcnode.daemon")
 
+# many association threads hand work to each other (reactor -> handler -> group-commit writer):
+# a 1 ms GIL switch interval (Python's default is 5 ms) cuts their latency
 SCP_GIL_SWITCH_INTERVAL_S = 0.001
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What ``qcnode serve`` is asked to run; None takes the config's setting."""
+    scp: bool = True                    # receive (False: --no-scp / --worker-only)
+    worker: bool | None = None          # score, deliver, audit (False: --no-worker; None: worker.enabled)
+    worker_process: bool | None = None  # that side in a child process (None: worker.separate_process)
+    scp_processes: int | None = None    # receiving processes (None: node.scp_processes)
+
+
+@dataclass(frozen=True)
+class Roles:
+    """What one process of ``serve`` runs."""
+    scp: bool = False      # the Storage SCP
+    tracker: bool = False  # the series tracker
+    worker: bool = False   # the scoring worker, the outbox sender and the nightly audit
+    http: bool = False     # the HTTP server (health checks, DICOMweb in): a process of its own
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """A child process of ``serve``; an SCP child serves slot ``listener_slot`` of the shared port."""
+    name: str
+    roles: Roles
+    nice: int = 0
+    listener_slot: int | None = None
+
+
+@dataclass(frozen=True)
+class ProcessPlan:
+    """The roles of this process and the children it starts and keeps alive."""
+    roles: Roles
+    children: tuple[ChildSpec, ...] = ()
+    migrate_db: bool = True  # the parent migrates; children find the schema ready
+    scp_processes_configured: int = 0  # more than run: the fast path is off (no shared listener)
+
+    @property
+    def scp_children(self) -> tuple[ChildSpec, ...]:
+        return tuple(c for c in self.children if c.listener_slot is not None)
+
+    @property
+    def runs_worker(self) -> bool:
+        """Whether this process or one of its children scores."""
+        return self.roles.worker or any(c.roles.worker for c in self.children)
 
 
 def _fast_dicom_reading() -> None:
     """Skip pydicom's per-value regex validation while reading (it only ever warns).
 
     The node checks what it relies on itself (UIDs used in paths, pixel module sizes); pydicom's
-    validation of every UID and string read (also in pynetdicom's DIMSE layer, and when pynetdicom
-    copies the presentation contexts for each association) is a large share of the receive CPU.
+    validation of every value read (also in pynetdicom's DIMSE layer) is a large share of the
+    receive CPU.
     """
     import pydicom.config
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
-def _loop(name: str, fn: Callable[[], Any], interval: float, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            busy = fn()
-        except Exception as exc:  # noqa: BLE001 - keep the loop alive, log the error
-            log.error(f"{name}_error", error=f"{type(exc).__name__}: {exc}")
-            busy = False
-        if not busy:
-            stop.wait(interval)
+def plan_processes(cfg: Config, options: ServeOptions) -> ProcessPlan:
+    """Which roles run in this process and which in child processes (see the module docstring).
+
+    Receiving is CPU-bound Python: more SCP processes share the port, and scoring runs in its own
+    process so that it never holds the receiving process's GIL."""
+    run_worker = cfg.worker.enabled if options.worker is None else options.worker
+    separate = cfg.worker.separate_process if options.worker_process is None else options.worker_process
+    worker_child = options.scp and run_worker and separate
+    n_scp = 0
+    if options.scp:
+        n_scp = options.scp_processes if options.scp_processes is not None else _scp_process_count(cfg)
+    configured = n_scp
+    if n_scp > 1:
+        from qcnode.net.compat import fast_path_active
+        if not fast_path_active(cfg.node.fast_path):  # the shared listener is part of the fast path
+            n_scp = 1
+    children = [ChildSpec(f"scp{i}", Roles(scp=True), listener_slot=i) for i in range(1, n_scp)]
+    if worker_child:
+        children.append(ChildSpec("worker", Roles(tracker=True, worker=True), nice=cfg.worker.nice))
+    if options.scp and cfg.http.enabled:
+        children.append(ChildSpec("http", Roles(http=True)))
+    here = Roles(scp=options.scp, tracker=not worker_child, worker=run_worker and not worker_child)
+    return ProcessPlan(here, tuple(children), scp_processes_configured=configured)
 
 
-def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
-          stop: threading.Event | None = None, install_signals: bool = True,
-          worker_process: bool | None = None, migrate_db: bool = True,
-          scp_processes: int | None = None, run_tracker: bool = True, listener: Any = None,
+def serve(cfg: Config, options: ServeOptions = ServeOptions(), stop: threading.Event | None = None,
           ready: Any = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT (or ``stop`` is set). Returns the exit code.
+    """Run the daemon until SIGTERM/SIGINT (or ``stop`` is set); returns the exit code.
+    ``ready`` (an Event, optional) is set once every receiving process listens."""
+    return run_process(cfg, plan_processes(cfg, options), stop=stop, ready=ready)
 
-    Receiving is CPU-bound Python, so ``serve`` spreads it over processes: with ``node.scp_processes``
-    > 1 (0 = one per core) more SCP processes serve the same listening socket, each taking new
-    associations while it is the least busy (``qcnode.net.listener``); with both the SCP and
-    the worker, the worker side (tracker, worker, outbox, audit) runs in a child process at lower
-    priority (``worker.separate_process``, ``worker.nice``), so scoring never holds the receiving
-    process's GIL. Children die with this process (also on kill -9) and are restarted if they exit.
-    ``ready`` (an Event, optional) is set once this process listens / runs.
-    """
+
+def run_process(cfg: Config, plan: ProcessPlan, stop: threading.Event | None = None, ready: Any = None,
+                listener: Any = None) -> int:
+    """Run the roles of ``plan`` in this process and keep its children alive until ``stop`` is set
+    or a signal arrives, then shut down; returns the exit code. ``listener``: an SCP child's share
+    of the parent's listening socket."""
     os.umask(0o077)  # database, spool, quarantine, logs: owner-only (0600 files, 0700 folders)
     _fast_dicom_reading()
     configure_logging(cfg.logging.level, cfg.path(cfg.logging.file) if cfg.logging.file else None)
-    run_worker = cfg.worker.enabled if run_worker is None else run_worker
-    worker_process = cfg.worker.separate_process if worker_process is None else worker_process
-    child_worker = bool(run_scp and run_worker and worker_process)
-    if run_scp:
-        # many association threads hand work to each other (reactor -> handler -> group-commit writer):
-        # a 1 ms GIL switch interval (Python's default is 5 ms) cut receive latency, +15-20 % slices/s
+    roles = plan.roles
+    if plan.scp_processes_configured > 1 + len(plan.scp_children):
+        log.info("scp_processes_reduced", scp_processes=1 + len(plan.scp_children),
+                 configured=plan.scp_processes_configured, reason="fast path off")
+    if roles.scp:
         sys.setswitchinterval(SCP_GIL_SWITCH_INTERVAL_S)
-        if not run_worker or child_worker:  # scoring in this process would be slower with them
+        if not roles.worker:  # scoring in this process would be slower with them
             log.debug("malloc_thresholds", set=keep_freed_buffers())
-    n_scp = (scp_processes if scp_processes is not None else _scp_process_count(cfg)) if run_scp else 0
     stop = stop or threading.Event()
     url = cfg.database_url
-    if migrate_db:
+    if plan.migrate_db:
         migrate(url)
     engine = make_engine(url)
     from qcnode.db.clock import check_clock
     check_clock(engine, min(cfg.worker.lease_seconds, cfg.outbox.lease_seconds))
     sf: Callable[[], Session] = session_factory(engine)
     spool = Spool(cfg.path(cfg.storage.spool_dir), cfg.path(cfg.storage.quarantine_dir))
+    _stop_on_signals(stop)
 
-    if install_signals:
-        def _on_signal(signum: int, _frame: Any) -> None:
-            log.info("shutdown_requested", signal=signal.Signals(signum).name)
-            stop.set()
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
-
-    threads: list[threading.Thread] = []
-
-    def spawn(name: str, target: Callable[..., Any], *args: Any) -> None:
-        t = threading.Thread(target=target, args=args, name=name, daemon=True)
-        t.start()
-        threads.append(t)
-
+    # bound before anything starts, so that a port in use ends serve with one line
+    http_sock = _http_socket(cfg) if any(c.roles.http for c in plan.children) else None
     scp = None
     children: list[ChildProcess] = []
-    if run_scp:
-        from qcnode.ingest.scp import StorageSCP
-        if listener is None and n_scp > 1:
-            from qcnode.net.listener import open_shared_listener
-            listener = open_shared_listener(cfg.node.host, cfg.node.port, n_scp)
-            children += [ChildProcess(cfg, f"scp{i}", nice=0, run_scp=True, run_worker=False, scp_processes=1,
-                                      listener=listener.for_process(i), run_tracker=False)
-                         for i in range(1, n_scp)]
-            for child in children:
-                child.start()
-            for child in children:  # so that serve_ready means every receiving process is up
-                child.wait_ready(timeout=120.0)
-        scp = StorageSCP(cfg, sf, spool)
-        scp.start(listener=listener)
-    if child_worker:
-        children.append(ChildProcess(cfg, "worker", nice=cfg.worker.nice, run_scp=False, run_worker=True))
-        children[-1].start()
-    elif run_tracker:
-        spawn("tracker", run_tracker_loop, sf, cfg.series.stable_seconds, cfg.series.tracker_interval_seconds,
-              stop, cfg.worker.retry_failed_seconds)
-    scheduler = None
-    if run_worker and not child_worker:
-        from qcnode.db.queue import make_owner
-        from qcnode.scoring.worker import Worker
-        worker = Worker(cfg, sf, spool)
-        spawn("worker", worker.run, stop)
-        try:
-            from qcnode.delivery import outbox
-        except ImportError:
-            outbox = None  # type: ignore[assignment]
-        if outbox is not None:
-            sender = outbox.OutboxSender(cfg, sf, make_owner("outbox"))
-            with sf() as s:
-                from qcnode.db.models import Delivery
-                from qcnode.db.queue import release_dead_local_leases
-                release_dead_local_leases(s, Delivery, running_status="sending")
-                s.commit()
-            spawn("outbox", _loop, "outbox", sender.run_once, cfg.outbox.poll_interval_seconds, stop)
-        if cfg.alerts.webhook_verdict_fail or cfg.alerts.webhook_audit_flag:
-            from qcnode.alerts.webhooks import WebhookSender
-            hooks = WebhookSender(cfg, sf, make_owner("webhooks"))
-            spawn("webhooks", _loop, "webhooks", hooks.run_once, cfg.outbox.poll_interval_seconds, stop)
-        scheduler = _start_audit(cfg, sf)
-    log.info("serve_ready", scp=run_scp, worker=run_worker, port=scp.port if scp else None,
+    if roles.scp:
+        scp, children = _start_receiving(cfg, plan, sf, spool, listener)
+    for spec in plan.children:
+        if spec.listener_slot is None:
+            children.append(ChildProcess(cfg, spec, http_sock if spec.roles.http else None))
+            children[-1].start()
+    threads = [loop.start(stop) for loop in _service_loops(cfg, roles, sf, spool)]
+    scheduler = _start_audit(cfg, sf) if roles.worker else None
+    log.info("serve_ready", scp=roles.scp, worker=plan.runs_worker, port=scp.port if scp else None,
              database=engine.url.get_backend_name(), children={c.role: c.pid for c in children})
     if ready is not None:
         ready.set()
@@ -158,6 +172,77 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
         if not stop.is_set():
             for child in children:
                 child.keep_alive()
+    _shut_down(scp, children, scheduler, threads)
+    engine.dispose()
+    return 0
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``."""
+    def _on_signal(signum: int, _frame: Any) -> None:
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        stop.set()
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+
+def _start_receiving(cfg: Config, plan: ProcessPlan, sf: Callable[[], Session], spool: Spool,
+                     listener: Any) -> tuple[Any, list[ChildProcess]]:
+    """Start the SCP children (on a shared listening socket, opened here) and wait until they
+    listen, then this process's SCP; returns (SCP, children)."""
+    from qcnode.ingest.scp import StorageSCP
+    children: list[ChildProcess] = []
+    if listener is None and plan.scp_children:
+        from qcnode.net.listener import open_shared_listener
+        listener = open_shared_listener(cfg.node.host, cfg.node.port, 1 + len(plan.scp_children))
+        children = [ChildProcess(cfg, spec, listener.for_process(spec.listener_slot))
+                    for spec in plan.scp_children]
+        for child in children:
+            child.start()
+        for child in children:  # so that serve_ready means every receiving process is up
+            child.wait_ready(timeout=120.0)
+    scp = StorageSCP(cfg, sf, spool)
+    scp.start(listener=listener)
+    return scp, children
+
+
+def _http_socket(cfg: Config) -> Any:
+    from qcnode.http.server import http_socket
+    return http_socket(cfg)
+
+
+def _service_loops(cfg: Config, roles: Roles, sf: Callable[[], Session], spool: Spool) -> list[ServiceLoop]:
+    """The background loops of ``roles``: tracker; worker, outbox sender and alert webhooks."""
+    loops = []
+    if roles.tracker:
+        from qcnode.tracking.series import track_once
+        loops.append(ServiceLoop("tracker", functools.partial(track_once, sf, cfg.series.stable_seconds,
+                                                              cfg.worker.retry_failed_seconds),
+                                 cfg.series.tracker_interval_seconds))
+    if roles.worker:
+        from qcnode.db.models import Delivery
+        from qcnode.db.states import DeliveryState
+        from qcnode.db.queue import make_owner, release_dead_local_leases
+        from qcnode.delivery.outbox import OutboxSender
+        from qcnode.scoring.worker import Worker
+        from qcnode.service.publish import ReportPublisher
+        worker = Worker(cfg, sf, spool, ReportPublisher(cfg))
+        loops.append(ServiceLoop("worker", worker.run_once, cfg.worker.poll_interval_seconds,
+                                 setup=worker.prepare, error_event="worker_loop_error"))
+        sender = OutboxSender(cfg, sf, make_owner("outbox"))
+        with sf() as s:
+            release_dead_local_leases(s, Delivery, running_status=DeliveryState.SENDING)
+            s.commit()
+        loops.append(ServiceLoop("outbox", sender.run_once, cfg.outbox.poll_interval_seconds))
+        if cfg.alerts.webhook_verdict_fail or cfg.alerts.webhook_audit_flag:
+            from qcnode.alerts.webhooks import WebhookSender
+            hooks = WebhookSender(cfg, sf, make_owner("webhooks"))
+            loops.append(ServiceLoop("webhooks", hooks.run_once, cfg.outbox.poll_interval_seconds))
+    return loops
+
+
+def _shut_down(scp: Any, children: list[ChildProcess], scheduler: Any, threads: list[threading.Thread]) -> None:
+    """Stop receiving (children first), wait for the children, stop the audit and the loops."""
     t0 = time.monotonic()
     for child in children:  # SCP children: stop accepting, finish their in-flight C-STOREs
         child.terminate()
@@ -171,12 +256,10 @@ def serve(cfg: Config, run_scp: bool = True, run_worker: bool | None = None,
         t.join(timeout=max(0.1, 10.0 - (time.monotonic() - t0)))
     alive = [t.name for t in threads if t.is_alive()]
     log.info("shutdown_complete", seconds=round(time.monotonic() - t0, 2), still_running=alive)
-    engine.dispose()
-    return 0
 
 
 def _scp_process_count(cfg: Config) -> int:
-    """``node.scp_processes``; 0 = one per CPU core, at most 2 (each costs ~110 MB resident)."""
+    """``node.scp_processes``; 0 = one per CPU core, at most 2 (each is a whole interpreter in memory)."""
     n = cfg.node.scp_processes
     return n if n > 0 else max(1, min(2, os.cpu_count() or 1))
 
@@ -190,16 +273,19 @@ class ChildProcess:
     Restarted with a growing back-off if it exits on its own.
     """
 
-    def __init__(self, cfg: Config, role: str, nice: int = 0, **serve_kwargs: Any):
+    def __init__(self, cfg: Config, spec: ChildSpec, listener: Any = None):
         self.cfg = cfg
-        self.role = role
-        self.nice = nice
-        self.serve_kwargs = serve_kwargs
+        self.spec = spec
+        self.listener = listener  # an SCP child's share of the listening socket, or the HTTP socket
         self.proc: Any = None
         self.ready: Any = None
         self._restart_at = 0.0
         self._started_at = 0.0
         self._backoff = 1.0
+
+    @property
+    def role(self) -> str:
+        return self.spec.name
 
     @property
     def pid(self) -> int | None:
@@ -209,12 +295,12 @@ class ChildProcess:
         import multiprocessing
         ctx = multiprocessing.get_context("spawn")
         self.ready = ctx.Event()
-        self.proc = ctx.Process(target=_child_main, args=(self.cfg, os.getpid(), self.nice,
-                                                          {**self.serve_kwargs, "ready": self.ready}),
+        self.proc = ctx.Process(target=_child_main, args=(self.cfg, os.getpid(), self.spec, self.listener,
+                                                          self.ready),
                                 name=f"qcnode-{self.role}", daemon=False)
         self.proc.start()
         self._started_at = time.monotonic()
-        log.info("child_process_started", role=self.role, pid=self.proc.pid, nice=self.nice)
+        log.info("child_process_started", role=self.role, pid=self.proc.pid, nice=self.spec.nice)
 
     def wait_ready(self, timeout: float) -> bool:
         """Wait until the child runs (an SCP child: listens); False on timeout or if it died."""
@@ -259,12 +345,12 @@ class ChildProcess:
             self.proc.join(5)
 
 
-def _child_main(cfg: Config, parent_pid: int, nice: int, serve_kwargs: dict[str, Any]) -> None:
-    """Entry point of a child process of ``serve``."""
+def _child_main(cfg: Config, parent_pid: int, spec: ChildSpec, listener: Any, ready: Any) -> None:
+    """Entry point of a child process of ``serve``: run ``spec.roles`` until SIGTERM."""
     _die_with_parent(parent_pid)
-    if nice:
+    if spec.nice:
         try:
-            os.nice(int(nice))
+            os.nice(int(spec.nice))
         except OSError:
             pass
     stop = threading.Event()
@@ -274,7 +360,10 @@ def _child_main(cfg: Config, parent_pid: int, nice: int, serve_kwargs: dict[str,
             if os.getppid() != parent_pid:
                 os._exit(1)
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
-    code = serve(cfg, stop=stop, worker_process=False, migrate_db=False, **serve_kwargs)
+    if spec.roles.http:
+        from qcnode.http.server import run_http
+        raise SystemExit(run_http(cfg, stop=stop, ready=ready, sock=listener))
+    code = run_process(cfg, ProcessPlan(spec.roles, migrate_db=False), stop=stop, ready=ready, listener=listener)
     raise SystemExit(code)
 
 

@@ -1,12 +1,10 @@
 """glibc malloc settings for the receiving processes of ``serve``.
 
-A 512x512 CT slice passes through the SCP as a few half-megabyte buffers (the joined PDVs, the
-Part 10 bytes, pydicom's pixel data value). glibc serves such blocks with a fresh ``mmap`` or trims
-them off the top of the heap when they are freed, so every new buffer starts with page faults that
-zero it again: about 180 minor faults and 1 ms of CPU per slice measured here (a 530 KB copy cost
-0.42 ms with the default settings, 0.02 ms with these). Raising the mmap and trim thresholds keeps
+A CT slice passes through the SCP as a few half-megabyte buffers (joined PDVs, Part 10 bytes, the
+pixel data value). glibc serves such blocks with a fresh ``mmap`` or trims them off the heap when
+freed, so every new buffer page-faults and is zeroed again. Higher mmap and trim thresholds keep
 freed blocks in the heap for the next slice. Only for processes that do not score: torch's CPU
-kernels ran 10-15 % slower with the same settings, so the worker keeps glibc's defaults.
+kernels are slower with these settings, so the worker keeps glibc's defaults.
 """
 from __future__ import annotations
 

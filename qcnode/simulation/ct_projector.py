@@ -9,8 +9,8 @@ pixel units (multiply by the pixel size to get physical units).
 
 Both directions are batched over angles with ``torch.nn.functional.grid_sample`` (bilinear,
 like skimage's ``warp`` and ``np.interp``); a batch of images rides in the channels, so the
-interpolation weights are computed once for all of them. On one CPU thread a single image costs
-about what skimage costs (bench/bench_simulate.py); batches, more threads or a GPU make it faster.
+interpolation weights are computed once for all of them; bench/bench_simulate.py times it
+against skimage.
 ``tests/test_simulate.py`` checks both directions against skimage on a phantom.
 """
 from __future__ import annotations

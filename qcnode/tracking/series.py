@@ -10,14 +10,14 @@ A series whose job gave up (``failed``) is queued again after a back-off, or by 
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from typing import Any, Callable
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from qcnode.db.models import Series, utcnow
-from qcnode.db.queue import JOB_SCORE_SERIES, enqueue_job
+from qcnode.db.queue import JOB_SCORE_SERIES, backoff_seconds, enqueue_job
+from qcnode.db.states import SeriesState
 from qcnode.log import get_logger
 
 log = get_logger("qcnode.series")
@@ -28,7 +28,7 @@ def _queue_round(session_factory: Callable[[], Session], series_id: int, *condit
     if ``conditions`` still hold; returns the new version (None: they did not, nothing changed)."""
     with session_factory() as session:
         res = session.execute(update(Series).where(Series.id == series_id, *conditions)
-                              .values(status="stable", version=Series.version + 1, retry_at=None))
+                              .values(status=SeriesState.STABLE, version=Series.version + 1, retry_at=None))
         if res.rowcount != 1:  # another tracker got it, or an instance just arrived
             session.rollback()
             return None
@@ -44,12 +44,12 @@ def mark_stable_series(session_factory: Callable[[], Session], stable_seconds: f
     now = now or utcnow()
     cutoff = now - dt.timedelta(seconds=stable_seconds)
     with session_factory() as session:
-        ids = list(session.scalars(select(Series.id).where(Series.status == "receiving",
+        ids = list(session.scalars(select(Series.id).where(Series.status == SeriesState.RECEIVING,
                                                            Series.last_received_at < cutoff)))
         session.commit()
     queued: list[tuple[int, int]] = []
     for series_id in ids:
-        version = _queue_round(session_factory, series_id, Series.status == "receiving",
+        version = _queue_round(session_factory, series_id, Series.status == SeriesState.RECEIVING,
                                Series.last_received_at < cutoff)
         if version is not None:
             log.info("series_stable", series_id=series_id, version=version)
@@ -62,8 +62,8 @@ RETRY_FAILED_MAX_SECONDS = 86400.0
 
 def retry_delay(failures: int, base_seconds: float) -> float:
     """Back-off before a failed series is scored again: ``base_seconds`` doubling per give-up, at
-    most a day."""
-    return min(base_seconds * 2.0 ** max(0, min(failures, 32) - 1), RETRY_FAILED_MAX_SECONDS)
+    most a day (the queue's ``backoff_seconds``)."""
+    return backoff_seconds(failures, base_seconds, RETRY_FAILED_MAX_SECONDS)
 
 
 def retry_failed_series(session_factory: Callable[[], Session], base_seconds: float,
@@ -76,17 +76,19 @@ def retry_failed_series(session_factory: Callable[[], Session], base_seconds: fl
     now = now or utcnow()
     with session_factory() as session:
         for series_id, failures in session.execute(select(Series.id, Series.failures).where(
-                Series.status == "failed", Series.retry_at.is_(None))).all():
+                Series.status == SeriesState.FAILED, Series.retry_at.is_(None))).all():
             at = now + dt.timedelta(seconds=retry_delay(failures, base_seconds))
-            session.execute(update(Series).where(Series.id == series_id, Series.status == "failed",
+            session.execute(update(Series).where(Series.id == series_id, Series.status == SeriesState.FAILED,
                                                  Series.retry_at.is_(None)).values(retry_at=at))
             log.warning("series_retry_scheduled", series_id=series_id, failures=failures, retry_at=at.isoformat())
         session.commit()
-        due = list(session.scalars(select(Series.id).where(Series.status == "failed", Series.retry_at <= now)))
+        due = list(session.scalars(select(Series.id).where(Series.status == SeriesState.FAILED,
+                                                           Series.retry_at <= now)))
         session.commit()
     queued = []
     for series_id in due:
-        version = _queue_round(session_factory, series_id, Series.status == "failed", Series.retry_at <= now)
+        version = _queue_round(session_factory, series_id, Series.status == SeriesState.FAILED,
+                               Series.retry_at <= now)
         if version is not None:
             log.info("series_retried", series_id=series_id, version=version)
             queued.append((series_id, version))
@@ -96,20 +98,15 @@ def retry_failed_series(session_factory: Callable[[], Session], base_seconds: fl
 def rescore_series(session_factory: Callable[[], Session], series_id: int) -> int | None:
     """Queue a new scoring round of a series now (``qcnode rescore``): a failed one, or a scored one
     again (e.g. after a model update). None while it is still receiving (it gets one anyway)."""
-    version = _queue_round(session_factory, series_id, Series.status != "receiving")
+    version = _queue_round(session_factory, series_id, Series.status != SeriesState.RECEIVING)
     if version is not None:
         log.info("series_rescore_queued", series_id=series_id, version=version)
     return version
 
 
-def run_tracker(session_factory: Callable[[], Session], stable_seconds: float, interval: float,
-                stop: threading.Event, retry_failed_seconds: float = 0.0) -> None:
-    """Loop ``mark_stable_series`` and ``retry_failed_series`` every ``interval`` seconds until
-    ``stop`` is set."""
-    while not stop.is_set():
-        try:
-            mark_stable_series(session_factory, stable_seconds)
-            retry_failed_series(session_factory, retry_failed_seconds)
-        except Exception as exc:  # noqa: BLE001 - a DB hiccup must not kill the loop
-            log.error("tracker_error", error=f"{type(exc).__name__}: {exc}")
-        stop.wait(interval)
+def track_once(session_factory: Callable[[], Session], stable_seconds: float,
+               retry_failed_seconds: float = 0.0) -> None:
+    """One tracker pass: ``mark_stable_series`` then ``retry_failed_series`` (``qcnode serve`` runs
+    it every ``series.tracker_interval_seconds``)."""
+    mark_stable_series(session_factory, stable_seconds)
+    retry_failed_series(session_factory, retry_failed_seconds)

@@ -1,24 +1,14 @@
-"""Evaluation of a checkpoint on a labeled LDCTIQAC2023-layout folder (``qcnode evaluate``).
+"""Evaluation of a checkpoint on labeled data (``qcnode evaluate``).
 
-Reports, for the model and for the physics baseline (the global noise level, GNL: mode of the
-local standard deviation in soft tissue, HU, ``qcnode.dicom.physics.global_noise_level``; a higher
-GNL means lower quality, so the baseline's prediction is -GNL):
-
-* raw PLCC, SROCC, KROCC and their sum (the challenge score), PLCC after the 4-parameter
-  logistic fit, and (model only) the 5-95 % interval coverage;
-* the same per subgroup when meta.csv is present: streak-degraded (fewer views than the
-  maximum), noise-only (full views), per anatomy;
-* dose monotonicity: for every source slice and view count with >= 3 dose levels, Kendall tau
-  between dose fraction and the prediction (1 = the score falls whenever dose falls);
-* the labels' ceiling, when meta.csv carries the reader model's inputs (``noise_hu``,
-  ``streak_index``, ``anatomy``, as ``qcnode simulate`` writes): the same metrics for an oracle
-  that predicts the expected mean reader score from the true measures
-  (``qcnode.simulation.simulate.expected_reader_mean``). The readers' per-image jitter and the rounding
-  keep even the oracle below a perfect 3.0; no model can be expected to beat it;
-* a predicted-vs-label scatter plot (PNG) and a per-image predictions CSV.
-
-Data: an LDCTIQAC2023-layout folder of tifs (read under its tif convention, reported), or a
-folder of DICOM with a labels file (a site's own radiologists' scores, ``load_dicom_labeled``).
+For the model and for the physics baseline (minus the global noise level, GNL,
+``qcnode.dicom.physics.global_noise_level``): raw PLCC, SROCC, KROCC and their sum (the challenge
+score), PLCC after the 4-parameter logistic fit and (model only) the 5-95 % interval coverage;
+the same per subgroup when meta.csv is present (streak-degraded, noise-only, per anatomy); dose
+monotonicity (Kendall tau between dose and prediction per source slice and view count); the
+labels' ceiling where meta.csv carries the reader model's inputs (an oracle predicting
+``qcnode.simulation.readers.expected_reader_mean``: no model can be expected to beat it); a
+scatter plot and a per-image predictions CSV. Data: an LDCTIQAC2023-layout folder of tifs, or a
+folder of DICOM with a site's own readers' labels (``load_dicom_labeled``).
 """
 from __future__ import annotations
 
@@ -167,7 +157,7 @@ def dose_monotonicity(meta: list[dict[str, str]], pred: np.ndarray) -> dict[str,
 
 def reader_oracle(meta: list[dict[str, str]]) -> np.ndarray | None:
     """The reader-model oracle's prediction per image (None without the needed meta columns)."""
-    from qcnode.simulation.simulate import expected_reader_mean
+    from qcnode.simulation.readers import expected_reader_mean
 
     oracle = []
     for m in meta:

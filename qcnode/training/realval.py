@@ -87,8 +87,8 @@ def score_series(scorer, clinical_dirs: Sequence[Path], split: SplitFile, verdic
                  patients: str = "validation", progress: Callable[[str], None] = _log) -> list[SeriesCheck]:
     """Score every slice of the chosen patients' series (``patients``: validation, training or all)."""
     from qcnode.dicom.pixels import load_slices
-    from qcnode.simulation.simulate import find_real_slices
-    from qcnode.scoring.worker import summarise
+    from qcnode.simulation.sources import find_real_slices
+    from qcnode.scoring.summary import summarise
 
     groups: dict[tuple[str, str], list] = defaultdict(list)
     for r in find_real_slices(clinical_dirs):
@@ -111,9 +111,9 @@ def score_series(scorer, clinical_dirs: Sequence[Path], split: SplitFile, verdic
         top = series.split("/")[0]
         out.append(SeriesCheck(series, group, slices[0].kernel, kernel_class(slices[0].kernel),
                                series not in split.not_routine and top not in split.not_routine, len(scores),
-                               round(s["mean_score"], 4), round(s["fraction_below"], 4), s["verdict"],
+                               round(s.mean_score, 4), round(s.fraction_below, 4), str(s.verdict),
                                [round(x, 4) for x in scores]))
-        progress(f"validate: {series} ({slices[0].kernel}): mean {s['mean_score']:.2f} {s['verdict']}")
+        progress(f"validate: {series} ({slices[0].kernel}): mean {s.mean_score:.2f} {s.verdict}")
     return out
 
 

@@ -10,15 +10,16 @@ With a single teacher only the width filter applies.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from qcnode.training.data import iter_unlabeled, preprocess_many
+from qcnode.model.network import MDIQAConfig
 from qcnode.model.scorer import Scorer
+from qcnode.training.data import iter_unlabeled, preprocess_many
 
 
 def _log(msg: str) -> None:
@@ -80,3 +81,32 @@ def pseudo_training_set(pl: PseudoLabels, size: int, window: tuple[float, float]
     idx = np.flatnonzero(pl.keep)
     x = preprocess_many([pl.images[i] for i in idx], size, window)
     return x, pl.score[idx].astype(np.float32)
+
+
+def train_semi_supervised(opts: Any, n_teachers: int, progress: Callable[[str], None] = _log) -> dict[str, Any]:
+    """``qcnode train --unlabeled``: train ``n_teachers`` teachers (OUT.teacherN.pt) unless
+    ``opts.teachers`` names them, pseudo-label ``opts.unlabeled`` with them, and train the student
+    OUT on labeled + confident pseudo-labeled data; returns the student's summary."""
+    from qcnode.training.train import train
+
+    out = Path(opts.out)
+    teachers = list(opts.teachers)
+    if not teachers:
+        for i in range(1, max(1, n_teachers) + 1):
+            t_out = out.with_name(f"{out.name[:-3] if out.name.endswith('.pt') else out.name}.teacher{i}.pt")
+            state = t_out.with_name(t_out.name + ".state.pt")
+            if opts.resume and t_out.is_file() and not state.is_file():
+                progress(f"train: teacher {i} already trained: {t_out}")
+            else:
+                progress(f"train: training teacher {i}/{n_teachers} -> {t_out}")
+                train(replace(opts, out=str(t_out), seed=opts.seed + 1000 * i, unlabeled=None, teachers=[]))
+                if state.is_file():
+                    state.unlink()
+            teachers.append(str(t_out))
+    pl = pseudo_label(teachers, opts.unlabeled, opts.pseudo_max_std, opts.pseudo_keep)
+    cfg = MDIQAConfig.from_dict(opts.config)
+    x, y = pseudo_training_set(pl, cfg.input_size, cfg.window_hu)
+    info = {"unlabeled": str(opts.unlabeled), "teachers": teachers, **pl.summary(),
+            "max_std": opts.pseudo_max_std, "keep": opts.pseudo_keep, "weight": opts.pseudo_weight}
+    progress(f"train: training the student on labeled + {len(y)} pseudo-labeled slices -> {out}")
+    return train(replace(opts, teachers=teachers), extra_x=x, extra_y=y, extra_info=info)

@@ -1,0 +1,80 @@
+"""The synthetic reader model: five simulated radiologists label each simulated image.
+
+Labels are synthetic; this is their whole definition. Two physical measures per image, in HU
+(``qcnode.simulation.degrade``): ``noise_hu`` (noise over soft tissue) and ``streak_index``
+(view-aliasing residual). Each reader has a noise tolerance ``t_n`` and step ``g_n`` (the noise
+ratio that costs one score step: perception of noise is roughly logarithmic), a streak tolerance
+``t_s`` and step ``g_s``, a bias and a per-image jitter (``READERS``, fitted by
+scripts/calibrate_readers.py). Head images are judged on ``noise_hu x 1.6`` (grey/white contrast
+is a few HU). Excess ``e = ln(max(measure, t) / t) / ln(g)`` for noise and streaks; reader score =
+clip(round(4 + bias - sqrt(e_n^2 + e_s^2) + jitter), 0, 4). Label = mean over the readers, rounded
+to 0.2 (LDCTIQAC2023 style); it falls (never rises) as dose or views fall.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+HEAD_NOISE_WEIGHT = 1.6
+READER_COLUMNS = [f"reader_{i}" for i in range(1, 6)]
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One simulated radiologist (see the module docstring)."""
+    noise_tolerance_hu: float  # noise below this is not seen
+    noise_step: float  # noise ratio that costs one score step (Weber-like)
+    streak_tolerance_hu: float
+    streak_step: float
+    bias: float  # leniency, score steps
+    jitter: float  # per-image inconsistency, sd in score steps
+
+
+READERS: tuple[Reader, ...] = (  # fitted to the LDCTIQAC2023 scale by scripts/calibrate_readers.py
+    Reader(6.87, 1.913, 7.09, 2.131, 0.0, 0.35),
+    Reader(6.01, 1.822, 5.67, 2.037, -0.2, 0.30),
+    Reader(8.15, 2.005, 8.86, 2.320, 0.2, 0.40),
+    Reader(6.44, 2.096, 6.38, 2.131, 0.1, 0.30),
+    Reader(7.30, 1.731, 7.80, 1.943, -0.1, 0.45),
+)
+
+
+def _reader_judgement(r: Reader, noise_hu: float, streak_index: float, anatomy: str) -> float:
+    """A reader's score before the per-image jitter and the rounding (see the module docstring)."""
+    seen_noise = noise_hu * (HEAD_NOISE_WEIGHT if anatomy == "head" else 1.0)
+    en = math.log(max(seen_noise, r.noise_tolerance_hu) / r.noise_tolerance_hu) / math.log(r.noise_step)
+    es = math.log(max(streak_index, r.streak_tolerance_hu) / r.streak_tolerance_hu) / math.log(r.streak_step)
+    return 4.0 + r.bias - math.hypot(en, es)
+
+
+def reader_scores(noise_hu: float, streak_index: float, anatomy: str, rng: np.random.Generator,
+                  readers: Sequence[Reader] = READERS) -> list[int]:
+    """Integer 0-4 scores of the simulated readers for one image (see the module docstring)."""
+    scores = []
+    for r in readers:
+        q = _reader_judgement(r, noise_hu, streak_index, anatomy) + r.jitter * float(rng.standard_normal())
+        scores.append(int(min(4, max(0, round(q)))))
+    return scores
+
+
+def expected_reader_mean(noise_hu: float, streak_index: float, anatomy: str,
+                         readers: Sequence[Reader] = READERS) -> float:
+    """The expected mean reader score of an image (exact over the readers' jitter, before the label's
+    rounding to 0.2): what an oracle that knows the image's true noise and streak measures would
+    predict. ``qcnode evaluate`` reports its agreement with the labels as the labels' ceiling."""
+    total = 0.0
+    for r in readers:
+        q = _reader_judgement(r, noise_hu, streak_index, anatomy)
+        # P(round(q + jitter Z) >= k) for k = 1..4 (the normal survival function, via erfc);
+        # clipping to [0, 4] folds the tails into 0 and 4
+        total += sum(0.5 * math.erfc((k - 0.5 - q) / (r.jitter * math.sqrt(2.0))) if r.jitter > 0
+                     else float(q >= k - 0.5) for k in range(1, 5))
+    return total / len(readers)
+
+
+def mean_label(scores: Sequence[int]) -> float:
+    """Mean reader score rounded to 0.2 and clipped to [0, 4]."""
+    return float(min(4.0, max(0.0, round(float(np.mean(scores)) * 5.0) / 5.0)))
