@@ -177,6 +177,9 @@ class AlertsConfig:
     webhook_audit_flag: str = ""
     webhook_timeout_seconds: float = 10.0
     webhook_lookback_hours: float = 24.0
+
+
+@dataclass
 class HttpToken:
     """A bearer token of the HTTP server: only its SHA-256 is configured, never the token itself."""
     name: str = ""
