@@ -181,14 +181,18 @@ def measure(url: str, n_series: int, repeats: int) -> dict[str, list[float]]:
     """Time each route ``repeats`` times (after one warm-up) through the app in-process."""
     from fastapi.testclient import TestClient
 
-    from qcnode.config import Config
-    from qcnode.dashboard.app import create_app
+    from qcnode.config import Config, HttpConfig, HttpToken
     from qcnode.db.engine import make_engine, session_factory
+    from qcnode.http.app import HttpNode, create_app
+    from qcnode.http.auth import token_sha256
+    from qcnode.ingest.spool import Spool
     cfg = Config()
     cfg.base_dir = Path(tempfile.mkdtemp(prefix="qcnode-bench-dash-"))
+    cfg.http = HttpConfig(host="0.0.0.0", tokens=[HttpToken(name="bench", sha256=token_sha256("t"), role="read")])
     engine = make_engine(url)
-    client = TestClient(create_app(session_factory(engine), cfg, tokens={"t": "read"}),
-                        headers={"Authorization": "Bearer t"})
+    node = HttpNode(cfg, session_factory(engine), Spool(cfg.path(cfg.storage.spool_dir),
+                                                        cfg.path(cfg.storage.quarantine_dir)), engine)
+    client = TestClient(create_app(node), headers={"Authorization": "Bearer t"})  # serve's HTTP app
     rng = random.Random(3)
     routes = {
         "series list": lambda: "/series",
@@ -212,6 +216,7 @@ def measure(url: str, n_series: int, repeats: int) -> dict[str, list[float]]:
             times.append(time.perf_counter() - t0)
             assert r.status_code == 200, (name, p, r.status_code)
         out[name] = times
+    node.close()
     engine.dispose()
     return out
 

@@ -195,6 +195,7 @@ class HttpConfig:
     tls_cert: str = ""
     tls_key: str = ""
     max_body_mb: int = 2048
+    root_path: str = ""  # a reverse proxy's path prefix (e.g. "/qcnode"): links, forms and cookies carry it
     tokens: list[HttpToken] = field(default_factory=list)
 
 
@@ -441,6 +442,8 @@ def _validate_http(http: HttpConfig) -> None:
     _check(bool(http.host.strip()), "http.host must not be empty (127.0.0.1: this host only)")
     _check(0 < http.port < 65536, "http.port must be 1-65535")
     _check(http.max_body_mb >= 1, "http.max_body_mb must be at least 1")
+    _check(not http.root_path or (http.root_path.startswith("/") and not http.root_path.endswith("/")),
+           'http.root_path must be "" or a path like "/qcnode" (leading slash, none at the end)')
     _check(bool(http.tls_cert) == bool(http.tls_key), "http.tls_cert and http.tls_key go together (PEM files)")
     names = [t.name for t in http.tokens]
     _check(all(names) and len(set(names)) == len(names), "every [[http.tokens]] needs a unique, non-empty name")

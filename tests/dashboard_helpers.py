@@ -115,11 +115,27 @@ def seed_dashboard(session: Session, now: dt.datetime | None = None, spool_paths
 
 READ_TOKEN = "read-token-0123456789"
 ADMIN_TOKEN = "admin-token-9876543210"
+STORE_TOKEN = "store-token-5555555555"
 
 
-def make_test_app(sf: Any, cfg: Any, loopback_role: str | None = None) -> Any:
-    """The dashboard router in a bare FastAPI app with bearer tokens (read / admin); with
-    ``loopback_role``, requests from 127.0.0.1 without a token get that role (as the real server
-    does for loopback)."""
-    from qcnode.dashboard.app import create_app
-    return create_app(sf, cfg, tokens={READ_TOKEN: "read", ADMIN_TOKEN: "admin"}, loopback_role=loopback_role)
+def http_tokens() -> list[Any]:
+    """``[[http.tokens]]`` for the three test tokens (named read-token, admin-token, store-token)."""
+    from qcnode.config import HttpToken
+    from qcnode.http.auth import token_sha256
+    return [HttpToken(name=f"{role}-token", sha256=token_sha256(token), role=role)
+            for role, token in (("read", READ_TOKEN), ("admin", ADMIN_TOKEN), ("store", STORE_TOKEN))]
+
+
+def make_test_app(sf: Any, cfg: Any, open_: bool = False) -> Any:
+    """``qcnode serve``'s HTTP application (``qcnode.http.app.create_app``) over ``sf``: bound to a
+    non-loopback address with the read, admin and store tokens, or with ``open_`` to loopback
+    without tokens (open: every caller is the admin ``local``). Close ``app.state.node`` after use."""
+    import dataclasses
+
+    from qcnode.config import HttpConfig
+    from qcnode.http.app import HttpNode, create_app
+    from qcnode.ingest.spool import Spool
+    http = HttpConfig() if open_ else HttpConfig(host="0.0.0.0", tokens=http_tokens())
+    cfg = dataclasses.replace(cfg, http=http)
+    spool = Spool(cfg.path(cfg.storage.spool_dir), cfg.path(cfg.storage.quarantine_dir))
+    return create_app(HttpNode(cfg, sf, spool))

@@ -1,6 +1,7 @@
-"""The dashboard router with FastAPI's TestClient on a seeded database (SQLite and PostgreSQL):
-pages, filters, CSV, the JSON API, roles, CSRF, acknowledgements, score again, /metrics, privacy,
-thumbnails from the spool and the alert webhooks (a real local HTTP server)."""
+"""The dashboard in ``qcnode serve``'s HTTP application (``qcnode.http.app.create_app`` with real
+``[[http.tokens]]``) through FastAPI's TestClient on a seeded database (SQLite and PostgreSQL):
+pages, filters, CSV, the JSON API, roles, browser sign-in, CSRF, acknowledgements, score again,
+/metrics, privacy, thumbnails from the spool and the alert webhooks (a real local HTTP server)."""
 from __future__ import annotations
 
 import csv
@@ -18,7 +19,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from dashboard_helpers import ADMIN_TOKEN, PATIENT_KEY, READ_TOKEN, make_test_app, seed_dashboard
+from dashboard_helpers import ADMIN_TOKEN, PATIENT_KEY, READ_TOKEN, STORE_TOKEN, make_test_app, seed_dashboard
 from qcnode.config import Config
 from qcnode.dashboard import queries
 from qcnode.dashboard.palette import protocol_colour
@@ -28,6 +29,7 @@ from qcnode.db.models import Job, Series
 
 READ = {"Authorization": f"Bearer {READ_TOKEN}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+STORE = {"Authorization": f"Bearer {STORE_TOKEN}"}
 PAGES = ["/", "/series", "/protocols", "/audit", "/alerts"]
 
 
@@ -42,11 +44,15 @@ def dash(db_url, tmp_path):
     cfg = Config()
     cfg.base_dir = tmp_path
     queries.clear_cache()
+    apps = []
 
-    def client(loopback_role: str | None = None, cfg_: Config | None = None) -> TestClient:
-        host = "127.0.0.1" if loopback_role else "testclient"
-        return TestClient(make_test_app(sf, cfg_ or cfg, loopback_role=loopback_role), client=(host, 50000))
+    def client(open_: bool = False, cfg_: Config | None = None, **kw) -> TestClient:
+        """A client of the HTTP app: with tokens on a non-loopback bind, or ``open_`` (loopback)."""
+        apps.append(make_test_app(sf, cfg_ or cfg, open_=open_))
+        return TestClient(apps[-1], **kw)
     yield client, sf, seeded, cfg
+    for app in apps:
+        app.state.node.close()
     engine.dispose()
 
 
@@ -136,7 +142,8 @@ def test_series_detail_protocols_audit_and_status(dash):
     assert st["week"] == {"PASS": 3, "WARN": 1, "FAIL": 1} and st["today"]["PASS"] == 1
     assert st["deliveries"] == {"delivered": 2, "pending": 3, "dead": 1}
     assert st["dead_letters"][0]["error"] == "association rejected" and st["alerts_open"] == 3
-    schema = c.get("/openapi.json").json()
+    assert c.get("/docs", headers=READ).status_code == 404 and c.get("/redoc", headers=READ).status_code == 404
+    schema = c.get("/openapi.json", headers=READ).json()
     assert {"/api/v1/series", "/api/v1/alerts", "/api/v1/status", "/api/v1/protocols"} <= set(schema["paths"])
     assert {"SeriesList", "SeriesRow", "AlertList", "Slice", "AuditRun"} <= set(schema["components"]["schemas"])
     assert "patient_name" not in json.dumps(schema).lower() and "patientid" not in json.dumps(schema).lower()
@@ -145,16 +152,32 @@ def test_series_detail_protocols_audit_and_status(dash):
 def test_roles_tokens_and_csrf(dash):
     client, sf, seeded, _ = dash
     anon = client()
-    for path in PAGES + ["/api/v1/series", "/metrics", "/static/plotly.min.js"]:
-        assert anon.get(path).status_code == 401, path
+    sid, ref = seeded.series_ids[0], seeded.fail_result_ids[0]
+    routes = [r for r in anon.app.routes if hasattr(r, "methods")]
+    for route in routes:  # every route but the open ones, unknown paths too, needs a token
+        path = route.path.format(series_id=sid, instance_id=1, run_id=seeded.run_id, kind="verdict_fail",
+                                 ref_id=ref, chart="box", name="plotly.min.js", study="1.2.3")
+        for method in route.methods - {"HEAD"}:
+            code = anon.request(method, path).status_code
+            if path in ("/healthz", "/readyz", "/login", "/logout", "/static/dashboard.css"):
+                assert code != 401, (method, path)
+            else:
+                assert code == 401, (method, path)
+    assert anon.get("/nowhere").status_code == 401
     assert anon.get("/api/v1/series", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    ref = seeded.fail_result_ids[0]
+    r = anon.get("/alerts", headers={"Accept": "text/html"}, follow_redirects=False)  # a browser: sign in
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    assert anon.get("/api/v1/series", headers={"Accept": "text/html"}).status_code == 401
+
     ro = client()
     assert ro.post(f"/api/v1/alerts/verdict_fail/{ref}/ack", headers=READ, json={}).status_code == 403
-    assert ro.post(f"/api/v1/series/{seeded.series_ids[0]}/rescore", headers=READ).status_code == 403
+    assert ro.post(f"/api/v1/series/{sid}/rescore", headers=READ).status_code == 403
+    for path in PAGES + ["/api/v1/series", "/metrics", "/openapi.json", "/static/plotly.min.js"]:
+        assert ro.get(path, headers=STORE).status_code == 403, path  # store: STOW-RS only
+    assert ro.get("/static/dashboard.css").status_code == 200  # the sign-in page's style, open
 
-    # a browser on loopback (admin without a token): forms need the signed double-submit token
-    b = client(loopback_role="admin")
+    # a browser on an open (loopback, tokenless) server: forms need the signed double-submit token
+    b = client(open_=True)
     html = b.get("/alerts").text
     token = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
     assert b.cookies.get("qcnode_csrf") == token
@@ -163,7 +186,7 @@ def test_roles_tokens_and_csrf(dash):
     nonce = token.split(".")[0]
     assert b.post(url, data={"csrf_token": nonce + "." + "0" * 64}).status_code == 403  # forged signature
     assert b.post(f"/api/v1/alerts/verdict_fail/{ref}/ack", json={}).status_code == 403  # JSON without header
-    other = client(loopback_role="admin")  # another browser's valid token does not match this cookie
+    other = client(open_=True)  # another browser's valid token does not match this cookie
     other.get("/alerts")
     assert other.post(url, data={"csrf_token": token}).status_code == 403
     with sf() as s:
@@ -176,13 +199,52 @@ def test_roles_tokens_and_csrf(dash):
             "verdict_fail", ref, "local", "repeat scan booked")
     r = b.post(f"/series/{seeded.series_ids[1]}/rescore", data={"csrf_token": token}, follow_redirects=False)
     assert r.status_code == 303 and "queued" in r.headers["location"]
+    assert b.get("/login", follow_redirects=False).headers["location"] == "/"  # open: nothing to sign in to
+
+
+def test_browser_sign_in_with_a_cookie(dash):
+    """/login checks the pasted token and its CSRF field, sets an HttpOnly SameSite=Strict cookie
+    that TokenAuth accepts like the header; the cookie still needs the CSRF token to mutate; a read
+    token is refused acknowledging with an HTML page saying why; /logout drops the cookie."""
+    client, sf, seeded, _ = dash
+    b = client()
+    form = b.get("/login")
+    assert form.status_code == 200 and 'name="token"' in form.text
+    csrf_token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+    assert b.post("/login", data={"token": ADMIN_TOKEN}).status_code == 403  # no CSRF field: refused
+    with structlog.testing.capture_logs() as logs:
+        r = b.post("/login", data={"token": "guess", "csrf_token": csrf_token})
+        assert r.status_code == 401 and "Unknown token" in r.text and "qcnode_token" not in b.cookies
+        r = b.post("/login", data={"token": READ_TOKEN, "csrf_token": csrf_token}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"
+    cookie = r.headers["set-cookie"]
+    assert "qcnode_token=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+    assert [x["token"] for x in logs if x["event"] == "signed_in"] == ["read-token"]
+    assert any(x["event"] == "sign_in_refused" for x in logs) and READ_TOKEN not in json.dumps(logs)
+    page = b.get("/alerts")
+    assert page.status_code == 200 and 'id="sign-out"' in page.text
+    assert b.get("/api/v1/series").json()["total"] == 5
+    ref = seeded.fail_result_ids[0]
+    r = b.post(f"/alerts/verdict_fail/{ref}/ack", data={"csrf_token": csrf_token}, headers={"Accept": "text/html"})
+    assert r.status_code == 403 and "an admin token is needed" in r.text and "<html" in r.text
+
+    r = b.post("/login", data={"token": ADMIN_TOKEN, "csrf_token": csrf_token}, follow_redirects=False)
+    assert r.status_code == 303
+    assert b.post(f"/alerts/verdict_fail/{ref}/ack", data={}).status_code == 403  # the cookie alone: no CSRF
+    r = b.post(f"/alerts/verdict_fail/{ref}/ack", data={"csrf_token": csrf_token}, follow_redirects=False)
+    assert r.status_code == 303 and "acknowledged" in r.headers["location"]
+    with sf() as s:
+        assert s.scalars(select(AlertAck.acknowledged_by)).all() == ["admin-token"]
+    r = b.get("/logout", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login" and "qcnode_token" not in b.cookies
+    assert b.get("/api/v1/series").status_code == 401
 
 
 def test_behind_a_reverse_proxy_links_carry_the_root_path(dash):
     """A proxy that strips /qcnode: the ASGI root_path puts it back into every link, form, script
     and the CSRF cookie's path."""
     client, sf, seeded, cfg = dash
-    c = TestClient(make_test_app(sf, cfg), root_path="/qcnode", headers=READ)
+    c = client(root_path="/qcnode", headers=READ)
     r = c.get("/alerts")
     assert r.status_code == 200
     assert 'href="/qcnode/series"' in r.text and 'src="/qcnode/static/dashboard.js"' in r.text
@@ -375,7 +437,8 @@ def test_pages_read_while_receiving_holds_the_sqlite_write_lock(tmp_path):
         seed_dashboard(s)
     cfg = Config()
     cfg.base_dir = tmp_path
-    c = TestClient(make_test_app(sf, cfg), headers=READ)
+    app = make_test_app(sf, cfg)
+    c = TestClient(app, headers=READ)
     writer = sqlite3.connect(tmp_path / "qcnode.db", isolation_level=None, timeout=0.1)
     writer.execute("BEGIN IMMEDIATE")
     try:
@@ -383,6 +446,7 @@ def test_pages_read_while_receiving_holds_the_sqlite_write_lock(tmp_path):
         assert c.get("/api/v1/series").json()["total"] == 5
         assert c.get("/").status_code == 200
         assert time.monotonic() - t0 < 5.0
+        app.state.node.close()
         blocked = sqlite3.connect(tmp_path / "qcnode.db", isolation_level=None, timeout=0.2)
         with pytest.raises(sqlite3.OperationalError, match="locked"):
             blocked.execute("BEGIN IMMEDIATE")  # what a read through a plain session would meet

@@ -1,15 +1,15 @@
-"""A real browser on real data: `qcnode serve` receives real CT series through DCMTK's storescu,
-scores them, sends the SRs to a test PACS and POSTs the FAIL alerts to a webhook; `qcnode audit` runs; the dashboard app runs in
-uvicorn over the same database; Debian's headless Chromium (selenium, /usr/bin/chromedriver, nothing
-downloaded) loads every page, checks that every Plotly chart drew its traces as SVG, filters the
-series list, opens a series, acknowledges an alert and saves screenshots to tests/artifacts/."""
+"""A real browser on real data: `qcnode serve` (with `[http] enabled`) receives real CT series
+through DCMTK's storescu, scores them, sends the SRs to a test PACS and POSTs the FAIL alerts to a
+webhook; `qcnode audit` runs; Debian's headless Chromium (selenium, /usr/bin/chromedriver, nothing
+downloaded) loads every page from serve's own HTTP port (loopback, open), checks that every Plotly
+chart drew its traces as SVG, filters the series list, opens a series, acknowledges an alert and
+saves screenshots to tests/artifacts/. Then serve restarts with `[[http.tokens]]`: the browser is
+sent to /login, signs in with a read token (pages shown, acknowledging refused with a page saying
+why) and then with an admin token (acknowledging works)."""
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import func, select
 
 from conftest import free_port
+from dashboard_helpers import ADMIN_TOKEN, READ_TOKEN, http_tokens
 from daemon_helpers import (PROJECT_ROOT, Destination, checkpoint_for_tests, copy_series, qcnode_cli,
                             serve_process, stop_process, storescu, wait_for, wait_port, write_config)
 from qcnode.config import load_config
@@ -89,11 +90,13 @@ def test_browser_on_a_node_that_received_real_series(tmp_path, port, shared_ct):
             pass
     hook = HTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
+    web_port = free_port()
     cfg_path = write_config(
         tmp_path, port, destinations=[dest.config()], checkpoint=checkpoint_for_tests(tmp_path),
         extra={"verdict": {"warn_mean_below": 3.95, "fail_mean_below": 3.9},  # every real series FAILs: alerts
                "audit": {"default_reference_ctdivol_mgy": 1.0},  # and the audit flags the CTDIvol
-               "alerts": {"webhook_verdict_fail": f"http://127.0.0.1:{hook.server_port}/qc"}})
+               "alerts": {"webhook_verdict_fail": f"http://127.0.0.1:{hook.server_port}/qc"},
+               "http": {"enabled": True, "host": "127.0.0.1", "port": web_port}})  # loopback, no token: open
     files = (copy_series(shared_ct / "philips_head_phantom", tmp_path / "in" / "p1", n=12, pattern="I*.dcm")
              + copy_series(shared_ct / "philips_head_phantom", tmp_path / "in" / "p2", n=12, pattern="I*.dcm")
              + copy_series(shared_ct / "ge_head", tmp_path / "in" / "g1", n=12))
@@ -102,7 +105,7 @@ def test_browser_on_a_node_that_received_real_series(tmp_path, port, shared_ct):
         ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
         ds.save_as(f)
     serve = serve_process(cfg_path)
-    web = driver = engine = None
+    driver = engine = None
     try:
         wait_port(port, 120, serve)
         res = storescu(port, files)
@@ -123,11 +126,7 @@ def test_browser_on_a_node_that_received_real_series(tmp_path, port, shared_ct):
         audit = qcnode_cli("audit", "--config", str(cfg_path))
         assert audit.returncode == 0, audit.stderr
 
-        web_port = free_port()
-        web = subprocess.Popen([sys.executable, "-m", "qcnode.dashboard.app", "--config", str(cfg_path),
-                                "--port", str(web_port)], cwd=PROJECT_ROOT,
-                               stdout=open(tmp_path / "web.log", "ab"), stderr=subprocess.STDOUT)
-        wait_port(web_port, 60, web)
+        wait_port(web_port, 60, serve)
         base = f"http://127.0.0.1:{web_port}"
         driver = _driver()
 
@@ -233,16 +232,52 @@ def test_browser_on_a_node_that_received_real_series(tmp_path, port, shared_ct):
             sources.append(driver.page_source)
         page_text = "\n".join(sources)
         assert "Doe" not in page_text and PATIENT_ID not in page_text
+
+        # serve again with tokens: the browser signs in (a read token, then an admin token)
+        assert stop_process(serve) == 0
+        with cfg_path.open("a") as fh:
+            for t in http_tokens():
+                fh.write(f'[[http.tokens]]\nname = "{t.name}"\nsha256 = "{t.sha256}"\nrole = "{t.role}"\n')
+        serve = serve_process(cfg_path)
+        wait_port(web_port, 120, serve)
+        driver.get(base + "/alerts")
+        wait_for(lambda: driver.current_url == base + "/login", 20, what="the redirect to the sign-in page")
+        _shot(driver, "login")
+
+        def sign_in(token: str) -> None:
+            driver.get(base + "/login")
+            driver.find_element(By.ID, "token").send_keys(token)
+            driver.find_element(By.ID, "sign-in").click()
+            wait_for(lambda: driver.current_url == base + "/", 20, what="the overview after signing in")
+            assert "Overview" in driver.title and driver.find_element(By.ID, "sign-out")
+
+        sign_in(READ_TOKEN)
+        driver.get(base + "/alerts")
+        assert driver.find_element(By.ID, "open-count").text == "2"
+        driver.find_element(By.CSS_SELECTOR, "tr[id^='alert-verdict_fail-'] button[type=submit]").click()
+        wait_for(lambda: driver.find_elements(By.ID, "error"), 20, what="the refusal page")
+        assert "an admin token is needed" in driver.find_element(By.ID, "error").text
+        assert driver.find_element(By.TAG_NAME, "h1").text == "403"
+        driver.get(base + "/")
+        driver.find_element(By.ID, "sign-out").click()
+        wait_for(lambda: driver.current_url == base + "/login", 20, what="the sign-in page after signing out")
+        sign_in(ADMIN_TOKEN)
+        driver.get(base + "/alerts")
+        assert driver.find_element(By.ID, "open-count").text == "2"  # the read token changed nothing
+        driver.find_element(By.CSS_SELECTOR, "tr[id^='alert-verdict_fail-'] button[type=submit]").click()
+        wait_for(lambda: driver.find_elements(By.ID, "flash"), 20, what="the admin's acknowledgement")
+        assert driver.find_element(By.ID, "flash").text == "acknowledged"
+        assert driver.find_element(By.ID, "open-count").text == "1"
+        with sf() as s:
+            assert s.scalars(select(AlertAck.acknowledged_by).order_by(AlertAck.id)).all()[-1] == "admin-token"
     finally:
         if driver is not None:
             driver.quit()
-        if web is not None:
-            stop_process(web)
         assert stop_process(serve) == 0
         dest.stop()
         hook.shutdown()
         if engine is not None:
             engine.dispose()
     log = (tmp_path / "var" / "qcnode.log").read_text()
-    assert '"alert_acknowledged"' in log and '"user": "local"' in log
-    shutil.copy(tmp_path / "web.log", ARTIFACTS / "dashboard-web.log")
+    assert '"alert_acknowledged"' in log and '"user": "local"' in log and '"user": "admin-token"' in log
+    assert '"signed_in"' in log and '"token": "read-token"' in log and READ_TOKEN not in log

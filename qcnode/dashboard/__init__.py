@@ -1,8 +1,8 @@
 """Web dashboard, JSON API (/api/v1) and Prometheus /metrics of qcnode.
 
 ``build_router(session_factory, cfg, require_read=..., require_admin=..., current_user=...)`` returns a
-FastAPI router; the HTTP server of ``qcnode serve`` includes it with its own authentication
-dependencies. ``qcnode.dashboard.app.create_app`` wraps it in a stand-alone app (tests, bench).
+FastAPI router; the HTTP server of ``qcnode serve`` (``qcnode.http.app.create_app``) includes it with
+its token roles as the authentication dependencies.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The dashboard's routes: server-rendered pages, CSV downloads, the JSON API under /api/v1 and
 /metrics, all on the queries of ``qcnode.dashboard.queries``.
 
-``build_router`` takes the authentication as FastAPI dependencies from the app that serves it:
-``require_read`` guards every route, ``require_admin`` the mutating ones (acknowledge an alert,
+``build_router`` takes the authentication as FastAPI dependencies from the app that serves it
+(``qcnode.http.app``): ``require_read`` guards every route but the style sheet, ``require_admin`` the mutating ones (acknowledge an alert,
 score a series again), ``current_user`` names who acts (stored with an acknowledgement, logged with
 every mutating action). Mutating routes also need the CSRF token (``qcnode.dashboard.csrf``).
 Links honour the ASGI ``root_path`` (a reverse proxy's path prefix).
@@ -99,6 +99,7 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
                "dashboard.css": (STATIC_DIR / "dashboard.css", "text/css")}
 
     router = APIRouter(dependencies=[Depends(require_read)])
+    public = APIRouter()  # the style sheet: the sign-in page needs it before any token
 
     # ---- helpers ------------------------------------------------------------------------------------
     def page(request: Request, template: str, title: str, **ctx: Any) -> HTMLResponse:
@@ -159,6 +160,10 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
                 "protocol": p.get("protocol") or None}
 
     # ---- static assets (Plotly.js from the installed wheel: nothing loads from the internet) ----------
+    @public.get("/static/dashboard.css", include_in_schema=False)
+    def style() -> FileResponse:
+        return static("dashboard.css")
+
     @router.get("/static/{name}", include_in_schema=False)
     def static(name: str) -> FileResponse:
         if name not in statics:
@@ -401,4 +406,5 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return router
+    public.include_router(router)
+    return public
