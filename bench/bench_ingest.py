@@ -3,8 +3,12 @@
 ingest starts once a scoring job is running). Prints slices/s acknowledged, the CPU time the daemon
 used per slice, its resident memory (all its processes) and the load average (the host is shared:
 compare runs made under similar load). storescu runs with its defaults: it sends PDUs of
-min(128 KiB, the node's node.max_pdu_size), its own -pdu option only sets what it receives. Usage:
+min(128 KiB, the node's node.max_pdu_size), its own -pdu option only sets what it receives. With
+``--dashboard-refresh S`` serve's HTTP server is on (loopback, open) and a client loads the overview
+and the series list every S seconds during the ingest, as a browser left open on the dashboard would
+(its page times are printed). Usage:
     .venv/bin/python bench/bench_ingest.py [--slices 320] [--parallel 4] [--no-worker] [--reference]
+                                           [--dashboard-refresh 1]
 """
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import statistics
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -110,6 +116,22 @@ def _jobs_running(cfg_path: Path) -> bool:
         engine.dispose()
 
 
+def _refresh_pages(base: str, every: float, active: threading.Event, stop: threading.Event,
+                   times: list[float]) -> None:
+    """Load the overview and the series list every ``every`` seconds while ``active`` is set
+    (each page load's seconds appended to ``times``)."""
+    while not stop.is_set():
+        if not active.wait(0.05):
+            continue
+        t_next = time.perf_counter() + every
+        for path in ("/", "/series"):
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(base + path, timeout=30) as r:
+                r.read()
+            times.append(time.perf_counter() - t0)
+        stop.wait(max(0.0, t_next - time.perf_counter()))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--slices", type=int, default=320)
@@ -121,6 +143,9 @@ def main() -> int:
     ap.add_argument("--reference", action="store_true",
                     help="first send the same slices to a bare pynetdicom SCP (bench_reference_scp.py), "
                          "for a same-host comparison")
+    ap.add_argument("--dashboard-refresh", type=float, default=0.0, metavar="S",
+                    help="enable serve's HTTP server and load the overview and series list pages every S "
+                         "seconds during the ingest (0: HTTP off)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="qcnode-bench-") as td:
         tmp = Path(td)
@@ -134,6 +159,9 @@ def main() -> int:
         extra = {"series": {"stable_seconds": 0.5}, "logging": {"level": "warning"}}
         node = {"scp_processes": args.scp_processes, "max_pdu_size": args.max_pdu}
         extra["node"] = {k: v for k, v in node.items() if v is not None}
+        web_port = free_port()
+        if args.dashboard_refresh:
+            extra["http"] = {"enabled": True, "host": "127.0.0.1", "port": web_port}
         cfg = write_config(tmp, port, checkpoint=checkpoint_for_tests(tmp), extra=extra)
         proc = serve_process(cfg, *(["--no-worker"] if args.no_worker else []))
         peak = [0]
@@ -150,8 +178,14 @@ def main() -> int:
                         spread[pid] = max(spread.get(pid, 0), n)
                 time.sleep(0.1)
         threading.Thread(target=sample, daemon=True).start()
+        page_times: list[float] = []
+        if args.dashboard_refresh:
+            threading.Thread(target=_refresh_pages, args=(f"http://127.0.0.1:{web_port}", args.dashboard_refresh,
+                                                         measuring, stop, page_times), daemon=True).start()
         try:
             wait_port(port, 120, proc)
+            if args.dashboard_refresh:
+                wait_port(web_port, 60, proc)
             storescu(port, warm)  # the worker scores this series during the measured ingest
             if not args.no_worker:
                 print("waiting for the worker to start scoring ...", flush=True)
@@ -192,6 +226,11 @@ def main() -> int:
             print(f"host CPU busy {host_busy:.0%} of {os.cpu_count()} cores during the ingest; "
                   f"the storescu senders used {senders_cpu:.2f} s")
             print(f"associations per receiving process (most seen at once): {sorted(spread.values())}")
+            if args.dashboard_refresh:
+                pages = sorted(page_times)
+                print(f"dashboard: {len(pages)} page loads (overview + series list every {args.dashboard_refresh:g} s)"
+                      + (f", median {statistics.median(pages) * 1000:.0f} ms, max {pages[-1] * 1000:.0f} ms"
+                         if pages else ""))
             print(f"after:  {_load()}")
             time.sleep(3)
             print(f"daemon peak RSS so far: {peak[0] / 2**20:.0f} MiB (sum over its processes)")

@@ -164,6 +164,22 @@ class AuditConfig:
 
 
 @dataclass
+class DashboardConfig:
+    secret_key_file: str = "var/dashboard.key"
+    page_size: int = 50
+    protocols_days: int = 90
+    scatter_max_points: int = 3000
+
+
+@dataclass
+class AlertsConfig:
+    webhook_verdict_fail: str = ""
+    webhook_audit_flag: str = ""
+    webhook_timeout_seconds: float = 10.0
+    webhook_lookback_hours: float = 24.0
+
+
+@dataclass
 class HttpToken:
     """A bearer token of the HTTP server: only its SHA-256 is configured, never the token itself."""
     name: str = ""
@@ -179,6 +195,7 @@ class HttpConfig:
     tls_cert: str = ""
     tls_key: str = ""
     max_body_mb: int = 2048
+    root_path: str = ""  # a reverse proxy's path prefix (e.g. "/qcnode"): links, forms and cookies carry it
     tokens: list[HttpToken] = field(default_factory=list)
 
 
@@ -195,6 +212,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     base_dir: Path = field(default=PROJECT_ROOT)
 
@@ -393,6 +412,15 @@ def _validate(cfg: Config) -> None:
     _check(hh.isdigit() and mm.isdigit() and 0 <= int(hh) < 24 and 0 <= int(mm) < 60,
            f"audit.time_of_day must be HH:MM (24 h), got {cfg.audit.time_of_day!r}")
     _check(cfg.audit.baseline_days >= 1, "audit.baseline_days must be at least 1")
+    _check(1 <= cfg.dashboard.page_size <= 1000, "dashboard.page_size must be 1-1000")
+    _check(cfg.dashboard.protocols_days >= 1, "dashboard.protocols_days must be at least 1")
+    _check(cfg.dashboard.scatter_max_points >= 1, "dashboard.scatter_max_points must be at least 1")
+    for key in ("webhook_verdict_fail", "webhook_audit_flag"):
+        url = getattr(cfg.alerts, key)
+        _check(not url or url.startswith(("http://", "https://")),
+               f"alerts.{key} must be an http:// or https:// URL (or empty), got {url!r}")
+    _check(cfg.alerts.webhook_timeout_seconds > 0, "alerts.webhook_timeout_seconds must be positive")
+    _check(cfg.alerts.webhook_lookback_hours > 0, "alerts.webhook_lookback_hours must be positive")
     _validate_http(cfg.http)
 
 
@@ -414,6 +442,8 @@ def _validate_http(http: HttpConfig) -> None:
     _check(bool(http.host.strip()), "http.host must not be empty (127.0.0.1: this host only)")
     _check(0 < http.port < 65536, "http.port must be 1-65535")
     _check(http.max_body_mb >= 1, "http.max_body_mb must be at least 1")
+    _check(not http.root_path or (http.root_path.startswith("/") and not http.root_path.endswith("/")),
+           'http.root_path must be "" or a path like "/qcnode" (leading slash, none at the end)')
     _check(bool(http.tls_cert) == bool(http.tls_key), "http.tls_cert and http.tls_key go together (PEM files)")
     names = [t.name for t in http.tokens]
     _check(all(names) and len(set(names)) == len(names), "every [[http.tokens]] needs a unique, non-empty name")

@@ -2,7 +2,8 @@
 # Set up qcnode on a fresh machine: .venv in the project root (created if missing), the package
 # and its dependencies (re-installed only when pyproject.toml changed), and with --test the test
 # extras plus the Debian peers and validators the tests use (DCMTK, Orthanc and its DICOMweb plugin,
-# PostgreSQL, dciodvfy from dicom3tools, PixelMed's SR validator; needs root/apt).
+# PostgreSQL, dciodvfy from dicom3tools, PixelMed's SR validator, Chromium + chromedriver for the
+# dashboard; needs root/apt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
@@ -33,6 +34,8 @@ if [ "$want_test" = 1 ]; then
   ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
   [ -x /usr/bin/dciodvfy ] || missing+=(dicom3tools)
   [ -f /usr/share/java/pixelmed.jar ] || missing+=(pixelmed-apps)
+  [ -x /usr/bin/chromium ] || missing+=(chromium)          # the dashboard's browser test (headless)
+  [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
   if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       echo "[setup] installing Debian packages: ${missing[*]}"

@@ -77,9 +77,9 @@ def pg_url():
     drop()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request, tmp_path):
-    """An empty database URL, once for SQLite and once for PostgreSQL."""
+    """An empty database URL, once for SQLite and once for PostgreSQL (marked ``postgres``)."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'qcnode.db'}"
     else:

@@ -15,8 +15,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qcnode"
 # the flow, earliest first: a package may import its own and earlier ones. http (its own process:
 # DICOMweb in through ingest's store, health, and the pages reading the results) comes after the
 # stages it serves; only service and cli start it.
-STAGES = ("dicom", "db", "net", "ingest", "tracking", "model", "scoring", "report", "delivery", "audit",
-          "http", "service", "cli")
+STAGES = ("dicom", "db", "net", "ingest", "tracking", "model", "scoring", "report", "delivery", "audit", "alerts",
+          "dashboard", "http", "service", "cli")
 # shared ground any package may import (the top-level modules: config, log, __init__)
 GROUND = {"", "config", "log"}
 # side packages (building the model offline): what each may import besides the ground

@@ -137,11 +137,8 @@ def _cmd_rescore(args: argparse.Namespace) -> int:
 
 def collect_status(cfg: Any) -> dict[str, Any]:
     """Queue depths, last errors, dead letters, quarantine, model and disk, as a dict."""
-    from sqlalchemy import func, select
-
     from qcnode.db.engine import make_engine, session_factory
-    from qcnode.db.models import Delivery, Job, QuarantineRecord, Series, SeriesResult
-    from qcnode.db.states import DeliveryState, JobState, SeriesState
+    from qcnode.db.status import status_counts
     from qcnode.db.clock import database_clock_skew
     from qcnode.ingest.spool import free_disk_mb
     from qcnode.db.migrate import current_revision, head_revision
@@ -163,40 +160,9 @@ def collect_status(cfg: Any) -> dict[str, Any]:
         if skew is not None:
             out["clock_skew_seconds"] = round(skew, 3)
         with session_factory(engine)() as s:
-            def counts(col: Any) -> dict[str, int]:
-                return {str(k): int(v) for k, v in s.execute(select(col, func.count()).group_by(col)).all()}
-            out["series"] = counts(Series.status)
-            out["jobs"] = counts(Job.status)
-            out["deliveries"] = counts(Delivery.status)
-            out["quarantine"] = int(s.scalar(select(func.count(QuarantineRecord.id))) or 0)
-            out["failed_series"] = [
-                {"series_id": x.id, "series_instance_uid": x.series_instance_uid, "version": x.version,
-                 "failures": x.failures, "retry_at": str(x.retry_at) if x.retry_at else None}
-                for x in s.scalars(select(Series).where(Series.status == SeriesState.FAILED)
-                                   .order_by(Series.id).limit(20))]
-            out["last_job_errors"] = [
-                {"job_id": j.id, "series_id": j.series_id, "version": j.series_version, "status": j.status,
-                 "attempts": j.attempts, "error": (j.last_error or "").splitlines()[0][:300]}
-                for j in s.scalars(select(Job).where(Job.last_error.is_not(None), Job.status != JobState.DONE)
-                                   .order_by(Job.id.desc()).limit(5))]
-            out["dead_letters"] = [
-                {"delivery_id": d.id, "destination": d.destination, "kind": d.kind, "attempts": d.attempts,
-                 "error": (d.last_error or "")[:300]}
-                for d in s.scalars(select(Delivery).where(Delivery.status == DeliveryState.DEAD)
-                                   .order_by(Delivery.id.desc()).limit(20))]
-            out["last_delivery_errors"] = [
-                {"delivery_id": d.id, "destination": d.destination, "status": d.status, "attempts": d.attempts,
-                 "error": (d.last_error or "")[:300]}
-                for d in s.scalars(select(Delivery).where(Delivery.last_error.is_not(None),
-                                                          Delivery.status == DeliveryState.PENDING)
-                                   .order_by(Delivery.id.desc()).limit(5))]
-            out["last_quarantine"] = [
-                {"at": str(q.received_at), "status": f"0x{q.status_code:04X}" if q.status_code is not None else None,
-                 "reason": q.reason[:200]}
-                for q in s.scalars(select(QuarantineRecord).order_by(QuarantineRecord.id.desc()).limit(5))]
-            latest = s.scalars(select(SeriesResult).order_by(SeriesResult.id.desc()).limit(1)).first()
-            out["model"]["last_version_used"] = latest.model_version if latest else None
-            out["results"] = int(s.scalar(select(func.count(SeriesResult.id))) or 0)
+            counts = status_counts(s)
+        out["model"]["last_version_used"] = counts.pop("last_model_version")
+        out.update(counts)
     finally:
         engine.dispose()
     return out
@@ -224,6 +190,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"series     {fmt(st['series'])}")
     print(f"jobs       {fmt(st['jobs'])}")
     print(f"deliveries {fmt(st['deliveries'])}")
+    if st.get("webhooks"):
+        print(f"webhooks   {fmt(st['webhooks'])}")
     print(f"results    {st['results']}   quarantine {st['quarantine']}")
     print(f"model      {st['model']['checkpoint']} ({'present' if st['model']['present'] else 'MISSING'}),"
           f" last used version {st['model'].get('last_version_used')}")
@@ -237,6 +205,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if "clock_skew_seconds" in st:
         print(f"clock      {st['clock_skew_seconds']:+.3f} s to the database server")
     for title, key in (("last job errors", "last_job_errors"), ("dead letters", "dead_letters"),
+                       ("dead webhooks", "dead_webhooks"),
                        ("delivery retries", "last_delivery_errors"), ("last quarantined", "last_quarantine")):
         if st.get(key):
             print(f"{title}:")

@@ -35,10 +35,12 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.close()
-        # begin immediately so that read-then-write transactions take the write lock up front
+        # begin immediately so that read-then-write transactions take the write lock up front;
+        # a read-only session (``read_only_sessions``) begins deferred: a WAL snapshot, no lock
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):  # noqa: ANN001
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY_OPTION)
+                                 else "BEGIN IMMEDIATE")
 
         _disable_pysqlite_autobegin(engine)
         return engine
@@ -54,6 +56,17 @@ def _disable_pysqlite_autobegin(engine: Engine) -> None:
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     """A sessionmaker whose objects stay readable after commit."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+READ_ONLY_OPTION = "qcnode_read_only"
+
+
+def read_only_sessions(factory: sessionmaker[Session]) -> sessionmaker[Session]:
+    """Sessions on the same engine for readers (the dashboard): on SQLite their transactions begin
+    deferred, so a page never takes the write lock that receiving needs (it reads a WAL snapshot);
+    on PostgreSQL nothing changes. Never write with them."""
+    engine = factory.kw["bind"]
+    return sessionmaker(engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False)
 
 
 def alembic_config(url: str) -> AlembicConfig:

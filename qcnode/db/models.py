@@ -45,6 +45,8 @@ class Series(Base):
     """One DICOM series. ``version`` counts scoring rounds: a late instance reopens the series
     (status back to ``receiving``) and the next scoring gets ``version + 1``."""
     __tablename__ = "series"
+    __table_args__ = (Index("ix_series_protocol_name", "protocol_name"),  # dashboard filters
+                      Index("ix_series_scanner", "manufacturer", "model_name", "station_name"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
@@ -73,6 +75,7 @@ class Series(Base):
 class Instance(Base):
     """One received SOP instance, durable in the spool. Header dose fields are per instance."""
     __tablename__ = "instances"
+    __table_args__ = (Index("ix_instances_kernel_series", "kernel", "series_id"),)  # dashboard filter
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
@@ -120,7 +123,8 @@ class SliceScore(Base):
 class SeriesResult(Base):
     """Summary and verdict of one scoring round of a series; one SR per row."""
     __tablename__ = "series_results"
-    __table_args__ = (UniqueConstraint("series_id", "version", name="uq_series_result_version"),)
+    __table_args__ = (UniqueConstraint("series_id", "version", name="uq_series_result_version"),
+                      Index("ix_series_results_verdict_created", "verdict", "created_at"))  # alert list
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
     version: Mapped[int] = mapped_column()
@@ -211,3 +215,4 @@ class DoseReport(Base):
 
 
 from qcnode.db import audit_models as _audit_models  # noqa: E402,F401  (audit tables, migration 0002)
+from qcnode.db import alert_models as _alert_models  # noqa: E402,F401  (alert tables, migration 0004)

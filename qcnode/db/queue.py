@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from qcnode.db.models import Job, Series, utcnow
-from qcnode.db.states import JobState, SeriesState
+from qcnode.db.states import DeliveryState, JobState, SeriesState
 from qcnode.log import get_logger
 
 log = get_logger("qcnode.queue")
@@ -95,6 +95,29 @@ def claim_rows(session: Session, model: type[T], owner: str, lease_seconds: floa
         r.lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
     session.flush()
     return rows
+
+
+def settle_attempt(row: Any, error: str | None, *, max_attempts: int, backoff_initial: float,
+                   backoff_max: float, dead: bool = False) -> dict[str, Any]:
+    """Record the outcome of one send attempt on a claimed outbox row (``deliveries``,
+    ``alert_webhooks``): ``delivered``; or back to ``pending`` after the exponential back-off; or
+    ``dead`` (a dead letter) after ``max_attempts`` or when ``dead``. Releases the lease (caller
+    commits). Returns fields for the log line."""
+    row.lease_owner = None
+    row.lease_expires_at = None
+    if error is None:
+        row.status = DeliveryState.DELIVERED
+        row.delivered_at = utcnow()
+        row.last_error = None
+        return {"outcome": "delivered"}
+    row.last_error = error[:4000]
+    if dead or row.attempts >= max_attempts:
+        row.status = DeliveryState.DEAD
+        return {"outcome": "dead"}
+    delay = backoff_seconds(row.attempts, backoff_initial, backoff_max)
+    row.status = DeliveryState.PENDING
+    row.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
+    return {"outcome": "retry", "retry_in_s": round(delay, 3)}
 
 
 def renew_lease(session: Session, model: type, row_id: int, owner: str, lease_seconds: float) -> bool:

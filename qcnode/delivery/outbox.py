@@ -16,7 +16,6 @@ Status lives in SQL: ``SELECT destination, kind, status, attempts, last_error FR
 """
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from qcnode.config import Config, Destination
 from qcnode.db.models import Delivery, Instance, Series, SeriesResult, Study, utcnow
-from qcnode.db.queue import LeaseKeeper, backoff_seconds, claim_rows
+from qcnode.db.queue import LeaseKeeper, claim_rows, settle_attempt
 from qcnode.db.states import DeliveryState, superseded
 from qcnode.delivery.scu import DeliveryError, send_datasets
 from qcnode.log import get_logger
@@ -168,28 +167,16 @@ class OutboxSender:
             if d is None or d.lease_owner != self.owner or d.status != DeliveryState.SENDING:
                 session.commit()
                 return {"outcome": "lease_lost"}
-            d.lease_owner = None
-            d.lease_expires_at = None
             if superseded:
+                d.lease_owner = None
+                d.lease_expires_at = None
                 d.status = DeliveryState.SUPERSEDED
                 d.last_error = "not sent: the series received new instances; the next result is sent instead"
                 info: dict[str, Any] = {"outcome": str(DeliveryState.SUPERSEDED)}
-            elif error is None:
-                d.status = DeliveryState.DELIVERED
-                d.delivered_at = utcnow()
-                d.last_error = None
-                info = {"outcome": "delivered"}
             else:
-                d.last_error = error[:4000]
-                if dead or d.attempts >= self.cfg.outbox.max_attempts:
-                    d.status = DeliveryState.DEAD
-                    info = {"outcome": "dead"}
-                else:
-                    delay = backoff_seconds(d.attempts, self.cfg.outbox.backoff_initial_seconds,
-                                            self.cfg.outbox.backoff_max_seconds)
-                    d.status = DeliveryState.PENDING
-                    d.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
-                    info = {"outcome": "retry", "retry_in_s": round(delay, 3)}
+                ob = self.cfg.outbox
+                info = settle_attempt(d, error, max_attempts=ob.max_attempts, backoff_initial=ob.backoff_initial_seconds,
+                                      backoff_max=ob.backoff_max_seconds, dead=dead)
             session.commit()
             return info
 

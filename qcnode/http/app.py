@@ -1,4 +1,5 @@
-"""The FastAPI application of the HTTP server: health checks, STOW-RS, token middleware.
+"""The FastAPI application of the HTTP server: health checks, STOW-RS, the dashboard with its JSON
+API and /metrics, browser sign-in, all behind one token middleware (``qcnode.http.auth``).
 
 ``HttpNode`` holds what the routes share in the HTTP process: the config, the database, the spool,
 and the receiving side (``InstanceStore`` with this process's own group-commit recorder, exactly
@@ -8,14 +9,20 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from html import escape
+
 import anyio
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy import text
 from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qcnode.config import Config
-from qcnode.http.auth import TokenAuth
+from qcnode.dashboard.router import build_router
+from qcnode.http.auth import TokenAuth, current_user, local_path, require
+from qcnode.http.login import build_login_router
 from qcnode.http.stow import StowIngest
 from qcnode.http.stow import router as stow_router
 from qcnode.ingest.activity import open_activity
@@ -59,12 +66,36 @@ class HttpNode:
         self.recorder.close()
 
 
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """An error as a small HTML page for a browser on a page (a refused acknowledgement says why);
+    JSON as usual for the API and every other client."""
+    if "text/html" in request.headers.get("accept", "") and not local_path(request.scope).startswith("/api/"):
+        base = escape(request.scope.get("root_path", "").rstrip("/"))
+        html = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{exc.status_code} - qcnode'
+                f'</title><link rel="stylesheet" href="{base}/static/dashboard.css"></head><body><main>'
+                f'<h1>{exc.status_code}</h1><p class="flash" id="error">{escape(str(exc.detail))}</p>'
+                f'<p><a href="{base}/">Overview</a></p></main></body></html>')
+        return HTMLResponse(html, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    return await http_exception_handler(request, exc)
+
+
 def create_app(node: HttpNode) -> FastAPI:
-    """The application (no OpenAPI pages: nothing is served that the config did not ask for)."""
-    app = FastAPI(title="qcnode", docs_url=None, redoc_url=None, openapi_url=None)
+    """The application. The API's OpenAPI schema is served at /openapi.json (read role) but no
+    documentation pages: FastAPI's /docs would load Swagger UI from a CDN."""
+    app = FastAPI(title="qcnode", summary="Quality control of low-dose CT: DICOMweb in, dashboard and API",
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.node = node
     app.include_router(stow_router)
+    app.include_router(build_login_router(node.cfg))
+    app.include_router(build_router(node.session_factory, node.cfg, require_read=require("read"),
+                                    require_admin=require("admin"), current_user=current_user))
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(TokenAuth, http=node.cfg.http)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require("read"))])
+    def openapi() -> JSONResponse:
+        """The OpenAPI schema of the JSON API (and STOW-RS)."""
+        return JSONResponse(app.openapi())
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

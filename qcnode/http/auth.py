@@ -1,14 +1,16 @@
 """Bearer tokens and roles for the HTTP server.
 
 Bound to a loopback address with no token configured, the server is open (only this host can reach
-it). Otherwise every route except the health checks needs ``Authorization: Bearer <token>``: a
-missing or unknown token is answered 401 before any route runs (unknown paths included, so the
-server reveals nothing to strangers); a known token whose role lacks a route's permission gets 403.
-Only the SHA-256 of each token is configured; a presented token is hashed and compared in constant
-time. Tokens are never logged, only the configured name.
+it). Otherwise every route except the open ones (health checks, the sign-in page and its style
+sheet) needs a token: ``Authorization: Bearer <token>``, or for a browser, which cannot send that
+header, the HttpOnly cookie the sign-in page (``qcnode.http.login``) sets. A missing or unknown
+token is answered 401 before any route runs (unknown paths included, so the server reveals nothing
+to strangers; a browser asking for a page is sent to /login instead); a known token whose role
+lacks a route's permission gets 403. Only the SHA-256 of each token is configured; a presented
+token is hashed and compared in constant time. Tokens are never logged, only the configured name.
 
-Roles: ``store`` may only store (STOW-RS: what a PACS or modality needs), ``read`` may only read,
-``admin`` may do everything.
+Roles: ``store`` may only store (STOW-RS: what a PACS or modality needs), ``read`` may only read
+(pages, API, /metrics), ``admin`` may do everything (acknowledge alerts, score a series again).
 """
 from __future__ import annotations
 
@@ -18,9 +20,13 @@ import json
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from fastapi import HTTPException, Request
+from starlette.requests import cookie_parser
+
 from qcnode.config import HttpConfig, is_loopback
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login", "/logout", "/static/dashboard.css"})
+COOKIE = "qcnode_token"  # the browser's token, set by /login (HttpOnly, SameSite=Strict)
 GRANTS = {"read": frozenset({"read"}), "store": frozenset({"store"}),
           "admin": frozenset({"read", "store", "admin"})}
 SCOPE_KEY = "qcnode.caller"  # the authenticated Caller, in the ASGI scope
@@ -37,6 +43,7 @@ class Caller:
 
 
 OPEN_CALLER = Caller("local", "admin")
+NOBODY = Caller("anonymous", "")  # an open path's caller without a valid token: may nothing
 
 
 def token_sha256(token: str) -> str:
@@ -49,36 +56,74 @@ def auth_required(http: HttpConfig) -> bool:
     return bool(http.tokens) or not is_loopback(http.host)
 
 
-class TokenAuth:
-    """ASGI middleware: puts the request's Caller into the scope, or answers 401."""
+class Tokens:
+    """The configured tokens: which Caller a presented token is (shared by TokenAuth and /login)."""
 
-    def __init__(self, app: Any, http: HttpConfig):
-        self.app = app
+    def __init__(self, http: HttpConfig):
         self.required = auth_required(http)
-        self.tokens = [(t.sha256.lower(), Caller(t.name, t.role)) for t in http.tokens]
+        self.known = [(t.sha256.lower(), Caller(t.name, t.role)) for t in http.tokens]
 
-    def caller(self, headers: list[tuple[bytes, bytes]]) -> Caller | None:
-        """The Caller of a request with these headers; None if its token is missing or unknown."""
-        if not self.required:
-            return OPEN_CALLER
-        value = next((v for k, v in headers if k == b"authorization"), b"")
-        scheme, _, token = value.decode("latin-1").strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+    def identify(self, token: str | None) -> Caller | None:
+        """The Caller of ``token``; None if it is empty or unknown."""
+        if not token or not token.strip():
             return None
         digest = token_sha256(token.strip())
         found = None
-        for sha, caller in self.tokens:  # all compared: no timing hint which one matched
+        for sha, caller in self.known:  # all compared: no timing hint which one matched
             if hmac.compare_digest(sha, digest):
                 found = caller
         return found
 
+    def caller(self, headers: list[tuple[bytes, bytes]]) -> Caller | None:
+        """The Caller of a request with these headers (the bearer header, else the sign-in
+        cookie); None if its token is missing or unknown."""
+        if not self.required:
+            return OPEN_CALLER
+        value = next((v for k, v in headers if k == b"authorization"), None)
+        if value is not None:
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            return self.identify(token) if scheme.lower() == "bearer" else None
+        cookie = next((v for k, v in headers if k == b"cookie"), None)
+        return self.identify(cookie_parser(cookie.decode("latin-1")).get(COOKIE)) if cookie else None
+
+
+def _wants_page(scope: dict[str, Any]) -> bool:
+    """A browser navigating to a page (GET/HEAD accepting HTML, not the API, /metrics or STOW-RS)."""
+    accept = next((v for k, v in scope.get("headers", []) if k == b"accept"), b"")
+    path = local_path(scope)
+    return (scope.get("method") in ("GET", "HEAD") and b"text/html" in accept
+            and not path.startswith(("/api/", "/metrics", "/dicomweb/")))
+
+
+def local_path(scope: dict[str, Any]) -> str:
+    """The request path without a reverse proxy's ``root_path`` prefix."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
+class TokenAuth:
+    """ASGI middleware: puts the request's Caller into the scope, or answers 401 (a browser asking
+    for a page: a redirect to /login)."""
+
+    def __init__(self, app: Any, http: HttpConfig):
+        self.app = app
+        self.tokens = Tokens(http)
+
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
                        send: Callable[[Any], Awaitable[None]]) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        caller = self.caller(scope.get("headers", []))
+        caller = self.tokens.caller(scope.get("headers", []))
+        if caller is None and local_path(scope) in OPEN_PATHS:
+            caller = NOBODY
         if caller is None:
+            if _wants_page(scope):
+                location = scope.get("root_path", "").rstrip("/") + "/login"
+                headers = [(b"location", location.encode("latin-1")), (b"content-length", b"0")]
+                await send({"type": "http.response.start", "status": 303, "headers": headers})
+                await send({"type": "http.response.body", "body": b""})
+                return
             body = json.dumps({"detail": "a valid bearer token is required"}).encode()
             await send({"type": "http.response.start", "status": 401,
                         "headers": [(b"content-type", b"application/json"),
@@ -93,3 +138,18 @@ class TokenAuth:
 def caller_of(scope: dict[str, Any]) -> Caller:
     """The Caller that ``TokenAuth`` put into the scope (the open caller when none)."""
     return scope.get(SCOPE_KEY, OPEN_CALLER)
+
+
+def require(permission: str) -> Callable[[Request], None]:
+    """A FastAPI dependency: 403 unless the caller's role grants ``permission``."""
+    def check(request: Request) -> None:
+        caller = caller_of(request.scope)
+        if not caller.may(permission):
+            raise HTTPException(403, f"the {caller.role or 'anonymous'} role may not {permission}"
+                                     + (": an admin token is needed" if permission == "admin" else ""))
+    return check
+
+
+def current_user(request: Request) -> str:
+    """The caller's configured token name (``local`` on an open server): who acknowledged."""
+    return caller_of(request.scope).name

@@ -55,7 +55,7 @@ def run_http(cfg: Config, stop: threading.Event | None = None, ready: Any = None
         if http.tls_cert else {}
     server = uvicorn.Server(uvicorn.Config(
         create_app(node), host=http.host, port=http.port, log_config=None, access_log=False, server_header=False,
-        lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **tls))
+        lifespan="off", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, root_path=http.root_path, **tls))
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises a SIGTERM it handled once it is done: let that end this function, not the process
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2,7 +2,7 @@
 
 What runs where (``plan_processes``): the parent runs the Storage SCP (a thread per association);
 ``node.scp_processes`` > 1 adds children ``scp1``, ... on the same port. The tracker, the scoring
-worker, the outbox sender and the nightly audit run in a niced child ``worker``
+worker, the outbox sender, the alert webhooks (when configured) and the nightly audit run in a niced child ``worker``
 (``worker.separate_process``), or as threads of the parent without the SCP (``--no-scp``) or
 without ``separate_process``. Children die with the parent (kill -9 too) and restart if they exit.
 SIGTERM/SIGINT: stop accepting, finish in-flight C-STOREs, stop the loops between jobs (an
@@ -218,7 +218,7 @@ def _http_socket(cfg: Config) -> Any:
 
 
 def _service_loops(cfg: Config, roles: Roles, sf: Callable[[], Session], spool: Spool) -> list[ServiceLoop]:
-    """The background loops of ``roles``: tracker; worker and outbox sender."""
+    """The background loops of ``roles``: tracker; worker, outbox sender and alert webhooks."""
     loops = []
     if roles.tracker:
         from qcnode.tracking.series import track_once
@@ -240,6 +240,10 @@ def _service_loops(cfg: Config, roles: Roles, sf: Callable[[], Session], spool: 
             release_dead_local_leases(s, Delivery, running_status=DeliveryState.SENDING)
             s.commit()
         loops.append(ServiceLoop("outbox", sender.run_once, cfg.outbox.poll_interval_seconds))
+        if cfg.alerts.webhook_verdict_fail or cfg.alerts.webhook_audit_flag:
+            from qcnode.alerts.webhooks import WebhookSender
+            hooks = WebhookSender(cfg, sf, make_owner("webhooks"))
+            loops.append(ServiceLoop("webhooks", hooks.run_once, cfg.outbox.poll_interval_seconds))
     return loops
 
 

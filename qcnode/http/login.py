@@ -1,0 +1,105 @@
+"""Browser sign-in: /login takes a pasted token and keeps it in a cookie; /logout drops it.
+
+A browser cannot send ``Authorization: Bearer``, so on a server that needs tokens the sign-in form
+stores the token in an HttpOnly, SameSite=Strict cookie (Secure under TLS) that ``TokenAuth`` reads
+like the header. The cookie is only set for a token that is configured, so signing in only ever
+stores the caller's own token; the form also carries the dashboard's signed double-submit CSRF
+token, so another site cannot sign a browser in under a token of its choosing. Sign-ins are logged
+by the token's configured name, never the token.
+"""
+from __future__ import annotations
+
+from html import escape
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from qcnode.config import Config
+from qcnode.dashboard import csrf
+from qcnode.http.auth import COOKIE, Tokens, caller_of
+from qcnode.log import get_logger
+
+log = get_logger("qcnode.http")
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Sign in - qcnode</title><link rel="stylesheet" href="{base}/static/dashboard.css"></head>
+<body><header><span class="brand">qcnode</span></header><main>
+<h1>Sign in</h1>
+{message}
+<form method="post" action="{base}/login" id="login-form">
+<input type="hidden" name="{field}" value="{csrf}">
+<label>Access token <input type="password" name="token" id="token" autocomplete="current-password" required
+ size="48"></label>
+<button type="submit" id="sign-in">Sign in</button>
+</form>
+<p>Ask the node's administrator for a token with the <code>read</code> or <code>admin</code> role
+(<code>[[http.tokens]]</code> in config.toml).</p>
+</main></body></html>
+"""
+
+
+def _base(request: Request) -> str:
+    return request.scope.get("root_path", "").rstrip("/")
+
+
+def _client(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def build_login_router(cfg: Config) -> APIRouter:
+    """GET/POST /login and /logout for the tokens of ``cfg.http`` (CSRF key of the dashboard)."""
+    tokens = Tokens(cfg.http)
+    protector = csrf.Csrf(csrf.load_or_create_key(cfg.path(cfg.dashboard.secret_key_file)))
+    secure = bool(cfg.http.tls_cert)
+    router = APIRouter(include_in_schema=False)
+
+    def form(request: Request, message: str = "", status: int = 200) -> HTMLResponse:
+        """The sign-in form; sets the CSRF cookie when the browser has no valid one yet."""
+        token = request.cookies.get(csrf.COOKIE)
+        fresh = not protector.valid(token)
+        if fresh:
+            token = protector.new_token()
+        html = PAGE.format(base=escape(_base(request)), field=csrf.FIELD, csrf=escape(token or ""),
+                           message=f'<p class="flash" id="login-error">{escape(message)}</p>' if message else "")
+        resp = HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
+        if fresh:
+            resp.set_cookie(csrf.COOKIE, token or "", httponly=True, samesite="strict", path=_base(request) or "/",
+                            secure=secure)
+        return resp
+
+    @router.get("/login", response_class=HTMLResponse)
+    def login_page(request: Request) -> Response:
+        if not tokens.required:  # an open (loopback, tokenless) server: nothing to sign in to
+            return RedirectResponse(f"{_base(request)}/", status_code=303)
+        return form(request)
+
+    @router.post("/login")
+    async def login(request: Request) -> Response:
+        if not tokens.required:
+            return RedirectResponse(f"{_base(request)}/", status_code=303)
+        data = await request.form()
+        submitted, token = data.get(csrf.FIELD), data.get("token")
+        if not protector.matches(request.cookies.get(csrf.COOKIE), submitted if isinstance(submitted, str) else None):
+            log.warning("sign_in_csrf_refused", client=_client(request))
+            return form(request, "The form expired: please sign in again.", status=403)
+        caller = tokens.identify(token if isinstance(token, str) else None)
+        if caller is None:
+            log.warning("sign_in_refused", client=_client(request))
+            return form(request, "Unknown token.", status=401)
+        log.info("signed_in", token=caller.name, role=caller.role, client=_client(request))
+        resp = RedirectResponse(f"{_base(request)}/", status_code=303)
+        resp.set_cookie(COOKIE, token.strip(), httponly=True, samesite="strict", secure=secure,
+                        path=_base(request) or "/")
+        return resp
+
+    @router.api_route("/logout", methods=["GET", "POST"])
+    def logout(request: Request) -> Response:
+        caller = caller_of(request.scope)
+        if request.cookies.get(COOKIE):
+            log.info("signed_out", token=caller.name, client=_client(request))
+        resp = RedirectResponse(f"{_base(request)}/login", status_code=303)
+        resp.delete_cookie(COOKIE, path=_base(request) or "/", secure=secure, httponly=True, samesite="strict")
+        return resp
+
+    return router
