@@ -380,6 +380,33 @@ def test_streamed_body_over_the_limit_is_cut_off(both):
     assert not [p for p in scp.scp.spool.root.iterdir() if p.name.startswith(".stow-")]  # no leftover body
 
 
+def test_disk_filling_while_a_chunked_body_arrives_is_503(tmp_path, monkeypatch):
+    """A chunked body announces no length: free disk is looked at again while it arrives, and the
+    request is refused once the spool's file system falls below the watermark (receiving comes first)."""
+    from qcnode.http import stow
+    from qcnode.ingest.spool import Spool
+    monkeypatch.setattr(stow, "DISK_CHECK_BYTES", 2**20)
+    calls = []
+
+    def free_disk_mb(self) -> float:  # plenty before the body, nothing left once 1 MiB of it arrived
+        calls.append(1)
+        return 10**6 if len(calls) == 1 else 0.0
+    with http_node(tmp_path) as node:
+        monkeypatch.setattr(Spool, "free_disk_mb", free_disk_mb)
+
+        def chunks():
+            for _ in range(64):
+                yield b"\0" * 2**16
+        try:
+            r = requests.post(node.url + "/dicomweb/studies", data=chunks(), headers={"Content-Type": CT_TYPE},
+                              timeout=60)
+            assert r.status_code == 503 and r.headers["retry-after"], r.text
+        except requests.ConnectionError:
+            pass  # closed while the client was still sending: also refused
+        assert len(calls) >= 2  # looked at again while the body arrived
+        assert not [p for p in node.cfg.path(node.cfg.storage.spool_dir).iterdir() if p.name.startswith(".stow-")]
+
+
 # --------------------------------------------------------------------------------- tokens, readiness
 def test_tokens_and_roles_on_a_public_bind(tmp_path, ct):
     with http_node(tmp_path, host="0.0.0.0", tokens=True) as node:

@@ -136,8 +136,9 @@ class TokenAuth:
 
 
 def caller_of(scope: dict[str, Any]) -> Caller:
-    """The Caller that ``TokenAuth`` put into the scope (the open caller when none)."""
-    return scope.get(SCOPE_KEY, OPEN_CALLER)
+    """The Caller that ``TokenAuth`` put into the scope; one that may nothing when it put none
+    (a route outside the middleware is closed, not open)."""
+    return scope.get(SCOPE_KEY, NOBODY)
 
 
 def require(permission: str) -> Callable[[Request], None]:

@@ -35,6 +35,7 @@ from qcnode.log import get_logger
 log = get_logger("qcnode.http.stow")
 router = APIRouter()
 DICOM_JSON = "application/dicom+json"
+DISK_CHECK_BYTES = 64 * 2**20  # free disk is looked at again after this much of a body
 RETRY_AFTER_S = "60"
 
 
@@ -166,13 +167,21 @@ async def _stow(request: Request, study: str | None) -> Response:
         log.error("stow_refused", reason="free disk below storage.min_free_disk_mb", client=_client(request))
         return _problem(503, "out of resources: free disk below the node's watermark", {"Retry-After": RETRY_AFTER_S})
     received = 0
+    checked = 0  # bytes received when free disk was last looked at (a chunked body announces no length)
     with tempfile.TemporaryFile(dir=node.spool.root, prefix=".stow-") as body:
         try:
             async for chunk in request.stream():
                 received += len(chunk)
                 if received > max_bytes:
                     return _problem(413, f"the body exceeds http.max_body_mb ({cfg.http.max_body_mb})")
-                body.write(chunk)
+                if received - checked >= DISK_CHECK_BYTES:
+                    checked = received
+                    if node.spool.free_disk_mb() < cfg.storage.min_free_disk_mb:
+                        log.error("stow_refused", reason="free disk below storage.min_free_disk_mb while receiving",
+                                  received_bytes=received, client=_client(request))
+                        return _problem(503, "out of resources: free disk below the node's watermark",
+                                        {"Retry-After": RETRY_AFTER_S})
+                await run_in_threadpool(body.write, chunk)  # a slow disk must not stall the event loop
             body.flush()
         except ClientDisconnect:
             log.warning("stow_client_disconnected", received_bytes=received, client=_client(request))
