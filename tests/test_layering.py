@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qcnode"
 STAGES = ("dicom", "db", "net", "ingest", "tracking", "model", "scoring", "report", "delivery", "audit", "alerts",
           "dashboard", "http", "service", "cli")
 # shared ground any package may import (the top-level modules: config, log, __init__)
-GROUND = {"", "config", "log"}
+GROUND = {"", "config", "config_checks", "log"}
 # side packages (building the model offline): what each may import besides the ground
 SIDE = {"training": {"dicom", "model", "simulation", "training"},
         "simulation": {"dicom", "model", "simulation"}}

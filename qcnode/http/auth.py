@@ -23,7 +23,8 @@ from typing import Any, Awaitable, Callable
 from fastapi import HTTPException, Request
 from starlette.requests import cookie_parser
 
-from qcnode.config import HttpConfig, is_loopback
+from qcnode.config import HttpConfig
+from qcnode.config_checks import is_loopback
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login", "/logout", "/static/dashboard.css"})
 COOKIE = "qcnode_token"  # the browser's token, set by /login (HttpOnly, SameSite=Strict)

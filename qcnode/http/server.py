@@ -12,7 +12,8 @@ import socket
 import threading
 from typing import Any
 
-from qcnode.config import Config, is_loopback
+from qcnode.config import Config
+from qcnode.config_checks import is_loopback
 from qcnode.log import configure_logging, get_logger
 
 log = get_logger("qcnode.http")
