@@ -10,7 +10,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 EXIT_OK, EXIT_MODEL, EXIT_ARGS = 0, 1, 2
 
@@ -130,20 +130,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_score)
 
 
+def _missing(command: str, *checks: tuple[str, Path | None, Callable[[Path], bool]]) -> str | None:
+    """The first "qcnode COMMAND: WHAT not found: PATH" among (what, path or None, test) checks."""
+    for what, path, exists in checks:
+        if path is not None and not exists(path):
+            return f"qcnode {command}: {what} not found: {path}"
+    return None
+
+
 # ----------------------------------------------------------------------------------------- train
 def run_train(args: argparse.Namespace) -> int:
     from qcnode.model.network import preset_config
     from qcnode.training.semi import train_semi_supervised
     from qcnode.training.train import TrainOptions, train
 
-    if not args.data.is_dir():
-        _err(f"qcnode train: data folder not found: {args.data}")
-        return EXIT_ARGS
-    if args.val_data is not None and not args.val_data.is_dir():
-        _err(f"qcnode train: validation folder not found: {args.val_data}")
-        return EXIT_ARGS
-    if args.unlabeled is not None and not args.unlabeled.exists():
-        _err(f"qcnode train: unlabeled folder not found: {args.unlabeled}")
+    missing = _missing("train", ("data folder", args.data, Path.is_dir),
+                       ("validation folder", args.val_data, Path.is_dir),
+                       ("unlabeled folder", args.unlabeled, Path.exists))
+    if missing:
+        _err(missing)
         return EXIT_ARGS
     if args.rank_weight < 0 or args.rank_margin < 0:
         _err(f"qcnode train: --rank-weight and --rank-margin must be >= 0 "
@@ -187,11 +192,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from qcnode.training.evaluate import evaluate
     from qcnode.model.scorer import CheckpointError
 
-    if not args.data.is_dir():
-        _err(f"qcnode evaluate: data folder not found: {args.data}")
-        return EXIT_ARGS
-    if args.labels is not None and not args.labels.is_file():
-        _err(f"qcnode evaluate: labels file not found: {args.labels}")
+    missing = _missing("evaluate", ("data folder", args.data, Path.is_dir),
+                       ("labels file", args.labels, Path.is_file))
+    if missing:
+        _err(missing)
         return EXIT_ARGS
     try:
         result = evaluate(args.model, args.data, args.out, batch_size=args.batch_size,

@@ -13,7 +13,7 @@ from typing import Optional
 from sqlalchemy import Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from qcnode.db.models import Base, utcnow
+from qcnode.db.models import Base, OutboxRow, utcnow
 
 ALERT_VERDICT_FAIL = "verdict_fail"
 ALERT_AUDIT_FLAG = "audit_flag"
@@ -32,7 +32,7 @@ class AlertAck(Base):
     comment: Mapped[Optional[str]] = mapped_column(Text)
 
 
-class AlertWebhook(Base):
+class AlertWebhook(OutboxRow, Base):
     """Outbox row: the webhook POST of one alert (pending / sending / delivered / dead)."""
     __tablename__ = "alert_webhooks"
     __table_args__ = (UniqueConstraint("kind", "ref_id", name="uq_alert_webhook"),
@@ -40,11 +40,3 @@ class AlertWebhook(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
     ref_id: Mapped[int] = mapped_column()
-    status: Mapped[str] = mapped_column(String(16), default="pending")
-    attempts: Mapped[int] = mapped_column(default=0)
-    next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    lease_owner: Mapped[Optional[str]] = mapped_column(String(128))
-    lease_expires_at: Mapped[Optional[dt.datetime]] = mapped_column()
-    last_error: Mapped[Optional[str]] = mapped_column(Text)
-    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    delivered_at: Mapped[Optional[dt.datetime]] = mapped_column()

@@ -146,15 +146,8 @@ class SeriesResult(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
 
 
-class Delivery(Base):
-    """Outbox row: one payload (``sr``, ``kos`` or ``series``) for one destination."""
-    __tablename__ = "deliveries"
-    __table_args__ = (UniqueConstraint("series_result_id", "destination", "kind", name="uq_delivery"),
-                      Index("ix_deliveries_status_next", "status", "next_attempt_at"))
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    series_result_id: Mapped[int] = mapped_column(ForeignKey("series_results.id"), index=True)
-    destination: Mapped[str] = mapped_column(String(64))
-    kind: Mapped[str] = mapped_column(String(16))  # sr | kos | series
+class OutboxRow:
+    """The columns of an outbox row (deliveries, alert webhooks): state, attempts, back-off, lease."""
     status: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)  # DeliveryState
     attempts: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
@@ -163,6 +156,17 @@ class Delivery(Base):
     last_error: Mapped[Optional[str]] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[Optional[dt.datetime]] = mapped_column()
+
+
+class Delivery(OutboxRow, Base):
+    """Outbox row: one payload (``sr``, ``kos`` or ``series``) for one destination."""
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("series_result_id", "destination", "kind", name="uq_delivery"),
+                      Index("ix_deliveries_status_next", "status", "next_attempt_at"))
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_result_id: Mapped[int] = mapped_column(ForeignKey("series_results.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # sr | kos | series
 
 
 class Job(Base):

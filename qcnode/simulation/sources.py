@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -112,9 +112,18 @@ PYDICOM_REAL_SLICES = (("pydicom_ct_small", "CT_small.dcm"),
                        ("pydicom_head_j2k_b", "693_J2KI.dcm"))
 
 
+def _scorable_dataset(path: Path) -> Any:
+    """The header of a scorable CT slice at ``path``; None for anything else (unreadable, localizer...)."""
+    from qcnode.dicom.pixels import UnreadableFile, read_dataset, skip_reason
+    try:
+        ds = read_dataset(path)
+    except UnreadableFile:
+        return None
+    return None if skip_reason(ds) else ds
+
+
 def default_real_sources(shared_ct: Path | None) -> list[tuple[str, str, str, str]]:
     """(source_id, series, anatomy, path) of the default real slices (localizers skipped)."""
-    from qcnode.dicom.pixels import UnreadableFile, read_dataset, skip_reason
     out: list[tuple[str, str, str, str]] = []
     files: list[tuple[str, Path]] = []
     if shared_ct is not None and shared_ct.is_dir():
@@ -129,11 +138,7 @@ def default_real_sources(shared_ct: Path | None) -> list[tuple[str, str, str, st
         if found:
             files.append((series, Path(str(found))))
     for series, f in files:
-        try:
-            ds = read_dataset(f)
-        except UnreadableFile:
-            continue
-        if skip_reason(ds):
+        if _scorable_dataset(f) is None:
             continue
         out.append((f"real:{series}/{f.stem}", series, "head" if "head" in series else "body", str(f)))
     return out
@@ -161,7 +166,6 @@ class RealSlice:
 
 def find_real_slices(dirs: Sequence[Path]) -> list[RealSlice]:
     """Every scorable slice under user-given folders or files (localizers, non-DICOM skipped)."""
-    from qcnode.dicom.pixels import UnreadableFile, read_dataset, skip_reason
     out = []
     for d in dirs:
         d = Path(d)
@@ -169,11 +173,8 @@ def find_real_slices(dirs: Sequence[Path]) -> list[RealSlice]:
         for f in paths:
             if f.suffix.lower() in (".json", ".md", ".txt", ".csv"):
                 continue
-            try:
-                ds = read_dataset(f)
-            except UnreadableFile:
-                continue
-            if skip_reason(ds):
+            ds = _scorable_dataset(f)
+            if ds is None:
                 continue
             text = " ".join(str(ds.get(k, "")) for k in ("BodyPartExamined", "ProtocolName", "SeriesDescription"))
             anatomy = "head" if any(w in text.upper() for w in ("HEAD", "BRAIN", "SKULL")) or "head" in str(f).lower() \
