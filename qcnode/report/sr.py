@@ -1,6 +1,7 @@
 """The qcnode result of one series as a DICOM Structured Report (highdicom, TID 1500).
 
-One Comprehensive 3D SR per scoring round of a series, in the same study as a new series.
+One Comprehensive 3D SR per scoring round of a series, in the same study as a new series. (A little over 400 lines:
+the content tree below is kept next to the code that builds it.)
 
 Content tree (TID 1500 Measurement Report, title DCM 126000 "Imaging Measurement Report",
 procedure reported LN 25045-6 "CT unspecified body region" (CID 100), observer = the algorithm
