@@ -1,6 +1,6 @@
 """/metrics: a Prometheus collector that reads the database at scrape time.
 
-Every number comes from SQL (``queries.metrics_snapshot``), not from in-process counters, so one
+Every number comes from SQL (``status_queries.metrics_snapshot``), not from in-process counters, so one
 scrape covers the receiving processes, the worker and other nodes on the same PostgreSQL database.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
                                     InfoMetricFamily)
 from prometheus_client.registry import CollectorRegistry
 
-from qcnode.dashboard import queries
+from qcnode.dashboard import status_queries
 
 
 class DatabaseCollector:
@@ -22,7 +22,7 @@ class DatabaseCollector:
 
     def collect(self) -> Iterator[Any]:
         with self.session_factory() as session:
-            snap = queries.metrics_snapshot(session)
+            snap = status_queries.metrics_snapshot(session)
         yield CounterMetricFamily("qcnode_instances_received", "Instances received and stored",
                                   value=snap["instances"])
         refused = CounterMetricFamily("qcnode_instances_refused", "Objects refused at receipt, by DIMSE status",

@@ -1,5 +1,5 @@
 """The dashboard's routes: server-rendered pages, CSV downloads, the JSON API under /api/v1 and
-/metrics, all on the queries of ``qcnode.dashboard.queries``.
+/metrics, all on the queries of ``qcnode.dashboard.*_queries``.
 
 ``build_router`` takes the authentication as FastAPI dependencies from the app that serves it
 (``qcnode.http.app``): ``require_read`` guards every route but the style sheet, ``require_admin`` the mutating ones (acknowledge an alert,
@@ -23,7 +23,8 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from qcnode.alerts.store import acknowledge
 from qcnode.config import Config
-from qcnode.dashboard import charts, csrf, queries, schemas
+from qcnode.dashboard import (alert_queries, charts, csrf, protocol_queries, queries, schemas, series_queries,
+                              status_queries)
 from qcnode.dashboard.metrics import registry_for
 from qcnode.dashboard.palette import protocol_colour
 from qcnode.db.alert_models import ALERT_KINDS
@@ -138,7 +139,7 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
         if kind not in ALERT_KINDS:
             raise HTTPException(404, "unknown alert kind")
         with session_factory() as s:
-            if not queries.alert_exists(s, kind, ref_id):
+            if not alert_queries.alert_exists(s, kind, ref_id):
                 raise HTTPException(404, "no such alert")
             ack = acknowledge(s, kind, ref_id, user_name(user), comment)
         return (200, "acknowledged") if ack is not None else (409, "already acknowledged")
@@ -146,7 +147,7 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
     def do_rescore(series_id: int, user: Any) -> int | None:
         from qcnode.tracking.series import rescore_series
         with read_sf() as s:
-            if not queries.series_exists(s, series_id):
+            if not series_queries.series_exists(s, series_id):
                 raise HTTPException(404, "no such series")
         version = rescore_series(session_factory, series_id)
         log.info("series_rescore_requested", series_id=series_id, user=user_name(user), queued_version=version)
@@ -175,44 +176,44 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
     @router.get("/", response_class=HTMLResponse, include_in_schema=False)
     def overview_page(request: Request) -> HTMLResponse:
         with read_sf() as s:
-            data = queries.overview(s, cfg)
+            data = status_queries.overview(s, cfg)
         return page(request, "overview.html", "Overview", o=data)
 
     @router.get("/series", response_class=HTMLResponse, include_in_schema=False)
     def series_page(request: Request) -> HTMLResponse:
-        flt = queries.SeriesFilter.from_params(dict(request.query_params), cfg.dashboard.page_size)
+        flt = series_queries.SeriesFilter.from_params(dict(request.query_params), cfg.dashboard.page_size)
         with read_sf() as s:
-            listing = queries.list_series(s, flt, show_key)
-            choices = queries.filter_choices(s)
+            listing = series_queries.list_series(s, flt, show_key)
+            choices = series_queries.filter_choices(s)
         pages = max(1, -(-listing["total"] // flt.page_size))
         return page(request, "series_list.html", "Series", flt=flt, listing=listing, choices=choices, pages=pages,
-                    show_key=show_key, verdicts=queries.VERDICTS, sorts=list(queries.SORTS))
+                    show_key=show_key, verdicts=queries.VERDICTS, sorts=list(series_queries.SORTS))
 
     @router.get("/series.csv", include_in_schema=False)
     def series_csv(request: Request) -> StreamingResponse:
-        flt = queries.SeriesFilter.from_params(dict(request.query_params), cfg.dashboard.page_size)
+        flt = series_queries.SeriesFilter.from_params(dict(request.query_params), cfg.dashboard.page_size)
         cols = [c for c in SERIES_CSV_COLUMNS if show_key or c != "patient_key"]
 
         def rows() -> Iterator[dict[str, Any]]:
             with read_sf() as s:
-                yield from queries.iter_series(s, flt, show_key)
+                yield from series_queries.iter_series(s, flt, show_key)
         return _csv_response("series.csv", cols, rows())
 
     @router.get("/series/{series_id}", response_class=HTMLResponse, include_in_schema=False)
     def series_detail_page(request: Request, series_id: int) -> HTMLResponse:
         with read_sf() as s:
-            d = queries.series_detail(s, series_id, show_key, spool_dir)
+            d = series_queries.series_detail(s, series_id, show_key, spool_dir)
         if d is None:
             raise HTTPException(404, "no such series")
-        chart = charts.strip_chart(d["slices"], d["protocol"], queries.position_label(d["slices"])) if d["slices"] else None
+        chart = charts.strip_chart(d["slices"], d["protocol"], series_queries.position_label(d["slices"])) if d["slices"] else None
         return page(request, "series_detail.html", f"Series {series_id}", d=d, strip=chart, show_key=show_key,
-                    slices=queries.public_slices(d["slices"]), flash=request.query_params.get("msg"),
+                    slices=series_queries.public_slices(d["slices"]), flash=request.query_params.get("msg"),
                     charts_needed=chart is not None)
 
     @router.get("/series/{series_id}/slices.csv", include_in_schema=False)
     def slices_csv(series_id: int) -> StreamingResponse:
         with read_sf() as s:
-            rows = queries.public_slices(queries.slices(s, series_id))
+            rows = series_queries.public_slices(series_queries.slices(s, series_id))
         cols = ["instance_id", "sop_instance_uid", "instance_number", "slice_location", "position", "score",
                 "score_low", "score_high", "noise_hu", "dw_cm", "ssde_mgy", "ctdivol_mgy", "kernel"]
         return _csv_response(f"series-{series_id}-slices.csv", cols, rows)
@@ -221,7 +222,7 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
     def thumbnail(series_id: int, instance_id: int) -> Response:
         from qcnode.dashboard.thumbnails import render_png
         with read_sf() as s:
-            rel = queries.instance_spool_path(s, series_id, instance_id)
+            rel = series_queries.instance_spool_path(s, series_id, instance_id)
         if rel is None:
             raise HTTPException(404, "no such instance in this series")
         path = (spool_dir / rel).resolve()
@@ -246,9 +247,9 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
     def protocols_page(request: Request) -> HTMLResponse:
         args = protocol_args(request)
         with read_sf() as s:
-            data = queries.protocols(s, cfg, **args)
-            choices = queries.filter_choices(s)
-        figs = {f"box-{m}": charts.box_chart(data["groups"], m) for m in queries.METRICS}
+            data = protocol_queries.protocols(s, cfg, **args)
+            choices = series_queries.filter_choices(s)
+        figs = {f"box-{m}": charts.box_chart(data["groups"], m) for m in protocol_queries.METRICS}
         figs.update({f"trend-{m}": charts.trend_chart(data["trends"], m, data["since"], data["until"]) for m in ("score", "noise")})
         figs["scatter"] = charts.scatter_chart(data["scatter"])
         query = "&".join(f"{k}={v}" for k, v in (("since", args["since"]), ("until", args["until"]),
@@ -260,10 +261,10 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
     @router.get("/protocols/{chart}.csv", include_in_schema=False)
     def protocols_csv(request: Request, chart: str) -> StreamingResponse:
         with read_sf() as s:
-            data = queries.protocols(s, cfg, **protocol_args(request))
+            data = protocol_queries.protocols(s, cfg, **protocol_args(request))
         if chart == "box":
             rows = [{"protocol": g["protocol"], "scanner": g["scanner"], "n_series": g["n_series"],
-                     "n_fail": g["n_fail"], **{f"{m}_{k}": (g["box"][m] or {}).get(k) for m in queries.METRICS
+                     "n_fail": g["n_fail"], **{f"{m}_{k}": (g["box"][m] or {}).get(k) for m in protocol_queries.METRICS
                                                for k in ("lowerfence", "q1", "median", "q3", "upperfence")}}
                     for g in data["groups"]]
         elif chart == "trends":
@@ -281,13 +282,13 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
     @router.get("/audit", response_class=HTMLResponse, include_in_schema=False)
     def audit_page(request: Request) -> HTMLResponse:
         with read_sf() as s:
-            runs = queries.audit_runs(s, limit=100)
+            runs = alert_queries.audit_runs(s, limit=100)
         return page(request, "audit.html", "Audit", runs=runs)
 
     @router.get("/audit/{run_id}/report", response_class=HTMLResponse, include_in_schema=False)
     def audit_report(run_id: int) -> FileResponse:
         with read_sf() as s:
-            path = queries.audit_report_path(s, run_id)
+            path = alert_queries.audit_report_path(s, run_id)
         if path is None or not path.is_file():
             raise HTTPException(404, "no report for this run")
         return FileResponse(path, media_type="text/html")
@@ -298,7 +299,7 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
         raw_page = request.query_params.get("page", "1")
         p = max(1, int(raw_page)) if raw_page.isdigit() else 1
         with read_sf() as s:
-            data = queries.list_alerts(s, unacknowledged=only_open, limit=cfg.dashboard.page_size,
+            data = alert_queries.list_alerts(s, unacknowledged=only_open, limit=cfg.dashboard.page_size,
                                        offset=(p - 1) * cfg.dashboard.page_size)
         return page(request, "alerts.html", "Alerts", data=data, only_open=only_open, page_no=p,
                     page_size=cfg.dashboard.page_size,
@@ -320,21 +321,21 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
                    scanner: str | None = None, protocol: str | None = None, kernel: str | None = None,
                    body_part: str | None = None, verdict: str | None = Query(None, pattern="^(PASS|WARN|FAIL)$"),
                    model_version: str | None = None, text: str | None = None,
-                   sort: str = Query("received", pattern="^(" + "|".join(queries.SORTS) + ")$"),
+                   sort: str = Query("received", pattern="^(" + "|".join(series_queries.SORTS) + ")$"),
                    order: str = Query("desc", pattern="^(asc|desc)$"), page: int = Query(1, ge=1),
                    page_size: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
         """Series with their latest scoring round (dates: UTC date of the last received instance)."""
-        flt = queries.SeriesFilter.from_params(dict(request.query_params), page_size)
+        flt = series_queries.SeriesFilter.from_params(dict(request.query_params), page_size)
         with read_sf() as s:
-            return queries.list_series(s, flt, show_key)
+            return series_queries.list_series(s, flt, show_key)
 
     @router.get("/api/v1/series/{series_id}", tags=["series"], summary="One series: rounds, SRs, deliveries")
     def api_series_detail(series_id: int) -> dict[str, Any]:
         with read_sf() as s:
-            d = queries.series_detail(s, series_id, show_key, spool_dir)
+            d = series_queries.series_detail(s, series_id, show_key, spool_dir)
         if d is None:
             raise HTTPException(404, "no such series")
-        d["slices"] = queries.public_slices(d["slices"])
+        d["slices"] = series_queries.public_slices(d["slices"])
         return d
 
     @router.get("/api/v1/series/{series_id}/slices", tags=["series"], summary="Per-slice scores of a round",
@@ -342,7 +343,7 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
     def api_slices(series_id: int, version: int | None = None) -> list[dict[str, Any]]:
         """Slice scores with the 5-95 % interval in slice order (default: the latest round)."""
         with read_sf() as s:
-            return queries.public_slices(queries.slices(s, series_id, version))
+            return series_queries.public_slices(series_queries.slices(s, series_id, version))
 
     @router.post("/api/v1/series/{series_id}/rescore", tags=["series"], dependencies=mutating,
                  summary="Queue the series for scoring again (admin)", response_model=schemas.RescoreResult)
@@ -356,7 +357,7 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
                       scanner: str | None = None, protocol: str | None = None) -> dict[str, Any]:
         """Box-plot statistics, daily medians with the audit baseline band, score vs SSDE points."""
         with read_sf() as s:
-            data = queries.protocols(s, cfg, **protocol_args(request))
+            data = protocol_queries.protocols(s, cfg, **protocol_args(request))
         for t in data["trends"]:
             t["colour"] = protocol_colour(t["protocol"])
         for g in data["groups"]:
@@ -367,20 +368,20 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
                 response_model=list[schemas.AuditRun])
     def api_audit_runs(limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> list[dict[str, Any]]:
         with read_sf() as s:
-            return queries.audit_runs(s, limit=limit, offset=offset)
+            return alert_queries.audit_runs(s, limit=limit, offset=offset)
 
     @router.get("/api/v1/audit/flags", tags=["audit"], summary="Audit flags, newest first",
                 response_model=list[schemas.AuditFlag])
     def api_flags(limit: int = Query(100, ge=1, le=1000), kind: str | None = None) -> list[dict[str, Any]]:
         with read_sf() as s:
-            return queries.list_flags(s, limit=limit, kind=kind)
+            return alert_queries.list_flags(s, limit=limit, kind=kind)
 
     @router.get("/api/v1/alerts", tags=["alerts"], summary="FAIL verdicts and audit flags as alerts",
                 response_model=schemas.AlertList)
     def api_alerts(unacknowledged: bool = False, limit: int = Query(50, ge=1, le=500),
                    offset: int = Query(0, ge=0)) -> dict[str, Any]:
         with read_sf() as s:
-            return queries.list_alerts(s, unacknowledged=unacknowledged, limit=limit, offset=offset)
+            return alert_queries.list_alerts(s, unacknowledged=unacknowledged, limit=limit, offset=offset)
 
     @router.post("/api/v1/alerts/{kind}/{ref_id}/ack", tags=["alerts"], dependencies=mutating,
                  summary="Acknowledge an alert (admin)", response_model=schemas.AckResult,
@@ -398,7 +399,7 @@ def build_router(session_factory: Callable[[], Any], cfg: Config, *, require_rea
     @router.get("/api/v1/status", tags=["status"], summary="What qcnode status shows, plus today's verdicts")
     def api_status() -> dict[str, Any]:
         with read_sf() as s:
-            return queries.overview(s, cfg)
+            return status_queries.overview(s, cfg)
 
     # ---- Prometheus -----------------------------------------------------------------------------------
     @router.get("/metrics", include_in_schema=False)
