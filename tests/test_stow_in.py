@@ -425,6 +425,35 @@ def test_tokens_and_roles_on_a_public_bind(tmp_path, ct):
     assert not log.exists() or "s3cret" not in log.read_text()
 
 
+def test_open_server_answers_only_requests_addressed_to_loopback(tmp_path, ct):
+    """DNS rebinding: a web page whose name resolves to 127.0.0.1 sends its own Host header; an open
+    (tokenless) server must not treat it as this host's admin."""
+    with http_node(tmp_path) as node:
+        assert requests.get(node.url + "/readyz", timeout=10).status_code == 200  # Host: 127.0.0.1:port
+        for host in ("evil.example", "evil.example:8080", "10.0.0.5"):
+            r = requests.get(node.url + "/readyz", headers={"Host": host}, timeout=10)
+            assert r.status_code == 400 and "localhost" in r.json()["detail"], host
+        assert requests.get(node.url + "/healthz", headers={"Host": "localhost:1"}, timeout=10).status_code == 200
+
+
+def test_too_many_parts_is_400(both, monkeypatch):
+    from qcnode.http import multipart as multipart_mod
+    scp, node = both
+    monkeypatch.setattr(multipart_mod, "MAX_PARTS", 3)
+    r = node.post(multipart(*[b"x" * 10] * 4))
+    assert r.status_code == 400 and "more than 3 parts" in r.text
+
+
+def test_sign_in_reads_only_a_small_urlencoded_form(tmp_path):
+    """/login is open to anyone: a multipart upload or a large body is refused before any of it is parsed."""
+    with http_node(tmp_path, host="0.0.0.0", tokens=True) as node:
+        big = requests.post(node.url + "/login", data={"token": "x" * 20000}, timeout=10, allow_redirects=False)
+        upload = requests.post(node.url + "/login", files={"f": ("f.bin", b"\0" * 2**20)}, timeout=10,
+                               allow_redirects=False)
+        for r in (big, upload):
+            assert r.status_code == 400 and "Sign in with the form" in r.text
+
+
 def test_loopback_without_tokens_is_open(tmp_path, ct):
     with http_node(tmp_path) as node:
         assert node.post(multipart(part10(fresh(ct)))).status_code == 200

@@ -31,6 +31,8 @@ COOKIE = "qcnode_token"  # the browser's token, set by /login (HttpOnly, SameSit
 GRANTS = {"read": frozenset({"read"}), "store": frozenset({"store"}),
           "admin": frozenset({"read", "store", "admin"})}
 SCOPE_KEY = "qcnode.caller"  # the authenticated Caller, in the ASGI scope
+BEARER_KEY = "qcnode.bearer"  # True in the scope when a valid bearer header (not a cookie) identified the caller
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,15 @@ class TokenAuth:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        caller = self.tokens.caller(scope.get("headers", []))
+        headers = scope.get("headers", [])
+        if not self.tokens.required and not _loopback_host(headers):
+            # an open server answers only requests addressed to loopback: a web page whose name was
+            # rebound to 127.0.0.1 (DNS rebinding) must not become an admin of this node
+            await _send_json(send, 400, {"detail": "open (tokenless) server: address it as localhost or 127.0.0.1"})
+            return
+        caller = self.tokens.caller(headers)
+        if caller is not None and self.tokens.required and any(k == b"authorization" for k, _ in headers):
+            scope[BEARER_KEY] = True
         if caller is None and local_path(scope) in OPEN_PATHS:
             caller = NOBODY
         if caller is None:
@@ -125,15 +135,27 @@ class TokenAuth:
                 await send({"type": "http.response.start", "status": 303, "headers": headers})
                 await send({"type": "http.response.body", "body": b""})
                 return
-            body = json.dumps({"detail": "a valid bearer token is required"}).encode()
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode()),
-                                    (b"www-authenticate", b'Bearer realm="qcnode"')]})
-            await send({"type": "http.response.body", "body": body})
+            await _send_json(send, 401, {"detail": "a valid bearer token is required"},
+                             [(b"www-authenticate", b'Bearer realm="qcnode"')])
             return
         scope[SCOPE_KEY] = caller
         await self.app(scope, receive, send)
+
+
+def _loopback_host(headers: list[tuple[bytes, bytes]]) -> bool:
+    """The request's Host names this host's loopback (any port)."""
+    host = next((v for k, v in headers if k == b"host"), b"").decode("latin-1").strip().lower()
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    return name in LOOPBACK_NAMES or name.startswith("127.")
+
+
+async def _send_json(send: Callable[[Any], Awaitable[None]], status: int, doc: dict[str, Any],
+                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(doc).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *(extra or [])]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def caller_of(scope: dict[str, Any]) -> Caller:

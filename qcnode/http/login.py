@@ -10,6 +10,7 @@ by the token's configured name, never the token.
 from __future__ import annotations
 
 from html import escape
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -21,6 +22,7 @@ from qcnode.log import get_logger
 
 log = get_logger("qcnode.http")
 
+MAX_FORM_BYTES = 8192  # the sign-in form: a token and a CSRF field
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Sign in - qcnode</title><link rel="stylesheet" href="{base}/static/dashboard.css"></head>
@@ -78,7 +80,9 @@ def build_login_router(cfg: Config) -> APIRouter:
     async def login(request: Request) -> Response:
         if not tokens.required:
             return RedirectResponse(f"{_base(request)}/", status_code=303)
-        data = await request.form()
+        data = await _small_form(request)
+        if data is None:
+            return form(request, "Sign in with the form on this page.", status=400)
         submitted, token = data.get(csrf.FIELD), data.get("token")
         if not protector.matches(request.cookies.get(csrf.COOKIE), submitted if isinstance(submitted, str) else None):
             log.warning("sign_in_csrf_refused", client=_client(request))
@@ -103,3 +107,20 @@ def build_login_router(cfg: Config) -> APIRouter:
         return resp
 
     return router
+
+
+async def _small_form(request: Request) -> dict[str, str] | None:
+    """The sign-in form's fields; None unless it is a small urlencoded body (the form is open to
+    anyone, so nothing large is read or parsed before the token is checked)."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/x-www-form-urlencoded":
+        return None
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return None
+    try:
+        fields = parse_qs(body.decode("latin-1"), max_num_fields=8)
+    except ValueError:  # more fields than the form has
+        return None
+    return {key: values[0] for key, values in fields.items()}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 MAX_PART_HEADERS = 16384  # bytes of headers per part at most
 MAX_BOUNDARY = 256        # RFC 2046 says 70; Orthanc 1.10 sends longer ones
+MAX_PARTS = 10_000        # instances per STOW-RS request at most (each part costs memory and a record)
 
 
 class MultipartError(ValueError):
@@ -94,6 +95,8 @@ def split_parts(body: mmap.mmap | bytes, boundary: str) -> list[Part]:
         if nxt < 0:
             raise MultipartError(f"part {len(parts) + 1} is truncated (no boundary after it)")
         parts.append(Part(headers, start, nxt))
+        if len(parts) > MAX_PARTS:
+            raise MultipartError(f"more than {MAX_PARTS} parts in one request: send fewer instances per request")
         pos = nxt + len(delimiter)
 
 
