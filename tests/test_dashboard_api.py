@@ -49,6 +49,8 @@ def dash(db_url, tmp_path):
     def client(open_: bool = False, cfg_: Config | None = None, **kw) -> TestClient:
         """A client of the HTTP app: with tokens on a non-loopback bind, or ``open_`` (loopback)."""
         apps.append(make_test_app(sf, cfg_ or cfg, open_=open_))
+        if open_:  # an open server answers only requests addressed to loopback
+            kw.setdefault("base_url", "http://127.0.0.1")
         return TestClient(apps[-1], **kw)
     yield client, sf, seeded, cfg
     for app in apps:
