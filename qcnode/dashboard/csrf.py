@@ -3,8 +3,10 @@
 The token ``nonce.HMAC(key, nonce)`` is set as an HttpOnly, SameSite=Strict cookie and rendered
 into each form; a mutating request must send the same, validly signed token back in the form field
 ``csrf_token`` or the ``X-CSRF-Token`` header. Another site can neither read the cookie nor forge a
-signature without the key (``dashboard.secret_key_file``, created 0600). Requests that carry an
-``Authorization`` header need no token: a browser never adds one on its own to a cross-site request.
+signature without the key (``dashboard.secret_key_file``, created 0600). Requests authenticated by
+a valid bearer token in the ``Authorization`` header need no token: a browser never adds one on its
+own to a cross-site request. Any other ``Authorization`` header (Basic credentials a browser resends
+by itself, or any header on the open server, where no token is checked) still needs it.
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from typing import Any, Iterable, Iterator
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -18,14 +19,41 @@ SERIES_CSV_COLUMNS = ["series_id", "series_instance_uid", "study_instance_uid", 
                       "fraction_below", "verdict", "noise_hu", "ctdivol_mgy", "ssde_mgy", "dlp_mgycm", "scored_at"]
 
 
+# what a spreadsheet reads as the start of a formula (CSV injection): such text cells get a leading '
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+# the flash messages a redirect may ask a page to show (``?msg=<code>``): any other code shows nothing,
+# so a link from elsewhere cannot put its own text on the dashboard
+FLASH = {"acknowledged": "acknowledged", "already-acknowledged": "already acknowledged",
+         "queued": "queued for scoring", "receiving": "still receiving: scored once stable"}
+
+
+def _flash(params: Any) -> str | None:
+    """The fixed message of the query's ``msg`` code (``queued`` with its ``round`` number), else None."""
+    code = params.get("msg")
+    if code not in FLASH:
+        return None
+    round_ = params.get("round", "")
+    if code == "queued" and round_.isascii() and round_.isdigit() and len(round_) <= 9:
+        return f"{FLASH[code]} (round {int(round_)})"
+    return FLASH[code]
+
+
+def _csv_cell(value: Any) -> Any:
+    """``value`` as written to CSV: text a spreadsheet would run as a formula gets a leading '."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _csv_response(filename: str, columns: list[str], rows: Iterable[dict[str, Any]]) -> StreamingResponse:
-    """Stream ``rows`` as CSV with the given columns (missing keys empty)."""
+    """Stream ``rows`` as CSV with the given columns (missing keys empty; formula-like text defused)."""
     def gen() -> Iterator[str]:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for i, row in enumerate(rows):
-            writer.writerow(row)
+            writer.writerow({k: _csv_cell(v) for k, v in row.items()})
             if i % 500 == 499:
                 yield buf.getvalue()
                 buf.seek(0)
@@ -74,7 +102,7 @@ def add_pages(router: APIRouter, ctx: Dashboard) -> None:
         chart = (charts.strip_chart(d["slices"], d["protocol"], series_queries.position_label(d["slices"]))
                  if d["slices"] else None)
         return page(request, "series_detail.html", f"Series {series_id}", d=d, strip=chart, show_key=show_key,
-                    slices=series_queries.public_slices(d["slices"]), flash=request.query_params.get("msg"),
+                    slices=series_queries.public_slices(d["slices"]), flash=_flash(request.query_params),
                     charts_needed=chart is not None)
 
     @router.get("/series/{series_id}/slices.csv", include_in_schema=False)
@@ -106,9 +134,9 @@ def add_pages(router: APIRouter, ctx: Dashboard) -> None:
     @router.post("/series/{series_id}/rescore", include_in_schema=False, dependencies=ctx.mutating)
     def rescore_form(request: Request, series_id: int, user: Any = Depends(ctx.current_user)) -> RedirectResponse:
         version = ctx.do_rescore(series_id, user)
-        msg = f"queued for scoring (round {version})" if version is not None else "still receiving: scored once stable"
+        query = urlencode({"msg": "queued", "round": version} if version is not None else {"msg": "receiving"})
         base = request.scope.get("root_path", "").rstrip("/")
-        return RedirectResponse(f"{base}/series/{series_id}?msg={msg.replace(' ', '+')}", status_code=303)
+        return RedirectResponse(f"{base}/series/{series_id}?{query}", status_code=303)
 
     @router.get("/protocols", response_class=HTMLResponse, include_in_schema=False)
     def protocols_page(request: Request) -> HTMLResponse:
@@ -119,9 +147,9 @@ def add_pages(router: APIRouter, ctx: Dashboard) -> None:
         figs = {f"box-{m}": charts.box_chart(data["groups"], m) for m in protocol_queries.METRICS}
         figs.update({f"trend-{m}": charts.trend_chart(data["trends"], m, data["since"], data["until"]) for m in ("score", "noise")})
         figs["scatter"] = charts.scatter_chart(data["scatter"])
-        query = "&".join(f"{k}={v}" for k, v in (("since", args["since"]), ("until", args["until"]),
-                                                 ("scanner", args["scanner"] or ""),
-                                                 ("protocol", args["protocol"] or "")) if v)
+        query = urlencode([(k, str(v)) for k, v in (("since", args["since"]), ("until", args["until"]),
+                                                    ("scanner", args["scanner"]), ("protocol", args["protocol"]))
+                           if v])
         return page(request, "protocols.html", "Protocols", data=data, figs=figs, args=args, choices=choices,
                     query=query, charts_needed=True)
 
@@ -155,11 +183,20 @@ def add_pages(router: APIRouter, ctx: Dashboard) -> None:
 
     @router.get("/audit/{run_id}/report", response_class=HTMLResponse, include_in_schema=False)
     def audit_report(run_id: int) -> FileResponse:
+        """The run's HTML report, only from inside ``audit.out_dir`` (a stored path elsewhere, say from
+        ``qcnode audit --out DIR``, is not served), sandboxed: it runs no script and opens nothing."""
         with read_sf() as s:
-            path = alert_queries.audit_report_path(s, run_id)
-        if path is None or not path.is_file():
+            stored = alert_queries.audit_report_path(s, run_id)
+        if stored is None:
             raise HTTPException(404, "no report for this run")
-        return FileResponse(path, media_type="text/html")
+        root = cfg.path(cfg.audit.out_dir).resolve()
+        path = stored.resolve()
+        if root not in path.parents:
+            raise HTTPException(404, "this run's report is outside audit.out_dir: open it where it was written")
+        if not path.is_file():
+            raise HTTPException(404, "no report for this run")
+        return FileResponse(path, media_type="text/html",
+                            headers={"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"})
 
     @router.get("/alerts", response_class=HTMLResponse, include_in_schema=False)
     def alerts_page(request: Request) -> HTMLResponse:
@@ -171,13 +208,14 @@ def add_pages(router: APIRouter, ctx: Dashboard) -> None:
                                              offset=(p - 1) * cfg.dashboard.page_size)
         return page(request, "alerts.html", "Alerts", data=data, only_open=only_open, page_no=p,
                     page_size=cfg.dashboard.page_size,
-                    flash=request.query_params.get("msg"))
+                    flash=_flash(request.query_params))
 
     @router.post("/alerts/{kind}/{ref_id}/ack", include_in_schema=False, dependencies=ctx.mutating)
     async def ack_form(request: Request, kind: str, ref_id: int, user: Any = Depends(ctx.current_user)) -> RedirectResponse:
         form = await request.form()
         comment = form.get("comment")
         from starlette.concurrency import run_in_threadpool
-        _code, msg = await run_in_threadpool(ctx.do_ack, kind, ref_id, user, comment if isinstance(comment, str) else None)
+        code, _msg = await run_in_threadpool(ctx.do_ack, kind, ref_id, user, comment if isinstance(comment, str) else None)
         base = request.scope.get("root_path", "").rstrip("/")
-        return RedirectResponse(f"{base}/alerts?msg={msg.replace(' ', '+')}", status_code=303)
+        return RedirectResponse(f"{base}/alerts?msg={'acknowledged' if code == 200 else 'already-acknowledged'}",
+                                status_code=303)

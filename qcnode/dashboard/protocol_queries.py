@@ -49,13 +49,15 @@ def protocols(session: Session, cfg: Config, since: dt.date, until: dt.date,
     the score vs SSDE points (newest ``dashboard.scatter_max_points``) with their series ids."""
     r = aliased(SeriesResult, name="r")
     start = dt.datetime.combine(since, dt.time(), dt.timezone.utc)
-    end = dt.datetime.combine(until + dt.timedelta(days=1), dt.time(), dt.timezone.utc)
     stmt = (select(Series.id, protocol_expr().label("protocol"), scanner_expr().label("scanner"),
                    utc_day(session, r.created_at).label("day"), r.mean_score, r.verdict, r.noise_hu,
                    r.ctdivol_mgy, r.ssde_mgy)
             .select_from(r).join(Series, Series.id == r.series_id)
-            .where(r.created_at >= start, r.created_at < end, is_latest(r))
+            .where(r.created_at >= start, is_latest(r))
             .order_by(r.created_at.desc()))
+    if until < dt.date.max:  # the last date there is: no upper bound (its next day would overflow)
+        stmt = stmt.where(r.created_at < dt.datetime.combine(until + dt.timedelta(days=1), dt.time(),
+                                                             dt.timezone.utc))
     if scanner:
         stmt = stmt.where(scanner_expr() == scanner)
     if protocol:

@@ -68,7 +68,12 @@ class SeriesFilter:
                     kw[f.name] = dt.date.fromisoformat(raw)
                 except ValueError:
                     continue
-            elif f.name in ("page", "page_size"):
+            elif f.name == "page":  # unbounded: a page past the end is empty
+                try:
+                    kw[f.name] = max(1, int(raw))
+                except ValueError:
+                    continue
+            elif f.name == "page_size":
                 try:
                     kw[f.name] = max(1, min(int(raw), 1000))
                 except ValueError:
@@ -140,7 +145,7 @@ def _series_select(session: Session, flt: SeriesFilter, show_patient_key: bool) 
     conds = []
     if flt.date_from:
         conds.append(Series.last_received_at >= dt.datetime.combine(flt.date_from, dt.time(), dt.timezone.utc))
-    if flt.date_to:
+    if flt.date_to and flt.date_to < dt.date.max:  # the last date there is: no upper bound
         conds.append(Series.last_received_at < dt.datetime.combine(flt.date_to + dt.timedelta(days=1), dt.time(),
                                                                    dt.timezone.utc))
     if flt.scanner:
@@ -186,7 +191,8 @@ def list_series(session: Session, flt: SeriesFilter, show_patient_key: bool) -> 
     """One page of the filtered, sorted series list: ``{"total", "page", "page_size", "rows"}``."""
     stmt, count = _series_select(session, flt, show_patient_key)
     total = int(session.scalar(count) or 0)
-    rows = session.execute(stmt.limit(flt.page_size).offset((flt.page - 1) * flt.page_size)).all()
+    offset = (flt.page - 1) * flt.page_size
+    rows = session.execute(stmt.limit(flt.page_size).offset(offset)).all() if offset < total else []
     return {"total": total, "page": flt.page, "page_size": flt.page_size, "rows": [_series_row(x) for x in rows]}
 
 
