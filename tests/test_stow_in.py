@@ -355,7 +355,7 @@ def test_malformed_requests_store_nothing(both, ct, content_type, body, expected
 def test_body_announced_over_the_limit_is_413_without_reading_it(both):
     scp, node = both
     with socket.create_connection(("127.0.0.1", scp.cfg.http.port), timeout=10) as s:
-        s.sendall((f"POST /dicomweb/studies HTTP/1.1\r\nHost: qcnode\r\nContent-Type: {CT_TYPE}\r\n"
+        s.sendall((f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {CT_TYPE}\r\n"
                    f"Content-Length: {(MAX_BODY_MB + 1) * 2**20}\r\n\r\n").encode())
         t0 = time.monotonic()
         reply = s.recv(65536)  # no byte of the body was sent: the answer comes at once
