@@ -24,10 +24,11 @@ from qcnode.db.alert_models import ALERT_AUDIT_FLAG, ALERT_VERDICT_FAIL, AlertWe
 from qcnode.db.audit_models import AuditFlag, AuditRun
 from qcnode.db.models import Series, SeriesResult, utcnow
 from qcnode.db.queue import LeaseKeeper, as_utc, claim_rows, settle_attempt
+from qcnode.db.states import DeliveryState
 from qcnode.log import get_logger
 
 log = get_logger("qcnode.alerts.webhooks")
-SENDING = "sending"
+SENDING = DeliveryState.SENDING
 
 
 def webhook_url(cfg: Config, kind: str) -> str:
@@ -52,7 +53,7 @@ def enqueue_webhooks(session: Session, cfg: Config, now: dt.datetime | None = No
     for kind, ref_id in queued:
         try:
             with session.begin_nested():
-                session.add(AlertWebhook(kind=kind, ref_id=ref_id, status="pending", attempts=0,
+                session.add(AlertWebhook(kind=kind, ref_id=ref_id, status=DeliveryState.PENDING, attempts=0,
                                          next_attempt_at=utcnow()))
             n += 1
         except IntegrityError:  # queued concurrently by another node
@@ -112,7 +113,7 @@ class WebhookSender:
             with self.session_factory() as session:
                 now = utcnow()
                 rows = claim_rows(session, AlertWebhook, self.owner, self.cfg.outbox.lease_seconds, now=now,
-                                  due=and_(AlertWebhook.status == "pending", AlertWebhook.next_attempt_at <= now),
+                                  due=and_(AlertWebhook.status == DeliveryState.PENDING, AlertWebhook.next_attempt_at <= now),
                                   running_status=SENDING, order_by=(AlertWebhook.next_attempt_at, AlertWebhook.id))
                 claimed = [(w.id, w.kind, w.ref_id, w.attempts) for w in rows]
                 session.commit()

@@ -13,6 +13,7 @@ from qcnode.config import Config
 from qcnode.dashboard.alert_queries import list_alerts
 from qcnode.dashboard.queries import VERDICTS, is_latest
 from qcnode.db.models import Delivery, Instance, Job, QuarantineRecord, Series, SeriesResult, utcnow
+from qcnode.db.states import DeliveryState
 from qcnode.db.status import status_counts
 
 
@@ -85,7 +86,7 @@ def metrics_snapshot(session: Session) -> dict[str, Any]:
         Series, Series.id == SeriesResult.series_id)
     out["sr_delivery_latency"] = histogram(
         session, seconds_between(session, Delivery.delivered_at, Series.last_received_at),
-        and_(Delivery.kind == "sr", Delivery.status == "delivered", Delivery.delivered_at.is_not(None)),
+        and_(Delivery.kind == "sr", Delivery.status == DeliveryState.DELIVERED, Delivery.delivered_at.is_not(None)),
         DELIVERY_BUCKETS, d_join)
     return out
 
