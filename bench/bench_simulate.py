@@ -1,5 +1,6 @@
-"""Benchmark: the torch projector/FBP against scikit-image, one source through the simulator, and the
-per-slice physics (patient outline, Dw, global noise level) on 512x512 real slices. Prints numbers only.
+"""Benchmark: the torch projector/FBP against scikit-image, the fan-beam projector/FBP, one source
+through the simulator in both geometries, and the per-slice physics (patient outline, Dw, global
+noise level) on 512x512 real slices. Prints numbers only.
 
     .venv/bin/python bench/bench_simulate.py [--size 256] [--threads 1]
 """
@@ -34,7 +35,7 @@ def main() -> None:
     from skimage.transform import iradon, radon
 
     from qcnode.dicom import physics
-    from qcnode.simulation import ct_projector, simulate, sources
+    from qcnode.simulation import ct_projector, fan_beam, simulate, sources
     from qcnode.simulation.phantoms import make_phantom
 
     torch.set_num_threads(args.threads)
@@ -51,10 +52,20 @@ def main() -> None:
         ref = iradon(sino, theta, output_size=n, filter_name="shepp-logan", circle=False)
         print(f"{n}x{n}, {views} views: skimage radon {t_sk_fp:.2f} s, iradon {t_sk_bp:.2f} s | torch forward "
               f"{t_fp:.2f} s, FBP {t_bp:.2f} s | max |FBP diff| / max = {np.abs(ours - ref).max() / np.abs(ref).max():.2e}")
+    geo = fan_beam.geometry(n, 1.4)
+    for views in (720, 64):
+        betas = fan_beam.view_angles(views)
+        t_fp = _time(lambda: fan_beam.forward_project(img[None], geo, betas))
+        sino = fan_beam.forward_project(img[None], geo, betas)
+        t_bp = _time(lambda: fan_beam.fbp(sino, geo, betas, "shepp-logan"))
+        print(f"{n}x{n}, {views} fan-beam views over 360 degrees ({geo.channels} channels): forward {t_fp:.2f} s, "
+              f"FBP {t_bp:.2f} s")
     spec = sources.SourceSpec("phantom:body:1", "phantom", "body", "phantom_body", "train", seed=1,
                                variants=[(d, v) for v in (720, 360, 180) for d in (1.0, 0.5, 0.25, 0.1)])
-    t_src = _time(lambda: simulate.simulate_sources([spec], n), 1)
-    print(f"one phantom, 12 dose/view variants at {n}x{n}: {t_src:.2f} s ({t_src / 12 * 1000:.0f} ms/image)")
+    for geometry in ("fan", "parallel"):
+        t_src = _time(lambda: simulate.simulate_sources([spec], n, geometry), 1)
+        print(f"one phantom, 12 dose/view variants at {n}x{n}, {geometry}-beam: {t_src:.2f} s "
+              f"({t_src / 12 * 1000:.0f} ms/image)")
     if SHARED_CT.is_dir():
         from qcnode.dicom.pixels import load_slices
         slices = [load_slices(p)[0] for p in sorted((SHARED_CT / "ge_head").glob("*.dcm"))[:10]]

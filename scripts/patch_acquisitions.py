@@ -34,7 +34,8 @@ print(f"{len(changed)} sources to re-simulate", file=sys.stderr)
 width = 4
 rows_by_split = {}
 for i in range(0, len(changed), 4):
-    for spec, n, img, row in simulate.simulate_sources(changed[i:i + 4], params["size"]):
+    for spec, n, img, row in simulate.simulate_sources(changed[i:i + 4], params["size"],
+                                                        params.get("geometry", "parallel")):
         name = f"{spec.first_index + n:0{width}d}.tif"
         tifffile.imwrite(out / spec.split / "image" / name, img)
         rows_by_split.setdefault(spec.split, {})[name] = {"file": name, **row}

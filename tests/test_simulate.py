@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qcnode.simulation import ct_projector, degrade, readers, simulate, sources
+from qcnode.simulation import ct_projector, degrade, fan_beam, readers, simulate, sources
 from qcnode.simulation.phantoms import make_phantom
 
 torch.set_num_threads(1)
@@ -53,6 +53,72 @@ def test_batched_projection_equals_single():
     assert torch.allclose(rec[1], ct_projector.fbp(batch[1], theta, 48), atol=1e-4)
 
 
+def _disk(n: int, cx: float, cy: float, radius: float) -> np.ndarray:
+    ys, xs = np.mgrid[:n, :n] - n // 2
+    return (((xs - cx) ** 2 + (ys - cy) ** 2) <= radius ** 2).astype(np.float32)
+
+
+def test_fan_beam_projection_matches_the_analytic_disk():
+    # An off-centre disk: each ray's line integral is 2 sqrt(r^2 - d^2), d = distance of the disk's
+    # centre from the ray (source at R(cos b, sin b), ray turned by gamma from the central ray).
+    n, cx, cy, r = 128, 20.0, -12.0, 25.0
+    geo = fan_beam.geometry(n, 2.0)
+    betas = fan_beam.view_angles(24)
+    p = fan_beam.forward_project(_disk(n, cx, cy, r)[None], geo, betas)[0].numpy()
+    b = betas.numpy()[:, None]
+    g = geo.channel_angles().numpy()[None, :]
+    sx, sy = geo.source_radius * np.cos(b), geo.source_radius * np.sin(b)
+    dx, dy = np.cos(b + np.pi + g), np.sin(b + np.pi + g)
+    d = np.abs(dx * (cy - sy) - dy * (cx - sx))
+    exact = 2 * np.sqrt(np.clip(r ** 2 - d ** 2, 0, None))
+    inner = d < r - 2  # away from the edge, where the pixelated disk differs from the round one
+    assert inner.sum() > 200
+    assert np.abs(p - exact)[inner].mean() < 0.02 * 2 * r
+    assert np.abs(p[d > r + 2]).max() < 1e-3
+
+
+def test_fan_beam_fbp_reconstructs_and_sparse_views_streak_more_than_parallel():
+    n = 128
+    img = _disk(n, 0, 0, 50) + 0.5 * _disk(n, 15, -10, 8) + _disk(n, -20, 5, 5)
+    geo = fan_beam.geometry(n, 2.8)
+    inside = _disk(n, 0, 0, 45) > 0
+    full = fan_beam.view_angles(720)
+    p = fan_beam.forward_project(img[None], geo, full)
+    rec = fan_beam.fbp(p, geo, full, "shepp-logan")[0].numpy()
+    assert np.abs(rec - img)[inside].mean() < 0.03
+    flat = inside & (_disk(n, 15, -10, 12) == 0) & (_disk(n, -20, 5, 9) == 0)
+    assert abs(rec[flat].mean() - 1.0) < 0.01
+    streaks = {}
+    for v in (256, 128, 64):
+        sub = fan_beam.fbp(p[:, ::720 // v], geo, full[::720 // v], "shepp-logan")[0].numpy()
+        streaks[v] = float(np.sqrt(np.mean((sub - rec)[inside] ** 2)))
+    assert streaks[256] < streaks[128] < streaks[64]
+    # a full rotation of 64 fan views aliases more than 64 parallel views over 180 degrees
+    ang = ct_projector.default_angles(64)
+    par = ct_projector.fbp(ct_projector.forward_project(img, ang), ang, n, "shepp-logan").numpy()
+    ang_full = ct_projector.default_angles(720)
+    par_full = ct_projector.fbp(ct_projector.forward_project(img, ang_full), ang_full, n, "shepp-logan").numpy()
+    assert streaks[64] > 1.1 * float(np.sqrt(np.mean((par - par_full)[inside] ** 2)))
+
+
+def test_fan_beam_noise_matches_parallel_at_equal_views_and_counts():
+    # I0 per ray is shared by both geometries: the same ray noise must give about the same image noise.
+    torch.manual_seed(0)
+    n = 96
+    inside = _disk(n, 0, 0, 30) > 0
+    geo = fan_beam.geometry(n, 3.5)
+    fan = fan_beam.fbp(0.01 * torch.randn(3, 720, geo.channels), geo, fan_beam.view_angles(720), "shepp-logan")
+    ang = ct_projector.default_angles(720)
+    par = ct_projector.fbp(0.01 * torch.randn(3, 720, ct_projector.detector_count(n)), ang, n, "shepp-logan")
+    ratio = float(np.mean([f.numpy()[inside].std() for f in fan]) / np.mean([q.numpy()[inside].std() for q in par]))
+    assert 0.85 < ratio < 1.2, ratio
+
+
+def test_unknown_geometry_is_refused():
+    with pytest.raises(ValueError, match="geometry"):
+        degrade.line_integrals(np.zeros((32, 32)), 1.0, "cone")
+
+
 def _spec(anatomy: str = "body", seed: int = 11, variants=None, split: str = "train") -> sources.SourceSpec:
     grid = [(d, v) for v in (720, 360, 180) for d in (1.0, 0.5, 0.25, 0.1)]
     return sources.SourceSpec(f"phantom:{anatomy}:{seed}", "phantom", anatomy, f"phantom_{anatomy}", split,
@@ -68,7 +134,7 @@ def simulated_body():
 def test_noise_std_rises_as_dose_falls(simulated_body):
     rows = {(r["dose_fraction"], r["views"]): (img, r) for _, _, img, r in simulated_body}
     ref = degrade.reconstruct_hu(
-        degrade.line_integrals(make_phantom("body", 11, 96).hu[None], [make_phantom("body", 11, 96).pixel_spacing_mm]),
+        degrade.line_integrals(make_phantom("body", 11, 96).hu, make_phantom("body", 11, 96).pixel_spacing_mm),
         720, 96, make_phantom("body", 11, 96).pixel_spacing_mm)[0].numpy()
     tissue = degrade.soft_tissue_mask(ref)
     measured = [float(np.std((rows[(d, 720)][0] - ref)[tissue])) for d in (1.0, 0.5, 0.25, 0.1)]
@@ -173,8 +239,11 @@ def test_relabel_reproduces_the_labels_of_a_run(tmp_path, shared_ct):
                  "--train-phantoms", "2", "--clinical", "--sources", str(shared_ct / "ge_head" / "01.dcm")]) == 0
     before = (out / "train" / "meta.csv").read_text(), (out / "train" / "train.json").read_text()
     (out / "train" / "train.json").write_text("{}")
+    record = json.loads((out / "simulation.json").read_text())
+    (out / "simulation.json").write_text(json.dumps({**record, "readers": []}))
     assert simulate.relabel(out) == {"train": 12}
     assert ((out / "train" / "meta.csv").read_text(), (out / "train" / "train.json").read_text()) == before
+    assert json.loads((out / "simulation.json").read_text())["readers"] == record["readers"]
 
 
 def test_plan_keeps_objects_out_of_two_splits():
@@ -250,6 +319,18 @@ def test_simulate_command_writes_challenge_layout(tmp_path, shared_ct):
     assert {m["source_kind"] for m in metas["test"]} == {"real", "phantom"}
     params = json.loads((out / "simulation.json").read_text())
     assert params["images"] == {"train": 12, "test": 8, "unlabeled": len(metas["unlabeled"])}
+    assert params["geometry"] == "fan"
+    # The older parallel-beam geometry stays available, recorded, and gives other (equally valid) images.
+    par = tmp_path / "par"
+    assert main(["simulate", "--out", str(par), "--size", "64", "--doses", "1,0.1", "--views", "720,180",
+                 "--train-phantoms", "1", "--no-real", "--geometry", "parallel"]) == 0
+    assert json.loads((par / "simulation.json").read_text())["geometry"] == "parallel"
+    fan_only = tmp_path / "fan"
+    assert main(["simulate", "--out", str(fan_only), "--size", "64", "--doses", "1,0.1", "--views", "720,180",
+                 "--train-phantoms", "1", "--no-real"]) == 0
+    low_dose_sparse = sorted((par / "train" / "image").glob("*.tif"))[-1].name
+    assert not np.allclose(tifffile.imread(par / "train" / "image" / low_dose_sparse),
+                           tifffile.imread(fan_only / "train" / "image" / low_dose_sparse))
     # Refuses to overwrite a non-empty folder.
     assert main(["simulate", "--out", str(out), "--no-real", "--train-phantoms", "1"]) == 2
 

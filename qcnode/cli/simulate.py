@@ -43,8 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--doses", type=_floats, default=[1.0, 0.75, 0.5, 0.25],
                    help="dose fractions, comma-separated (default 1,0.75,0.5,0.25: the LDCTIQAC2023 recipe)")
     p.add_argument("--views", type=_ints, default=[720, 256, 128, 64],
-                   help="view counts over 180 degrees, at most 720 (default 720,256,128,64: full views and the "
+                   help="view counts per rotation, at most 720 (default 720,256,128,64: full views and the "
                         "LDCTIQAC2023 recipe's sparse views)")
+    p.add_argument("--geometry", choices=("fan", "parallel"), default="fan",
+                   help="projector: fan-beam over 360 degrees with a SOMATOM-like geometry (default), or "
+                        "parallel-beam over 180 degrees (the data sets made before)")
     p.add_argument("--clinical", type=Path, nargs="*", default=None,
                    help="folders of routine-dose clinical CT (any transfer syntax, e.g. JPEG-LS), split by patient "
                         "into train and val (default: ../shared/data/clinical_ct when present; none: --clinical "
@@ -137,7 +140,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     start = time.monotonic()
     params = {"seed": args.seed, "doses": args.doses, "views": args.views,
               "command": "qcnode " + " ".join(sys.argv[1:]) if sys.argv else "qcnode simulate"}
-    counts = simulate.run(out, splits, size=args.size, workers=args.workers, params=params)
+    counts = simulate.run(out, splits, size=args.size, workers=args.workers, params=params,
+                          geometry=args.geometry)
     print(f"simulated {sum(counts.values())} images into {out} in {time.monotonic() - start:.0f} s: "
           + ", ".join(f"{k}={v}" for k, v in counts.items()))
     return 0

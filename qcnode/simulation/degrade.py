@@ -1,7 +1,8 @@
 """Dose and view degradation of a CT slice in the projection domain, and its noise measures.
 
-Attenuation ``mu = mu_water (1 + HU/1000)`` (~70 keV) is forward-projected at ``FULL_VIEWS``
-parallel-beam views over 180 degrees (``ct_projector``). A dose fraction ``f`` gives detector
+Attenuation ``mu = mu_water (1 + HU/1000)`` (~70 keV) is forward-projected at ``FULL_VIEWS`` views:
+fan-beam over 360 degrees with a SOMATOM-like geometry (``fan_beam``, the default), or parallel-beam
+over 180 degrees (``ct_projector``, the geometry of the data sets made before). A dose fraction ``f`` gives detector
 counts ``Poisson(I0 f exp(-p)) + Normal(0, sigma_e^2)`` (electronic-noise floor), I0 per anatomy;
 keeping ``V`` evenly spread views (same current per view) lowers dose further and adds streaks.
 FBP (Shepp-Logan) brings it back to HU. A real slice keeps its own pixels and noise and gets only
@@ -22,8 +23,10 @@ import torch
 from scipy import ndimage
 
 from qcnode.dicom.physics import patient_mask
-from qcnode.simulation import ct_projector
+from qcnode.simulation import ct_projector, fan_beam
 
+GEOMETRIES = ("fan", "parallel")
+DEFAULT_GEOMETRY = "fan"
 MU_WATER_PER_MM = 0.0192
 FULL_VIEWS = 720
 FBP_FILTER = "shepp-logan"
@@ -31,11 +34,20 @@ I0_BY_ANATOMY = {"head": 2.0e6, "body": 6.0e5}  # unattenuated counts per detect
 ELECTRONIC_NOISE_COUNTS = 10.0
 
 
-def line_integrals(images_hu: np.ndarray, spacings_mm: Sequence[float], views: int = FULL_VIEWS) -> torch.Tensor:
-    """Noiseless sinograms (B, views, D) of attenuation line integrals (dimensionless)."""
-    mu = np.maximum(MU_WATER_PER_MM * (1.0 + np.asarray(images_hu, dtype=np.float32) / 1000.0), 0.0)
-    mu *= np.asarray(spacings_mm, dtype=np.float32)[:, None, None]  # per-pixel attenuation
+def line_integrals(image_hu: np.ndarray, spacing_mm: float, geometry: str = DEFAULT_GEOMETRY,
+                   views: int = FULL_VIEWS) -> torch.Tensor:
+    """Noiseless sinogram (1, views, detectors) of one slice's attenuation line integrals (dimensionless)."""
+    mu = np.maximum(MU_WATER_PER_MM * (1.0 + np.asarray(image_hu, dtype=np.float32) / 1000.0), 0.0)
+    mu = mu[None] * np.float32(spacing_mm)  # per-pixel attenuation
+    if geometry == "fan":
+        return fan_beam.forward_project(mu, fan_beam.geometry(mu.shape[-1], spacing_mm), fan_beam.view_angles(views))
+    _check_geometry(geometry)
     return ct_projector.forward_project(mu, ct_projector.default_angles(views))
+
+
+def _check_geometry(geometry: str) -> None:
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"unknown geometry {geometry!r}; choose one of {GEOMETRIES}")
 
 
 def noisy_line_integrals(p: torch.Tensor, i0: float, dose: float, generator: torch.Generator,
@@ -55,11 +67,16 @@ def view_indices(views: int, full_views: int = FULL_VIEWS) -> np.ndarray:
 
 
 def reconstruct_hu(p: torch.Tensor, views: int, size: int, spacing_mm: float,
-                   full_views: int = FULL_VIEWS) -> torch.Tensor:
+                   geometry: str = DEFAULT_GEOMETRY, full_views: int = FULL_VIEWS) -> torch.Tensor:
     """FBP of (B, full_views, D) line integrals using ``views`` of the views, in HU (B, size, size)."""
     idx = view_indices(views, full_views)
-    angles = ct_projector.default_angles(full_views)[idx]
-    mu = ct_projector.fbp(p[:, idx], angles, size, FBP_FILTER) / spacing_mm
+    if geometry == "fan":
+        betas = fan_beam.view_angles(full_views)[torch.as_tensor(idx)]
+        mu = fan_beam.fbp(p[:, idx], fan_beam.geometry(size, spacing_mm), betas, FBP_FILTER) / spacing_mm
+    else:
+        _check_geometry(geometry)
+        angles = ct_projector.default_angles(full_views)[idx]
+        mu = ct_projector.fbp(p[:, idx], angles, size, FBP_FILTER) / spacing_mm
     return 1000.0 * (mu / MU_WATER_PER_MM - 1.0)
 
 

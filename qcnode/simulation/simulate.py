@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from qcnode.dicom.physics import patient_mask
-from qcnode.simulation.degrade import (ELECTRONIC_NOISE_COUNTS, FBP_FILTER, FULL_VIEWS, I0_BY_ANATOMY,
+from qcnode.simulation.degrade import (DEFAULT_GEOMETRY, ELECTRONIC_NOISE_COUNTS, FBP_FILTER, FULL_VIEWS,
+                                       I0_BY_ANATOMY,
                                        MU_WATER_PER_MM, line_integrals, noisy_line_integrals, real_noise_scale,
                                        reconstruct_hu, soft_tissue_mask)
 from qcnode.simulation.readers import HEAD_NOISE_WEIGHT, READER_COLUMNS, READERS, mean_label, reader_scores
@@ -39,18 +40,19 @@ Variant = tuple[float, int]  # (dose fraction, views)
 
 # --------------------------------------------------------------------------------------- simulation
 
-def simulate_sources(specs: Sequence[SourceSpec], size: int) -> list[tuple[SourceSpec, int, np.ndarray, dict]]:
+def simulate_sources(specs: Sequence[SourceSpec], size: int, geometry: str = DEFAULT_GEOMETRY
+                     ) -> list[tuple[SourceSpec, int, np.ndarray, dict]]:
     """Simulate every variant of a batch of sources.
 
-    Returns (spec, variant number, float32 HU image, meta row) for each variant. Sources are
-    forward-projected together (one sinogram each at FULL_VIEWS); all dose/view variants of a
-    source derive from its sinogram.
+    Returns (spec, variant number, float32 HU image, meta row) for each variant. Each source is
+    forward-projected once at FULL_VIEWS (``geometry``: "fan" or "parallel"); all dose/view
+    variants of a source derive from its sinogram.
     """
-    images = [load_source(s, size) for s in specs]
-    p_all = line_integrals(np.stack([im.hu for im in images]), [im.pixel_spacing_mm for im in images])
     out = []
-    for b, (spec, im) in enumerate(zip(specs, images)):
-        out += _simulate_one(spec, im, p_all[b:b + 1], size)
+    for spec in specs:
+        im = load_source(spec, size)
+        p = line_integrals(im.hu, im.pixel_spacing_mm, geometry)
+        out += _simulate_one(spec, im, p, size, geometry)
     return out
 
 
@@ -88,6 +90,11 @@ def relabel(out_dir: Path) -> dict[str, int]:
             _label_row(row, rngs[row["source_id"]])
         _write_split(Path(out_dir), split, rows)
         counts[split] = len(rows)
+    record = Path(out_dir) / "simulation.json"
+    if record.is_file():  # the record names the readers that made the labels
+        params = json.loads(record.read_text())
+        params["readers"] = [asdict(r) for r in READERS]
+        record.write_text(json.dumps(params, indent=1) + "\n")
     return counts
 
 
@@ -104,12 +111,12 @@ def _write_split(out_dir: Path, split: str, rows: list[dict]) -> None:
 
 
 def _simulate_one(spec: SourceSpec, im: SourceImage, p: torch.Tensor,
-                  size: int) -> list[tuple[SourceSpec, int, np.ndarray, dict]]:
+                  size: int, geometry: str) -> list[tuple[SourceSpec, int, np.ndarray, dict]]:
     """Every variant of one source from its sinogram ``p``: (spec, variant number, image, meta row)."""
     seed_seq = _source_seeds(spec.split, spec.kind, spec.source_id, spec.seed)
     gen = torch.Generator().manual_seed(int(seed_seq.generate_state(1)[0]))
     rng = np.random.default_rng(seed_seq.spawn(1)[0])
-    recon, measures = _degrade_variants(spec, im, p, size, gen)
+    recon, measures = _degrade_variants(spec, im, p, size, gen, geometry)
     rows = []
     for n, (d, v) in enumerate(spec.variants):
         row = _meta_row(spec, im, d, v, *measures[(d, v)])
@@ -119,8 +126,8 @@ def _simulate_one(spec: SourceSpec, im: SourceImage, p: torch.Tensor,
     return rows
 
 
-def _degrade_variants(spec: SourceSpec, im: SourceImage, p: torch.Tensor, size: int, gen: torch.Generator
-                      ) -> tuple[dict[Variant, np.ndarray], dict[Variant, tuple[float, float, float]]]:
+def _degrade_variants(spec: SourceSpec, im: SourceImage, p: torch.Tensor, size: int, gen: torch.Generator,
+                      geometry: str) -> tuple[dict[Variant, np.ndarray], dict[Variant, tuple[float, float, float]]]:
     """The HU image and (noise_hu, streak_index, own noise) of every (dose, views) variant; the
     noisy sinograms are drawn from ``gen`` per dose, highest first."""
     i0 = I0_BY_ANATOMY[spec.anatomy]
@@ -131,14 +138,15 @@ def _degrade_variants(spec: SourceSpec, im: SourceImage, p: torch.Tensor, size: 
     if FULL_VIEWS in view_set:  # the noiseless full-view image comes with that view count's batch
         ref_full = None
     else:
-        ref_full = reconstruct_hu(p, FULL_VIEWS, size, im.pixel_spacing_mm)[0].numpy()
+        ref_full = reconstruct_hu(p, FULL_VIEWS, size, im.pixel_spacing_mm, geometry)[0].numpy()
         body = patient_mask(ref_full)
         tissue = soft_tissue_mask(ref_full, body)
     recon: dict[Variant, np.ndarray] = {}
     measures: dict[Variant, tuple[float, float, float]] = {}
     for v in view_set:
         ds = [d for d in doses if (d, v) in spec.variants]
-        hu = reconstruct_hu(torch.cat([p] + [noisy[d] for d in ds]), v, size, im.pixel_spacing_mm).numpy()
+        hu = reconstruct_hu(torch.cat([p] + [noisy[d] for d in ds]), v, size, im.pixel_spacing_mm,
+                            geometry).numpy()
         ref_v = hu[0]
         if ref_full is None:
             ref_full = ref_v
@@ -178,10 +186,10 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _run_batch(specs: list[SourceSpec], size: int, out_dir: str, width: int) -> list[dict]:
+def _run_batch(specs: list[SourceSpec], size: int, out_dir: str, width: int, geometry: str) -> list[dict]:
     import tifffile
     rows = []
-    for spec, n, img, row in simulate_sources(specs, size):
+    for spec, n, img, row in simulate_sources(specs, size, geometry):
         name = f"{spec.first_index + n:0{width}d}.tif"
         tifffile.imwrite(os.path.join(out_dir, spec.split, "image", name), img)
         rows.append({"file": name, **row})
@@ -249,7 +257,8 @@ META_COLUMNS = ["file", "split", "source_id", "series", "source_kind", "anatomy"
 
 
 def run(out_dir: Path, splits: dict[str, list[SourceSpec]], size: int = 256, workers: int = 1,
-        batch: int = 4, progress: Callable[[str], None] | None = None, params: dict | None = None) -> dict[str, int]:
+        batch: int = 4, progress: Callable[[str], None] | None = None, params: dict | None = None,
+        geometry: str = DEFAULT_GEOMETRY) -> dict[str, int]:
     """Simulate every split into ``out_dir`` (LDCTIQAC2023 layout); returns images per split."""
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
@@ -284,14 +293,14 @@ def run(out_dir: Path, splits: dict[str, list[SourceSpec]], size: int = 256, wor
         torch.set_num_threads(1)
         try:
             for job in jobs:
-                record(_run_batch(job, size, str(out_dir), widths[job[0].split]), len(job))
+                record(_run_batch(job, size, str(out_dir), widths[job[0].split], geometry), len(job))
         finally:
             torch.set_num_threads(threads)
     else:
         import multiprocessing
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
-            futures = {pool.submit(_run_batch, job, size, str(out_dir), widths[job[0].split]): len(job)
+            futures = {pool.submit(_run_batch, job, size, str(out_dir), widths[job[0].split], geometry): len(job)
                        for job in jobs}
             for fut in as_completed(futures):
                 record(fut.result(), futures[fut])
@@ -303,7 +312,7 @@ def run(out_dir: Path, splits: dict[str, list[SourceSpec]], size: int = 256, wor
         _write_split(out_dir, split, split_rows)
         counts[split] = len(split_rows)
     record_params = {
-        "full_views": FULL_VIEWS, "fbp_filter": FBP_FILTER, "mu_water_per_mm": MU_WATER_PER_MM,
+        "geometry": geometry, "full_views": FULL_VIEWS, "fbp_filter": FBP_FILTER, "mu_water_per_mm": MU_WATER_PER_MM,
         "i0_by_anatomy": I0_BY_ANATOMY, "electronic_noise_counts": ELECTRONIC_NOISE_COUNTS,
         "head_noise_weight": HEAD_NOISE_WEIGHT, "readers": [asdict(r) for r in READERS], "size": size,
         "images": counts, "seconds": round(time.monotonic() - start, 1), **(params or {}),
