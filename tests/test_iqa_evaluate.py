@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,6 +60,18 @@ def test_evaluate_reports_the_labels_ceiling(tmp_path, capsys):
     assert qcnode_main(args) == 0
     ceiling = json.loads(capsys.readouterr().out)["label_ceiling"]["metrics"]
     assert ceiling["n"] == 12 and 1.0 < ceiling["overall"] < 3.0 - 1e-6  # one label is off
+    # Labels made by other readers (an older simulation): the oracle uses the readers its record names.
+    from dataclasses import asdict, replace
+
+    from qcnode.simulation.readers import READERS
+    older = [replace(r, noise_tolerance_hu=r.noise_tolerance_hu * 3, streak_step=r.streak_step * 2) for r in READERS]
+    labels = {r["file"]: expected_reader_mean(float(r["noise_hu"]), r["streak_index"], "body", older) for r in rows}
+    assert np.corrcoef(list(labels.values()),
+                       [expected_reader_mean(float(r["noise_hu"]), r["streak_index"], "body") for r in rows])[0, 1] < 0.999
+    (data / "test.json").write_text(json.dumps(labels))
+    (data.parent / "simulation.json").write_text(json.dumps({"readers": [asdict(r) for r in older]}))
+    assert qcnode_main(args) == 0
+    assert json.loads(capsys.readouterr().out)["label_ceiling"]["metrics"]["plcc"] > 0.9999
 
 
 def test_evaluate_missing_model_and_data(tmp_path):

@@ -12,8 +12,10 @@ to 0.2 (LDCTIQAC2023 style); it falls (never rises) as dose or views fall.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -73,6 +75,17 @@ def expected_reader_mean(noise_hu: float, streak_index: float, anatomy: str,
         total += sum(0.5 * math.erfc((k - 0.5 - q) / (r.jitter * math.sqrt(2.0))) if r.jitter > 0
                      else float(q >= k - 0.5) for k in range(1, 5))
     return total / len(readers)
+
+
+def recorded_readers(split_dir: Path) -> tuple[Reader, ...] | None:
+    """The readers that labelled a simulated split, as its ``simulation.json`` records them (None when
+    not recorded): older data sets were labelled by other readers than today's READERS."""
+    record = Path(split_dir).parent / "simulation.json"
+    try:
+        readers = json.loads(record.read_text()).get("readers")
+    except (OSError, ValueError):
+        return None
+    return tuple(Reader(**r) for r in readers) if readers else None
 
 
 def mean_label(scores: Sequence[int]) -> float:

@@ -20,7 +20,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -155,16 +155,18 @@ def dose_monotonicity(meta: list[dict[str, str]], pred: np.ndarray) -> dict[str,
             "min_tau": float(a.min()), "fraction_tau_ge_0.9": float(np.mean(a >= 0.9 - 1e-9))}
 
 
-def reader_oracle(meta: list[dict[str, str]]) -> np.ndarray | None:
-    """The reader-model oracle's prediction per image (None without the needed meta columns)."""
-    from qcnode.simulation.readers import expected_reader_mean
+def reader_oracle(meta: list[dict[str, str]], readers: Sequence[Any] | None = None) -> np.ndarray | None:
+    """The reader-model oracle's prediction per image (None without the needed meta columns); ``readers``
+    are those that made the labels (default: today's READERS)."""
+    from qcnode.simulation.readers import READERS, expected_reader_mean
 
+    readers = readers or READERS
     oracle = []
     for m in meta:
         noise, streak = meta_value(m, "noise_hu"), meta_value(m, "streak_index")
         if not (math.isfinite(noise) and math.isfinite(streak) and m.get("anatomy")):
             return None
-        oracle.append(expected_reader_mean(noise, streak, m["anatomy"]))
+        oracle.append(expected_reader_mean(noise, streak, m["anatomy"], readers))
     return np.asarray(oracle) if oracle else None
 
 
@@ -226,7 +228,8 @@ def evaluate(model: str | Path | None, data: str | Path, out_dir: str | Path | N
         result["baseline"] = {"name": "global noise level (mode of local SD in soft tissue, HU); prediction = -GNL",
                               "n_undefined": int(np.isnan(gnl).sum()),
                               "metrics": _metrics_or_none(-gnl, label)}
-    oracle = reader_oracle(ds.meta)
+    from qcnode.simulation.readers import recorded_readers
+    oracle = reader_oracle(ds.meta, recorded_readers(Path(data)))
     if oracle is not None:
         result["label_ceiling"] = {"name": "reader-model oracle: expected mean reader score from the true "
                                            "noise_hu and streak_index (meta.csv)",
