@@ -1,4 +1,5 @@
-"""CLI commands of the daemon: ``serve``, ``status``, ``rescore``, ``db upgrade``, ``db current``."""
+"""CLI commands of the daemon: ``serve``, ``status``, ``rescore``, ``db upgrade``, ``db current``,
+``db pseudonymise``."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,10 @@ def register(subparsers: Any) -> None:
     cur = dbsub.add_parser("current", help="print the current revision")
     cur.add_argument("--config")
     cur.set_defaults(func=_cmd_db_current)
+    pse = dbsub.add_parser("pseudonymise", help="pseudonymise patient/accession IDs stored raw "
+                                                "(while privacy.pseudonymise_patient_id was off)")
+    pse.add_argument("--config")
+    pse.set_defaults(func=_cmd_db_pseudonymise)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
@@ -63,11 +68,11 @@ def _db_errors(name: str) -> Callable[[Command], Command]:
     return wrap
 
 
-def _fail(name: str, reason: object) -> int:
-    """Print the first line of ``reason`` as ``qcnode NAME: ...``; returns exit code 1."""
+def _fail(name: str, reason: object, code: int = 1) -> int:
+    """Print the first line of ``reason`` as ``qcnode NAME: ...``; returns exit code ``code``."""
     text = str(reason).strip() or type(reason).__name__
     print(f"qcnode {name}: {text.splitlines()[0]}", file=sys.stderr)
-    return 1
+    return code
 
 
 @_db_errors("serve")  # e.g. the database unreachable at start, the port taken: one line, exit 1
@@ -96,6 +101,35 @@ def _cmd_db_current(args: argparse.Namespace) -> int:
     rev = current_revision(cfg.database_url)
     head = head_revision()
     print(f"{rev or '(none)'}{' (head)' if rev == head else f' (head is {head})'}")
+    return 0
+
+
+@_db_errors("db pseudonymise")
+def _cmd_db_pseudonymise(args: argparse.Namespace) -> int:
+    """What ``serve`` does at start, on demand: the raw IDs stored while pseudonymisation was off
+    get the keys ingest gives them now. Refused (exit 2) with the option off or an old schema."""
+    from qcnode.db.engine import make_engine, session_factory
+    from qcnode.db.migrate import current_revision, head_revision
+    from qcnode.db.pseudonyms import pseudonymise_stored_ids
+    from qcnode.dicom.privacy import load_or_create_key
+    name = "db pseudonymise"
+    cfg = load_config(args.config)
+    if not cfg.privacy.pseudonymise_patient_id:
+        return _fail(name, "privacy.pseudonymise_patient_id is false: turn it on first", code=2)
+    if current_revision(cfg.database_url) != head_revision():
+        return _fail(name, "database not at the current revision: run `qcnode db upgrade`", code=2)
+    try:
+        key = load_or_create_key(cfg.path(cfg.privacy.pseudonym_key_file))
+    except ValueError as exc:  # a key file too short
+        return _fail(name, exc)
+    engine = make_engine(cfg.database_url)
+    try:
+        with session_factory(engine)() as s:
+            n = pseudonymise_stored_ids(s, key)
+            s.commit()
+    finally:
+        engine.dispose()
+    print(f"{n} {'study' if n == 1 else 'studies'} pseudonymised")
     return 0
 
 

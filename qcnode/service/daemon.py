@@ -6,7 +6,8 @@ worker, the outbox sender, the alert webhooks (when configured) and the nightly 
 (``worker.separate_process``), or as threads of the parent without the SCP (``--no-scp``) or
 without ``separate_process``. Children die with the parent (kill -9 too) and restart if they exit.
 SIGTERM/SIGINT: stop accepting, finish in-flight C-STOREs, stop the loops between jobs (an
-interrupted job keeps its lease), exit 0. The parent migrates the database on start.
+interrupted job keeps its lease), exit 0. The parent migrates the database on start and, with
+``privacy.pseudonymise_patient_id`` on, pseudonymises IDs stored raw while it was off.
 """
 from __future__ import annotations
 
@@ -149,6 +150,8 @@ def run_process(cfg: Config, plan: ProcessPlan, stop: threading.Event | None = N
     from qcnode.db.clock import check_clock
     check_clock(engine, min(cfg.worker.lease_seconds, cfg.outbox.lease_seconds))
     sf: Callable[[], Session] = session_factory(engine)
+    if plan.migrate_db and cfg.privacy.pseudonymise_patient_id:
+        _pseudonymise_stored_ids(cfg, sf)
     spool = Spool(cfg.path(cfg.storage.spool_dir), cfg.path(cfg.storage.quarantine_dir))
     _stop_on_signals(stop)
 
@@ -184,6 +187,19 @@ def run_process(cfg: Config, plan: ProcessPlan, stop: threading.Event | None = N
         _shut_down(scp, children, scheduler, threads)
         engine.dispose()
     return 0
+
+
+def _pseudonymise_stored_ids(cfg: Config, sf: Callable[[], Session]) -> None:
+    """Pseudonymise the IDs stored raw while ``privacy.pseudonymise_patient_id`` was off, with the
+    key ingest uses, so that none is shown as a pseudonym and later studies match them."""
+    from qcnode.db.pseudonyms import pseudonymise_stored_ids
+    from qcnode.dicom.privacy import load_or_create_key
+    key = load_or_create_key(cfg.path(cfg.privacy.pseudonym_key_file))
+    with sf() as s:
+        n = pseudonymise_stored_ids(s, key)
+        s.commit()
+    if n:
+        log.info("stored_ids_pseudonymised", studies=n)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:
