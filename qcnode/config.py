@@ -195,6 +195,9 @@ class HttpConfig:
     tls_key: str = ""
     max_body_mb: int = 2048
     root_path: str = ""  # a reverse proxy's path prefix (e.g. "/qcnode"): links, forms and cookies carry it
+    behind_tls_proxy: bool = False  # a TLS-terminating proxy serves the node over HTTPS: cookies are Secure
+    session_key_file: str = "var/http_session.key"  # signs the browser's sign-in sessions (created 0600)
+    session_hours: float = 12.0  # a browser's sign-in lasts this long
     tokens: list[HttpToken] = field(default_factory=list)
 
 

@@ -100,6 +100,7 @@ def validate(cfg: Config) -> None:
 
 
 HTTP_ROLES = ("read", "store", "admin")
+MAX_SESSION_HOURS = 720
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -120,6 +121,11 @@ def _validate_http(http: HttpConfig) -> None:
     _check(not http.root_path or (http.root_path.startswith("/") and not http.root_path.endswith("/")),
            'http.root_path must be "" or a path like "/qcnode" (leading slash, none at the end)')
     _check(bool(http.tls_cert) == bool(http.tls_key), "http.tls_cert and http.tls_key go together (PEM files)")
+    _check(bool(http.session_key_file.strip()),
+           'http.session_key_file must not be empty (the sign-in key, e.g. "var/http_session.key")')
+    _check(0 < http.session_hours <= MAX_SESSION_HOURS,
+           f"http.session_hours must be more than 0 and at most {MAX_SESSION_HOURS} (30 days), "
+           f"got {http.session_hours!r}")
     names = [t.name for t in http.tokens]
     _check(all(names) and len(set(names)) == len(names), "every [[http.tokens]] needs a unique, non-empty name")
     for t in http.tokens:

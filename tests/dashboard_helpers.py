@@ -126,16 +126,18 @@ def http_tokens() -> list[Any]:
             for role, token in (("read", READ_TOKEN), ("admin", ADMIN_TOKEN), ("store", STORE_TOKEN))]
 
 
-def make_test_app(sf: Any, cfg: Any, open_: bool = False) -> Any:
+def make_test_app(sf: Any, cfg: Any, open_: bool = False, http_options: dict[str, Any] | None = None) -> Any:
     """``qcnode serve``'s HTTP application (``qcnode.http.app.create_app``) over ``sf``: bound to a
     non-loopback address with the read, admin and store tokens, or with ``open_`` to loopback
-    without tokens (open: every caller is the admin ``local``). Close ``app.state.node`` after use."""
+    without tokens (open: every caller is the admin ``local``); ``http_options`` set further
+    ``[http]`` keys (``tokens`` among them). Close ``app.state.node`` after use."""
     import dataclasses
 
     from qcnode.config import HttpConfig
     from qcnode.http.app import HttpNode, create_app
     from qcnode.ingest.spool import Spool
-    http = HttpConfig() if open_ else HttpConfig(host="0.0.0.0", tokens=http_tokens())
+    options = {} if open_ else {"host": "0.0.0.0", "tokens": http_tokens()}
+    http = HttpConfig(**{**options, **(http_options or {})})
     cfg = dataclasses.replace(cfg, http=http)
     spool = Spool(cfg.path(cfg.storage.spool_dir), cfg.path(cfg.storage.quarantine_dir))
     return create_app(HttpNode(cfg, sf, spool))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import datetime as dt
 import html as html_lib
 import io
@@ -13,6 +14,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -21,8 +23,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
-from dashboard_helpers import ADMIN_TOKEN, PATIENT_KEY, READ_TOKEN, STORE_TOKEN, make_test_app, seed_dashboard
-from qcnode.config import Config
+from dashboard_helpers import (ADMIN_TOKEN, PATIENT_KEY, READ_TOKEN, STORE_TOKEN, http_tokens, make_test_app,
+                               seed_dashboard)
+from qcnode.config import Config, HttpConfig
+from qcnode.dashboard.csrf import load_or_create_key
 from qcnode.dashboard import pages as pages_module
 from qcnode.dashboard import queries
 from qcnode.dashboard.palette import protocol_colour
@@ -30,6 +34,8 @@ from qcnode.db.alert_models import AlertAck, AlertWebhook
 from qcnode.db.audit_models import AuditRun
 from qcnode.db.engine import make_engine, session_factory, upgrade
 from qcnode.db.models import Instance, Job, Series
+from qcnode.http.auth import token_sha256
+from qcnode.http.session import SessionSigner
 
 READ = {"Authorization": f"Bearer {READ_TOKEN}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -50,9 +56,10 @@ def dash(db_url, tmp_path):
     queries.clear_cache()
     apps = []
 
-    def client(open_: bool = False, cfg_: Config | None = None, **kw) -> TestClient:
-        """A client of the HTTP app: with tokens on a non-loopback bind, or ``open_`` (loopback)."""
-        apps.append(make_test_app(sf, cfg_ or cfg, open_=open_))
+    def client(open_: bool = False, cfg_: Config | None = None, http: dict | None = None, **kw) -> TestClient:
+        """A client of the HTTP app: with tokens on a non-loopback bind, or ``open_`` (loopback);
+        ``http``: further ``[http]`` keys."""
+        apps.append(make_test_app(sf, cfg_ or cfg, open_=open_, http_options=http))
         if open_:  # an open server answers only requests addressed to loopback
             kw.setdefault("base_url", "http://127.0.0.1")
         return TestClient(apps[-1], **kw)
@@ -220,11 +227,14 @@ def test_browser_sign_in_with_a_cookie(dash):
     assert b.post("/login", data={"token": ADMIN_TOKEN}).status_code == 403  # no CSRF field: refused
     with structlog.testing.capture_logs() as logs:
         r = b.post("/login", data={"token": "guess", "csrf_token": csrf_token})
-        assert r.status_code == 401 and "Unknown token" in r.text and "qcnode_token" not in b.cookies
+        assert r.status_code == 401 and "Unknown token" in r.text and "qcnode_session" not in b.cookies
         r = b.post("/login", data={"token": READ_TOKEN, "csrf_token": csrf_token}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/"
     cookie = r.headers["set-cookie"]
-    assert "qcnode_token=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+    assert "qcnode_session=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+    assert "secure" not in _attributes(cookie)  # plain HTTP, no TLS proxy configured
+    session = b.cookies.get("qcnode_session")
+    assert READ_TOKEN not in session and token_sha256(READ_TOKEN) not in session  # a signed session, not the token
     assert [x["token"] for x in logs if x["event"] == "signed_in"] == ["read-token"]
     assert any(x["event"] == "sign_in_refused" for x in logs) and READ_TOKEN not in json.dumps(logs)
     page = b.get("/alerts")
@@ -241,9 +251,99 @@ def test_browser_sign_in_with_a_cookie(dash):
     assert r.status_code == 303 and "acknowledged" in r.headers["location"]
     with sf() as s:
         assert s.scalars(select(AlertAck.acknowledged_by)).all() == ["admin-token"]
+    # an earlier version's cookie (the raw token) is cleared too
+    b.cookies.set("qcnode_token", ADMIN_TOKEN, domain="testserver.local")
     r = b.get("/logout", follow_redirects=False)
-    assert r.status_code == 303 and r.headers["location"] == "/login" and "qcnode_token" not in b.cookies
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    assert "qcnode_session" not in b.cookies and "qcnode_token" not in b.cookies
     assert b.get("/api/v1/series").status_code == 401
+
+
+def _attributes(set_cookie: str) -> list[str]:
+    """The lower-cased attribute names of one Set-Cookie header (after the name=value pair)."""
+    return [a.split("=")[0].strip().lower() for a in set_cookie.split(";")[1:]]
+
+
+def _sign_in(b: TestClient, token: str) -> str:
+    """Sign ``b`` in through the form; the session cookie's value."""
+    csrf_token = re.search(r'name="csrf_token" value="([^"]+)"', b.get("/login").text).group(1)
+    r = b.post("/login", data={"token": token, "csrf_token": csrf_token}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"
+    return b.cookies.get("qcnode_session")
+
+
+def _with_session(c: TestClient, value: str) -> tuple[int, int]:
+    """(a page's status, the API's status) for a request carrying only the session cookie ``value``."""
+    cookie = {"Cookie": f"qcnode_session={value}"}
+    page = c.get("/alerts", headers={"Accept": "text/html", **cookie}, follow_redirects=False)
+    if page.status_code == 303:
+        assert page.headers["location"] == "/login"
+    return page.status_code, c.get("/api/v1/series", headers=cookie).status_code
+
+
+def test_sign_in_session_is_signed_ends_and_is_revoked_with_its_token(dash):
+    """The cookie holds a signed session (name, expiry, HMAC with http.session_key_file), never the
+    token: a tampered, foreign-keyed, expired or too long session is refused like no cookie (a
+    page redirects to /login, the API answers 401), and so is one whose token was removed from the
+    config or given a new hash; the role is the configured token's, not the cookie's."""
+    client, sf, seeded, cfg = dash
+    c = client()
+    session = _sign_in(c, READ_TOKEN)
+    key_file = cfg.path(HttpConfig().session_key_file)
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    name, expires, signature = session.split(".")
+    assert 11.9 * 3600 < int(expires) - time.time() <= 12 * 3600  # http.session_hours = 12 by default
+    fresh = client()
+    assert _with_session(fresh, session) == (200, 200)
+
+    admin_name = SessionSigner(b"", 1).sign("admin-token", "0" * 64, 0).split(".")[0]
+    flipped = signature[:-1] + ("0" if signature[-1] != "0" else "1")
+    for forged in [f"{admin_name}.{expires}.{signature}",  # another token's name: no privilege from the cookie
+                   f"{name}.{int(expires) + 3600}.{signature}",  # a later expiry
+                   f"{name}.{expires}.{flipped}", f"{name}.{expires}", session + ".x", "x", "",
+                   READ_TOKEN,  # an earlier version's cookie value: the raw token
+                   SessionSigner(b"k" * 32, 12).issue("read-token", token_sha256(READ_TOKEN))]:  # another key
+        assert _with_session(fresh, forged) == (303, 401), forged
+
+    signer = SessionSigner(load_or_create_key(key_file), 12)  # the node's own signing, with its key
+    sha, now = token_sha256(READ_TOKEN), int(time.time())
+    assert _with_session(fresh, signer.sign("read-token", sha, now + 60)) == (200, 200)
+    assert _with_session(fresh, signer.sign("read-token", sha, now - 1)) == (303, 401)  # expired
+    assert _with_session(fresh, signer.sign("read-token", sha, now + 13 * 3600)) == (303, 401)  # beyond 12 h
+    assert _with_session(client(http={"session_hours": 1.0}), session) == (303, 401)  # lifetime shortened
+
+    others = [t for t in http_tokens() if t.name != "read-token"]
+    assert _with_session(client(http={"tokens": others}), session) == (303, 401)  # the token was removed
+    new_hash = [dataclasses.replace(t, sha256=token_sha256("a new read token")) if t.name == "read-token" else t
+                for t in http_tokens()]
+    assert _with_session(client(http={"tokens": new_hash}), session) == (303, 401)  # the token was replaced
+    as_store = [dataclasses.replace(t, role="store") if t.name == "read-token" else t for t in http_tokens()]
+    assert _with_session(client(http={"tokens": as_store}), session) == (403, 403)  # the role is the config's
+
+
+def test_cookies_are_secure_behind_a_tls_proxy(dash):
+    """On plain HTTP the cookies lack Secure; with http.behind_tls_proxy they carry it (the sign-in
+    session and both CSRF cookies), and so they do for a request that came over HTTPS."""
+    client, sf, seeded, cfg = dash
+    proxied = client(http={"behind_tls_proxy": True})
+    form = proxied.get("/login")
+    assert "secure" in _attributes(form.headers["set-cookie"])
+    csrf_token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)
+    r = proxied.post("/login", data={"token": ADMIN_TOKEN, "csrf_token": csrf_token},
+                     headers={"Cookie": f"qcnode_csrf={csrf_token}"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["set-cookie"].startswith("qcnode_session=")
+    assert "secure" in _attributes(r.headers["set-cookie"])
+    session = r.headers["set-cookie"].split(";")[0].split("=", 1)[1]
+    page = proxied.get("/alerts", headers={"Cookie": f"qcnode_session={session}"})
+    assert page.status_code == 200 and "secure" in _attributes(page.headers["set-cookie"])  # the dashboard's CSRF
+
+    plain = client()
+    assert "secure" not in _attributes(plain.get("/login").headers["set-cookie"])
+    plain.cookies.clear()
+    assert "secure" not in _attributes(plain.get("/alerts", headers=READ).headers["set-cookie"])
+    https = client(base_url="https://testserver")  # TLS here, or a trusted proxy's X-Forwarded-Proto: https
+    assert "secure" in _attributes(https.get("/login").headers["set-cookie"])
+    assert _with_session(https, _sign_in(https, READ_TOKEN)) == (200, 200)
 
 
 def test_behind_a_reverse_proxy_links_carry_the_root_path(dash):

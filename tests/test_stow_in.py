@@ -179,11 +179,18 @@ def test_multipart_framing():
     (f'[[http.tokens]]\nname = "a"\nsha256 = "{"0" * 64}"\n[[http.tokens]]\nname = "a"\nsha256 = "{"1" * 64}"',
      "unique, non-empty name"),
     ('[http]\nenabled = true\nhost = "0.0.0.0"', "http.host 0.0.0.0 is not a loopback address"),
+    ("[http]\nsession_hours = 0", "http.session_hours must be more than 0 and at most 720"),
+    ("[http]\nsession_hours = 721", "http.session_hours must be more than 0 and at most 720"),
+    ("[http]\nsession_hours = nan", "http.session_hours must be more than 0"),
+    ('[http]\nsession_hours = "12"', "http.session_hours must be a number"),
+    ('[http]\nsession_key_file = " "', "http.session_key_file must not be empty"),
+    ('[http]\nbehind_tls_proxy = "yes"', "http.behind_tls_proxy must be true or false"),
 ])
 def test_http_config_validation(tmp_path, text, key):
     (tmp_path / "c.toml").write_text(text + "\n")
-    with pytest.raises(ConfigError, match=key):
+    with pytest.raises(ConfigError, match=key) as err:
         load_config(tmp_path / "c.toml", environ={})
+    assert "\n" not in str(err.value)  # one line
 
 
 def test_http_config_valid_and_not_overridable_tokens(tmp_path):
@@ -194,6 +201,12 @@ def test_http_config_valid_and_not_overridable_tokens(tmp_path):
     with pytest.raises(ConfigError, match="http.tokens cannot be overridden"):
         load_config(tmp_path / "c.toml", environ={"QCNODE__HTTP__TOKENS": "x"})
     assert load_config(environ={}).http.enabled is False  # the project's config.toml: off by default
+    defaults = load_config(environ={}).http
+    assert (defaults.behind_tls_proxy, defaults.session_hours, defaults.session_key_file) == (
+        False, 12.0, "var/http_session.key")
+    cfg = load_config(tmp_path / "c.toml", environ={"QCNODE__HTTP__BEHIND_TLS_PROXY": "true",
+                                                    "QCNODE__HTTP__SESSION_HOURS": "2"})
+    assert cfg.http.behind_tls_proxy is True and cfg.http.session_hours == 2.0
 
 
 def test_serve_refuses_a_public_bind_without_tokens_in_one_line(tmp_path):

@@ -79,7 +79,7 @@ class Dashboard:
         resp = HTMLResponse(html)
         if fresh:
             resp.set_cookie(csrf.COOKIE, token, httponly=True, samesite="strict", path=base or "/",
-                            secure=request.url.scheme == "https")
+                            secure=csrf.secure_cookies(self.cfg.http, request.url.scheme))
         return resp
 
     async def check_csrf(self, request: Request) -> None:

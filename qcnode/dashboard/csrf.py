@@ -16,6 +16,8 @@ import os
 import secrets
 from pathlib import Path
 
+from qcnode.config import HttpConfig
+
 COOKIE = "qcnode_csrf"
 FIELD = "csrf_token"
 HEADER = "x-csrf-token"
@@ -42,6 +44,14 @@ def load_or_create_key(path: Path) -> bytes:
     finally:
         tmp.unlink(missing_ok=True)
     return path.read_bytes()
+
+
+def secure_cookies(http: HttpConfig, scheme: str) -> bool:
+    """Whether the node's cookies get ``Secure``: qcnode terminates TLS (``http.tls_cert``), a
+    TLS-terminating proxy serves it (``http.behind_tls_proxy``), or the request came over HTTPS
+    (as uvicorn sees it, trusted ``X-Forwarded-Proto`` included). The browser then never sends them
+    over plain HTTP."""
+    return bool(http.tls_cert) or http.behind_tls_proxy or scheme == "https"
 
 
 class Csrf:

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qcnode.config import Config
 from qcnode.dashboard.router import build_router
-from qcnode.http.auth import TokenAuth, current_user, local_path, require
+from qcnode.http.auth import TokenAuth, current_user, load_tokens, local_path, require
 from qcnode.http.login import build_login_router
 from qcnode.http.stow import StowIngest
 from qcnode.http.stow import router as stow_router
@@ -85,12 +85,13 @@ def create_app(node: HttpNode) -> FastAPI:
     app = FastAPI(title="qcnode", summary="Quality control of low-dose CT: DICOMweb in, dashboard and API",
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.node = node
+    tokens = load_tokens(node.cfg)  # one set of tokens and session key for the middleware and /login
     app.include_router(stow_router)
-    app.include_router(build_login_router(node.cfg))
+    app.include_router(build_login_router(node.cfg, tokens))
     app.include_router(build_router(node.session_factory, node.cfg, require_read=require("read"),
                                     require_admin=require("admin"), current_user=current_user))
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_middleware(TokenAuth, http=node.cfg.http)
+    app.add_middleware(TokenAuth, tokens=tokens)
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require("read"))])
     def openapi() -> JSONResponse:

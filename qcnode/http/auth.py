@@ -3,10 +3,12 @@
 Bound to a loopback address with no token configured, the server is open (only this host can reach
 it). Otherwise every route except the open ones (health checks, the sign-in page and its style
 sheet) needs a token: ``Authorization: Bearer <token>``, or for a browser, which cannot send that
-header, the HttpOnly cookie the sign-in page (``qcnode.http.login``) sets. A missing or unknown
-token is answered 401 before any route runs (unknown paths included, so the server reveals nothing
-to strangers; a browser asking for a page is sent to /login instead); a known token whose role
-lacks a route's permission gets 403. Only the SHA-256 of each token is configured; a presented
+header, the signed session the sign-in page (``qcnode.http.login``) keeps in an HttpOnly cookie
+(``qcnode.http.session``: the token's name and expiry, never the token). A missing or unknown
+token, or a session that is forged, expired or names a token no longer configured, is answered 401
+before any route runs (unknown paths included, so the server reveals nothing to strangers; a
+browser asking for a page is sent to /login instead); a known token whose role lacks a route's
+permission gets 403. Only the SHA-256 of each token is configured; a presented
 token is hashed and compared in constant time. Tokens are never logged, only the configured name.
 
 Roles: ``store`` may only store (STOW-RS: what a PACS or modality needs), ``read`` may only read
@@ -23,11 +25,12 @@ from typing import Any, Awaitable, Callable
 from fastapi import HTTPException, Request
 from starlette.requests import cookie_parser
 
-from qcnode.config import HttpConfig
+from qcnode.config import Config, HttpConfig
 from qcnode.config_checks import is_loopback
+from qcnode.dashboard.csrf import load_or_create_key
+from qcnode.http.session import COOKIE, SessionSigner
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login", "/logout", "/static/dashboard.css"})
-COOKIE = "qcnode_token"  # the browser's token, set by /login (HttpOnly, SameSite=Strict)
 GRANTS = {"read": frozenset({"read"}), "store": frozenset({"store"}),
           "admin": frozenset({"read", "store", "admin"})}
 SCOPE_KEY = "qcnode.caller"  # the authenticated Caller, in the ASGI scope
@@ -60,11 +63,14 @@ def auth_required(http: HttpConfig) -> bool:
 
 
 class Tokens:
-    """The configured tokens: which Caller a presented token is (shared by TokenAuth and /login)."""
+    """The configured tokens: which Caller a presented token or sign-in session is (shared by
+    TokenAuth and /login); ``sessions`` signs the sessions (None: no sign-in, e.g. an open server)."""
 
-    def __init__(self, http: HttpConfig):
+    def __init__(self, http: HttpConfig, sessions: SessionSigner | None = None):
         self.required = auth_required(http)
         self.known = [(t.sha256.lower(), Caller(t.name, t.role)) for t in http.tokens]
+        self.by_name = {caller.name: (sha, caller) for sha, caller in self.known}
+        self.sessions = sessions
 
     def identify(self, token: str | None) -> Caller | None:
         """The Caller of ``token``; None if it is empty or unknown."""
@@ -77,9 +83,22 @@ class Tokens:
                 found = caller
         return found
 
+    def new_session(self, caller: Caller) -> str:
+        """A fresh signed session of ``caller``'s configured token: the sign-in cookie's value."""
+        if self.sessions is None:
+            raise RuntimeError("no session key: sign-in needs a server that requires tokens")
+        return self.sessions.issue(caller.name, self.by_name[caller.name][0])
+
+    def from_session(self, value: str | None) -> Caller | None:
+        """The Caller of a valid session (its role the configured token's now); None otherwise."""
+        if self.sessions is None:
+            return None
+        name = self.sessions.verify(value, lambda n: self.by_name[n][0] if n in self.by_name else None)
+        return self.by_name[name][1] if name is not None else None
+
     def caller(self, headers: list[tuple[bytes, bytes]]) -> Caller | None:
         """The Caller of a request with these headers (the bearer header, else the sign-in
-        cookie); None if its token is missing or unknown."""
+        cookie's session); None if its token is missing or unknown or its session invalid."""
         if not self.required:
             return OPEN_CALLER
         value = next((v for k, v in headers if k == b"authorization"), None)
@@ -87,7 +106,16 @@ class Tokens:
             scheme, _, token = value.decode("latin-1").strip().partition(" ")
             return self.identify(token) if scheme.lower() == "bearer" else None
         cookie = next((v for k, v in headers if k == b"cookie"), None)
-        return self.identify(cookie_parser(cookie.decode("latin-1")).get(COOKIE)) if cookie else None
+        return self.from_session(cookie_parser(cookie.decode("latin-1")).get(COOKIE)) if cookie else None
+
+
+def load_tokens(cfg: Config) -> Tokens:
+    """The tokens of ``cfg.http`` with their session signer; the key file
+    (``http.session_key_file``) is read, or created 0600, only where tokens are required."""
+    http = cfg.http
+    if not auth_required(http):
+        return Tokens(http)
+    return Tokens(http, SessionSigner(load_or_create_key(cfg.path(http.session_key_file)), http.session_hours))
 
 
 def _wants_page(scope: dict[str, Any]) -> bool:
@@ -108,9 +136,9 @@ class TokenAuth:
     """ASGI middleware: puts the request's Caller into the scope, or answers 401 (a browser asking
     for a page: a redirect to /login)."""
 
-    def __init__(self, app: Any, http: HttpConfig):
+    def __init__(self, app: Any, tokens: Tokens):
         self.app = app
-        self.tokens = Tokens(http)
+        self.tokens = tokens
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[Any]],
                        send: Callable[[Any], Awaitable[None]]) -> None:

@@ -1,11 +1,13 @@
-"""Browser sign-in: /login takes a pasted token and keeps it in a cookie; /logout drops it.
+"""Browser sign-in: /login takes a pasted token and keeps a signed session in a cookie; /logout drops it.
 
 A browser cannot send ``Authorization: Bearer``, so on a server that needs tokens the sign-in form
-stores the token in an HttpOnly, SameSite=Strict cookie (Secure under TLS) that ``TokenAuth`` reads
-like the header. The cookie is only set for a token that is configured, so signing in only ever
-stores the caller's own token; the form also carries the dashboard's signed double-submit CSRF
-token, so another site cannot sign a browser in under a token of its choosing. Sign-ins are logged
-by the token's configured name, never the token.
+checks the pasted token and stores a signed session of it (``qcnode.http.session``: the token's
+name and expiry, never the token) in an HttpOnly, SameSite=Strict cookie that ``TokenAuth`` accepts
+like the header. The cookie is Secure when qcnode terminates TLS, when ``http.behind_tls_proxy`` is
+set, or when the request came over HTTPS. A session is only issued for a configured token, so
+signing in only ever signs the caller in as themselves; the form also carries the dashboard's signed
+double-submit CSRF token, so another site cannot sign a browser in under a token of its choosing.
+Sign-ins are logged by the token's configured name, never the token.
 """
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from qcnode.config import Config
 from qcnode.dashboard import csrf
-from qcnode.http.auth import COOKIE, Tokens, caller_of
+from qcnode.http.auth import Tokens, caller_of
+from qcnode.http.session import COOKIE
 from qcnode.log import get_logger
 
 log = get_logger("qcnode.http")
 
 MAX_FORM_BYTES = 8192  # the sign-in form: a token and a CSRF field
+LEGACY_COOKIE = "qcnode_token"  # earlier versions kept the raw token here: cleared at sign-in and sign-out
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Sign in - qcnode</title><link rel="stylesheet" href="{base}/static/dashboard.css"></head>
@@ -49,12 +53,18 @@ def _client(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
-def build_login_router(cfg: Config) -> APIRouter:
-    """GET/POST /login and /logout for the tokens of ``cfg.http`` (CSRF key of the dashboard)."""
-    tokens = Tokens(cfg.http)
+def build_login_router(cfg: Config, tokens: Tokens) -> APIRouter:
+    """GET/POST /login and /logout for ``tokens`` (those of ``cfg.http``; CSRF key of the dashboard)."""
     protector = csrf.Csrf(csrf.load_or_create_key(cfg.path(cfg.dashboard.secret_key_file)))
-    secure = bool(cfg.http.tls_cert)
     router = APIRouter(include_in_schema=False)
+
+    def secure(request: Request) -> bool:
+        """Whether this request's cookies get ``Secure`` (``csrf.secure_cookies``)."""
+        return csrf.secure_cookies(cfg.http, request.url.scheme)
+
+    def forget(resp: Response, request: Request, name: str) -> None:
+        """Tell the browser to forget the cookie ``name``."""
+        resp.delete_cookie(name, path=_base(request) or "/", secure=secure(request), httponly=True, samesite="strict")
 
     def form(request: Request, message: str = "", status: int = 200) -> HTMLResponse:
         """The sign-in form; sets the CSRF cookie when the browser has no valid one yet."""
@@ -67,7 +77,7 @@ def build_login_router(cfg: Config) -> APIRouter:
         resp = HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
         if fresh:
             resp.set_cookie(csrf.COOKIE, token or "", httponly=True, samesite="strict", path=_base(request) or "/",
-                            secure=secure)
+                            secure=secure(request))
         return resp
 
     @router.get("/login", response_class=HTMLResponse)
@@ -93,8 +103,10 @@ def build_login_router(cfg: Config) -> APIRouter:
             return form(request, "Unknown token.", status=401)
         log.info("signed_in", token=caller.name, role=caller.role, client=_client(request))
         resp = RedirectResponse(f"{_base(request)}/", status_code=303)
-        resp.set_cookie(COOKIE, token.strip(), httponly=True, samesite="strict", secure=secure,
+        resp.set_cookie(COOKIE, tokens.new_session(caller), httponly=True, samesite="strict", secure=secure(request),
                         path=_base(request) or "/")
+        if request.cookies.get(LEGACY_COOKIE):
+            forget(resp, request, LEGACY_COOKIE)
         return resp
 
     @router.api_route("/logout", methods=["GET", "POST"])
@@ -103,7 +115,9 @@ def build_login_router(cfg: Config) -> APIRouter:
         if request.cookies.get(COOKIE):
             log.info("signed_out", token=caller.name, client=_client(request))
         resp = RedirectResponse(f"{_base(request)}/login", status_code=303)
-        resp.delete_cookie(COOKIE, path=_base(request) or "/", secure=secure, httponly=True, samesite="strict")
+        forget(resp, request, COOKIE)
+        if request.cookies.get(LEGACY_COOKIE):
+            forget(resp, request, LEGACY_COOKIE)
         return resp
 
     return router
