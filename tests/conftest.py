@@ -86,6 +86,16 @@ def db_url(request, tmp_path):
         yield request.getfixturevalue("pg_url")
 
 
+@pytest.fixture
+def sf(db_url):
+    """A session factory on ``db_url`` migrated to the head revision."""
+    from qcnode.db.engine import make_engine, session_factory, upgrade
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """How many SR/KOS files went through dciodvfy in this run, with error and warning totals."""
     helpers = sys.modules.get("sr_helpers")

@@ -24,14 +24,6 @@ from qcnode.dicom.privacy import load_or_create_key, pseudonymise
 KEY = b"5e0c" * 16
 
 
-@pytest.fixture
-def sf(db_url):
-    upgrade(db_url)
-    engine = make_engine(db_url)
-    yield session_factory(engine)
-    engine.dispose()
-
-
 def _add(sf, *keys: tuple[str | None, str | None]) -> list[int]:
     """Studies with these (patient_key, accession_key); their ids."""
     with sf() as s:

@@ -5,22 +5,12 @@ import datetime as dt
 import subprocess
 import sys
 
-import pytest
 from sqlalchemy import select, update
 
-from qcnode.db.engine import make_engine, session_factory, upgrade
 from qcnode.db.models import Job, Series, Study, utcnow
 from qcnode.db.queue import (as_utc, claim_job, complete_job, enqueue_job, fail_job, make_owner,
                              release_dead_local_leases)
 from qcnode.tracking.series import mark_stable_series, rescore_series, retry_delay, retry_failed_series
-
-
-@pytest.fixture
-def sf(db_url):
-    upgrade(db_url)
-    engine = make_engine(db_url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def _series(sf, uid="1.2.3.4", age_s=10.0) -> int:
