@@ -1,6 +1,7 @@
 """Shared pytest fixtures. Area-specific fixtures live next to their tests."""
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -84,6 +85,22 @@ def db_url(request, tmp_path):
         yield f"sqlite:///{tmp_path / 'qcnode.db'}"
     else:
         yield request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """Undo an in-process CLI's configure_logging: its handler would write to this test's captured,
+    later closed, stderr and spill "Logging error" into the tests that follow."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture
