@@ -218,7 +218,8 @@ def test_roles_tokens_and_csrf(dash):
 def test_browser_sign_in_with_a_cookie(dash):
     """/login checks the pasted token and its CSRF field, sets an HttpOnly SameSite=Strict cookie
     that TokenAuth accepts like the header; the cookie still needs the CSRF token to mutate; a read
-    token is refused acknowledging with an HTML page saying why; /logout drops the cookie."""
+    token is refused acknowledging with an HTML page saying why; signing out (POST /logout with the
+    CSRF token) drops the cookie."""
     client, sf, seeded, _ = dash
     b = client()
     form = b.get("/login")
@@ -253,10 +254,69 @@ def test_browser_sign_in_with_a_cookie(dash):
         assert s.scalars(select(AlertAck.acknowledged_by)).all() == ["admin-token"]
     # an earlier version's cookie (the raw token) is cleared too
     b.cookies.set("qcnode_token", ADMIN_TOKEN, domain="testserver.local")
-    r = b.get("/logout", follow_redirects=False)
+    with structlog.testing.capture_logs() as logs:
+        r = b.post("/logout", data={"csrf_token": csrf_token}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/login"
     assert "qcnode_session" not in b.cookies and "qcnode_token" not in b.cookies
+    assert [x["token"] for x in logs if x["event"] == "signed_out"] == ["admin-token"]
     assert b.get("/api/v1/series").status_code == 401
+
+
+def _sign_out_token(page_html: str) -> str:
+    """The CSRF token in the page header's sign-out form."""
+    return re.search(r'<form method="post" action="/logout" class="sign-out">\s*'
+                     r'<input type="hidden" name="csrf_token" value="([^"]+)">', page_html).group(1)
+
+
+def test_sign_out_is_a_post_with_the_csrf_token(dash):
+    """GET /logout is 405 and signs nobody out; a POST without the CSRF token, with a forged one or
+    another browser's is refused (403, as the other forms) and the session stays valid; the header's
+    sign-out form carries the token and its POST clears the cookie and redirects to /login; a valid
+    bearer header needs no token, any other Authorization header does."""
+    client, sf, seeded, _ = dash
+    b = client()
+    _sign_in(b, READ_TOKEN)
+    page = b.get("/alerts")
+    token = _sign_out_token(page.text)
+    assert 'id="sign-out"' in page.text and b.cookies.get("qcnode_csrf") == token
+    assert 'href="/logout"' not in page.text
+
+    for headers in ({}, {"Accept": "text/html"}):
+        r = b.get("/logout", headers=headers, follow_redirects=False)
+        assert r.status_code == 405 and "set-cookie" not in r.headers
+    assert b.get("/api/v1/series").status_code == 200
+
+    other = client()  # another browser, signed in too: its valid token does not match this cookie
+    _sign_in(other, READ_TOKEN)
+    other_token = _sign_out_token(other.get("/alerts").text)
+    assert other_token != token
+    nonce = token.split(".")[0]
+    basic = {"Authorization": "Basic " + base64.b64encode(b"admin:secret").decode()}
+    refused = [({}, {}), ({"csrf_token": ""}, {}), ({"csrf_token": nonce + "." + "0" * 64}, {}),
+               ({"csrf_token": other_token}, {}), ({}, {"X-CSRF-Token": other_token}), ({}, basic),
+               ({}, {"Authorization": "Bearer wrong"})]
+    with structlog.testing.capture_logs() as logs:
+        for data, headers in refused:
+            r = b.post("/logout", data=data, headers=headers, follow_redirects=False)
+            assert r.status_code == 403 and "set-cookie" not in r.headers, (data, headers)
+            assert "qcnode_session" in b.cookies and b.get("/api/v1/series").status_code == 200
+    assert not any(x["event"] == "signed_out" for x in logs)
+    assert sum(x["event"] == "csrf_refused" for x in logs) == len(refused)
+    r = b.post("/logout", headers={"Accept": "text/html"})  # a browser gets the small error page
+    assert r.status_code == 403 and 'id="error"' in r.text and "CSRF" in r.text
+
+    r = b.post("/logout", data={"csrf_token": token}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    assert r.headers["set-cookie"].startswith('qcnode_session=""') and "Max-Age=0" in r.headers["set-cookie"]
+    assert "qcnode_session" not in b.cookies and b.get("/api/v1/series").status_code == 401
+
+    c = client()  # a valid bearer header skips the CSRF check, as for the other mutating calls
+    _sign_in(c, ADMIN_TOKEN)
+    r = c.post("/logout", headers=READ, follow_redirects=False)
+    assert r.status_code == 303 and "qcnode_session" not in c.cookies
+    _sign_in(c, ADMIN_TOKEN)  # the X-CSRF-Token header does as the form field
+    r = c.post("/logout", headers={"X-CSRF-Token": c.cookies.get("qcnode_csrf")}, follow_redirects=False)
+    assert r.status_code == 303 and "qcnode_session" not in c.cookies
 
 
 def _attributes(set_cookie: str) -> list[str]:

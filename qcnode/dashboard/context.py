@@ -23,8 +23,6 @@ from qcnode.log import get_logger
 
 log = get_logger("qcnode.dashboard")
 
-BEARER_SCOPE_KEY = "qcnode.bearer"  # True when qcnode.http.auth.TokenAuth accepted a bearer header
-
 
 def user_name(user: Any) -> str:
     """A printable name of whatever ``current_user`` returned (a string, a dict or an object)."""
@@ -83,21 +81,8 @@ class Dashboard:
         return resp
 
     async def check_csrf(self, request: Request) -> None:
-        """Refuse a mutating request without the matching signed token, unless ``TokenAuth``
-        authenticated it by a valid bearer token in its Authorization header (``qcnode.bearer`` in
-        the scope), which a browser never attaches on its own. Any other Authorization header (Basic
-        credentials a browser remembers and resends, any header on the open server) or the sign-in
-        cookie still needs the token."""
-        if request.scope.get(BEARER_SCOPE_KEY) is True:
-            return
-        submitted = request.headers.get(csrf.HEADER)
-        if submitted is None and request.headers.get("content-type", "").startswith(
-                ("application/x-www-form-urlencoded", "multipart/form-data")):
-            submitted = (await request.form()).get(csrf.FIELD)
-        if not self.protector.matches(request.cookies.get(csrf.COOKIE),
-                                      submitted if isinstance(submitted, str) else None):
-            log.warning("csrf_refused", path=request.url.path, client=request.client.host if request.client else None)
-            raise HTTPException(403, "CSRF token missing or invalid: reload the page and try again")
+        """Refuse a mutating request without the matching signed token (``csrf.Csrf.check``)."""
+        await self.protector.check(request)
 
     def do_ack(self, kind: str, ref_id: int, user: Any, comment: str | None) -> tuple[int, str]:
         if kind not in ALERT_KINDS:

@@ -1,4 +1,4 @@
-"""CSRF protection of the forms and mutating API calls: a signed double-submit token.
+"""CSRF protection of the forms (sign-out included) and mutating API calls: a signed double-submit token.
 
 The token ``nonce.HMAC(key, nonce)`` is set as an HttpOnly, SameSite=Strict cookie and rendered
 into each form; a mutating request must send the same, validly signed token back in the form field
@@ -16,11 +16,17 @@ import os
 import secrets
 from pathlib import Path
 
+from fastapi import HTTPException, Request
+
 from qcnode.config import HttpConfig
+from qcnode.log import get_logger
+
+log = get_logger("qcnode.dashboard")
 
 COOKIE = "qcnode_csrf"
 FIELD = "csrf_token"
 HEADER = "x-csrf-token"
+BEARER_SCOPE_KEY = "qcnode.bearer"  # True when qcnode.http.auth.TokenAuth accepted a bearer header
 
 
 def load_or_create_key(path: Path) -> bytes:
@@ -77,3 +83,20 @@ class Csrf:
     def matches(self, cookie: str | None, submitted: str | None) -> bool:
         """Whether the submitted token is the cookie's and validly signed."""
         return bool(cookie and submitted) and hmac.compare_digest(cookie, submitted) and self.valid(cookie)
+
+    async def check(self, request: Request) -> None:
+        """A FastAPI dependency: 403 for a mutating request without the matching signed token
+        (``X-CSRF-Token`` header or ``csrf_token`` form field), unless ``TokenAuth`` authenticated it
+        by a valid bearer token in its Authorization header (``qcnode.bearer`` in the scope), which a
+        browser never attaches on its own. Any other Authorization header (Basic credentials a
+        browser remembers and resends, any header on the open server) or the sign-in cookie still
+        needs the token."""
+        if request.scope.get(BEARER_SCOPE_KEY) is True:
+            return
+        submitted = request.headers.get(HEADER)
+        if submitted is None and request.headers.get("content-type", "").startswith(
+                ("application/x-www-form-urlencoded", "multipart/form-data")):
+            submitted = (await request.form()).get(FIELD)
+        if not self.matches(request.cookies.get(COOKIE), submitted if isinstance(submitted, str) else None):
+            log.warning("csrf_refused", path=request.url.path, client=request.client.host if request.client else None)
+            raise HTTPException(403, "CSRF token missing or invalid: reload the page and try again")

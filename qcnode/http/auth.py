@@ -27,14 +27,14 @@ from starlette.requests import cookie_parser
 
 from qcnode.config import Config, HttpConfig
 from qcnode.config_checks import is_loopback
-from qcnode.dashboard.csrf import load_or_create_key
+from qcnode.dashboard.csrf import BEARER_SCOPE_KEY, load_or_create_key
 from qcnode.http.session import COOKIE, SessionSigner
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login", "/logout", "/static/dashboard.css"})
 GRANTS = {"read": frozenset({"read"}), "store": frozenset({"store"}),
           "admin": frozenset({"read", "store", "admin"})}
 SCOPE_KEY = "qcnode.caller"  # the authenticated Caller, in the ASGI scope
-BEARER_KEY = "qcnode.bearer"  # True in the scope when a valid bearer header (not a cookie) identified the caller
+BEARER_KEY = BEARER_SCOPE_KEY  # True in the scope when a valid bearer header (not a cookie) identified the caller
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 
 

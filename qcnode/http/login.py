@@ -1,4 +1,4 @@
-"""Browser sign-in: /login takes a pasted token and keeps a signed session in a cookie; /logout drops it.
+"""Browser sign-in: /login takes a pasted token and keeps a signed session in a cookie; POST /logout drops it.
 
 A browser cannot send ``Authorization: Bearer``, so on a server that needs tokens the sign-in form
 checks the pasted token and stores a signed session of it (``qcnode.http.session``: the token's
@@ -7,14 +7,16 @@ like the header. The cookie is Secure when qcnode terminates TLS, when ``http.be
 set, or when the request came over HTTPS. A session is only issued for a configured token, so
 signing in only ever signs the caller in as themselves; the form also carries the dashboard's signed
 double-submit CSRF token, so another site cannot sign a browser in under a token of its choosing.
-Sign-ins are logged by the token's configured name, never the token.
+Signing out is a POST with the same token (``csrf.Csrf.check``, as the dashboard's other forms), so
+another site cannot sign a browser out either; GET /logout is 405. Sign-ins are logged by the
+token's configured name, never the token.
 """
 from __future__ import annotations
 
 from html import escape
 from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from qcnode.config import Config
@@ -54,7 +56,7 @@ def _client(request: Request) -> str | None:
 
 
 def build_login_router(cfg: Config, tokens: Tokens) -> APIRouter:
-    """GET/POST /login and /logout for ``tokens`` (those of ``cfg.http``; CSRF key of the dashboard)."""
+    """GET/POST /login and POST /logout for ``tokens`` (those of ``cfg.http``; CSRF key of the dashboard)."""
     protector = csrf.Csrf(csrf.load_or_create_key(cfg.path(cfg.dashboard.secret_key_file)))
     router = APIRouter(include_in_schema=False)
 
@@ -109,7 +111,7 @@ def build_login_router(cfg: Config, tokens: Tokens) -> APIRouter:
             forget(resp, request, LEGACY_COOKIE)
         return resp
 
-    @router.api_route("/logout", methods=["GET", "POST"])
+    @router.post("/logout", dependencies=[Depends(protector.check)])
     def logout(request: Request) -> Response:
         caller = caller_of(request.scope)
         if request.cookies.get(COOKIE):
