@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import stat
 import threading
 
 import pydicom
@@ -194,3 +195,19 @@ def test_a_patient_stored_raw_then_pseudonymised_matches_later_studies(tmp_path,
         assert first == later == (pseudonymise("QC-PAT-7", key), pseudonymise("ACC-7", key))
     finally:
         engine.dispose()
+
+
+def test_key_files_are_published_whole_and_first_creator_wins(tmp_path):
+    """Both key files (pseudonym and dashboard/session secrets) are created through ``publish_once``."""
+    from qcnode.dashboard.csrf import load_or_create_key as load_secret
+    from qcnode.dicom.privacy import publish_once
+    path = tmp_path / "var" / "k.key"
+    publish_once(path, b"first")
+    publish_once(path, b"second")  # a process that lost the race keeps the winner's key
+    assert path.read_bytes() == b"first"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert sorted(p.name for p in path.parent.iterdir()) == ["k.key"]  # no temporary file left
+    hex_key = load_or_create_key(tmp_path / "p.key")
+    assert len(hex_key) == 64 and load_or_create_key(tmp_path / "p.key") == hex_key
+    raw = load_secret(tmp_path / "s.key")
+    assert len(raw) == 32 and load_secret(tmp_path / "s.key") == raw

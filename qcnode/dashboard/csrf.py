@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from pathlib import Path
 
 from fastapi import HTTPException, Request
 
 from qcnode.config import HttpConfig
+from qcnode.dicom.privacy import publish_once
 from qcnode.log import get_logger
 
 log = get_logger("qcnode.dashboard")
@@ -37,18 +37,7 @@ def load_or_create_key(path: Path) -> bytes:
             return data
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = secrets.token_bytes(32)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
-    try:
-        os.link(tmp, path)  # the first process to create it wins; the others read its key
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
+    publish_once(path, secrets.token_bytes(32))
     return path.read_bytes()
 
 
