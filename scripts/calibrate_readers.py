@@ -28,12 +28,12 @@ import numpy as np
 from scipy import optimize
 
 from qcnode.simulation.degrade import FULL_VIEWS
-from qcnode.simulation.readers import READERS, Reader, expected_reader_mean
+from qcnode.simulation.readers import READERS, ROUTINE_OWN_NOISE_CAP_HU, Reader, expected_reader_mean
 
 TARGET_PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
 TARGET_LABELS = np.array([0.4, 0.6, 1.2, 2.0, 3.0, 3.6, 3.8])
 ROUTINE_MIN_MEAN = 3.6
-SMOOTH_MAX_OWN_NOISE_HU = 12.0
+SMOOTH_MAX_OWN_NOISE_HU = ROUTINE_OWN_NOISE_CAP_HU  # routine slices noisier than this are read as at it
 NOISE_ANCHORS = ((16.0, 2.8), (25.0, 2.0))  # (noise HU at 256 px, expected label), no streaks
 
 

@@ -72,6 +72,12 @@ def test_evaluate_reports_the_labels_ceiling(tmp_path, capsys):
     (data.parent / "simulation.json").write_text(json.dumps({"readers": [asdict(r) for r in older]}))
     assert qcnode_main(args) == 0
     assert json.loads(capsys.readouterr().out)["label_ceiling"]["metrics"]["plcc"] > 0.9999
+    # a routine smooth-kernel slice (meta.csv routine_smooth 1) is read as routine by the oracle too
+    from qcnode.training.evaluate import reader_oracle
+    row = {"noise_hu": "25.0", "streak_index": "0.0", "anatomy": "body", "own_noise_hu": "25.0"}
+    plain, routine = reader_oracle([row, {**row, "routine_smooth": "1"}])
+    assert routine == pytest.approx(expected_reader_mean(25.0, 0.0, "body", routine_own_noise_hu=25.0))
+    assert routine > plain + 0.5
 
 
 def test_evaluate_missing_model_and_data(tmp_path):

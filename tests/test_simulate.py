@@ -382,6 +382,53 @@ def test_readers_are_tied_to_the_challenge_scale():
     assert e(7.0, 0.0, "head") < e(7.0, 0.0, "body")
 
 
+def test_routine_smooth_acquisition_is_read_as_routine():
+    """A routine smooth-kernel slice as acquired is 3-4 whatever its own noise (thin slice, large
+    patient); the noise a simulation adds still counts in full, so its lower doses still fall."""
+    e = readers.expected_reader_mean
+    cap = readers.ROUTINE_OWN_NOISE_CAP_HU
+    # as acquired, 25 HU of its own: read as a routine slice at the cap, not as 25 HU
+    assert e(25.0, 0.0, "body", routine_own_noise_hu=25.0) == pytest.approx(e(cap, 0.0, "body"))
+    assert e(25.0, 0.0, "body", routine_own_noise_hu=25.0) >= 3.0 > 2.3 >= e(25.0, 0.0, "body")
+    # below the cap nothing changes; heads are weighed x1.6 before the cap
+    assert e(8.0, 30.0, "body", routine_own_noise_hu=8.0) == e(8.0, 30.0, "body")
+    assert readers.seen_noise_hu(10.0, "head", 10.0) == pytest.approx(cap)
+    # its lower doses: the added noise (own x sqrt(1/d - 1)) counts in full, labels fall at each step
+    by_dose = [e(25.0 / np.sqrt(d), 0.0, "body", routine_own_noise_hu=25.0) for d in (1.0, 0.75, 0.5, 0.25)]
+    assert all(a > b for a, b in zip(by_dose, by_dose[1:])) and by_dose[-1] < 1.5
+    assert readers.seen_noise_hu(50.0, "body", 25.0) == pytest.approx(np.sqrt(cap ** 2 + 50.0 ** 2 - 25.0 ** 2))
+    # the flag comes from meta.csv
+    assert readers.routine_own_noise({"routine_smooth": "1", "own_noise_hu": "25.0"}) == 25.0
+    assert readers.routine_own_noise({"routine_smooth": "0", "own_noise_hu": "25.0"}) is None
+    assert readers.routine_own_noise({"own_noise_hu": "25.0"}) is None
+
+
+def test_simulate_marks_routine_smooth_slices_and_relabel_rewrites_them(tmp_path, shared_ct):
+    """Smooth-kernel slices of routine folders are marked in meta.csv; sharp kernels and folders
+    listed as not routine are not; ``relabel`` re-marks an existing folder from a set of ids."""
+    from qcnode.cli import main
+    clinical = simulate_data_root() / "lung_pet_ct_dx"
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"validation_patients": [], "not_routine_series": ["series2"]}))
+    out = tmp_path / "sim"
+    assert main(["simulate", "--out", str(out), "--size", "32", "--doses", "1,0.25", "--views", "720",
+                 "--train-phantoms", "0", "--test-phantoms", "0", "--unlabeled-phantoms", "0",
+                 "--max-per-series", "1", "--clinical", str(clinical), "--validation-patients", str(split),
+                 "--sources", str(shared_ct / "ge_head" / "01.dcm")]) == 0
+    with open(out / "train" / "meta.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["series"] != "ge_head"]  # --sources: never marked
+    marked = {r["series"]: r["routine_smooth"] for r in rows}
+    # series1 B40f and series2 Philips B are smooth, series3 B70f and series4 L sharp; series2 not routine
+    assert marked == {"series1": "1", "series2": "0", "series3": "0", "series4": "0"}
+    slices = sources.find_real_slices([clinical])
+    assert sources.routine_smooth_ids(slices, set()) == {r.source_id for r in slices
+                                                          if r.series in ("series1", "series2")}
+    simulate.relabel(out, {r["source_id"] for r in rows if r["series"] == "series4"})
+    with open(out / "train" / "meta.csv") as fh:
+        assert {r["series"]: r["routine_smooth"] for r in csv.DictReader(fh)} == {
+            "series1": "0", "series2": "0", "series3": "0", "series4": "1", "ge_head": "0"}
+
+
 def test_expected_reader_mean_is_the_exact_expectation():
     rng = np.random.default_rng(1)
     for noise, streak, anatomy in [(5.0, 0.0, "body"), (12.0, 1.5, "head"), (30.0, 4.0, "body")]:

@@ -53,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "into train and val (default: ../shared/data/clinical_ct when present; none: --clinical "
                         "without a folder)")
     p.add_argument("--validation-patients", type=Path, default=DEFAULT_SPLIT_FILE,
-                   help="JSON with the PatientIDs held out for validation ({\"validation_patients\": [...]}; "
+                   help="JSON with the PatientIDs held out for validation ({\"validation_patients\": [...]}) and the "
+                        "series that are not routine CT ({\"not_routine_series\": [...]}, optional; "
                         "default models/clinical_split.json)")
     p.add_argument("--max-per-series", type=int, default=0,
                    help="at most this many slices per real series, evenly spaced (default 0: all)")
@@ -92,11 +93,12 @@ def run_simulate(args: argparse.Namespace) -> int:
     real_test: list = []
     real_val: list = []
     acquisitions: dict[str, tuple[str, str]] = {}
+    routine_smooth: set[str] = set()
     if not args.no_real:
         clinical = _clinical_sources(args)
         if clinical is None:
             return 2
-        train_slices, val_slices, every_slice = clinical
+        train_slices, val_slices, every_slice, routine_smooth = clinical
         real_train = [r.as_source() for r in train_slices]
         real_val = [r.as_source() for r in val_slices]
         # the noise of an acquisition is measured on all its slices, also those thinned out
@@ -129,7 +131,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         splits = simulate.plan(doses=args.doses, views=args.views, train_phantoms=args.train_phantoms,
                                test_phantoms=args.test_phantoms, unlabeled_phantoms=args.unlabeled_phantoms,
                                seed=args.seed, real_train=real_train, real_test=real_test, real_val=real_val,
-                               own_noise=own_noise)
+                               own_noise=own_noise, routine_smooth=routine_smooth)
     except ValueError as exc:
         print(f"qcnode simulate: {exc}", file=sys.stderr)
         return 2
@@ -161,19 +163,21 @@ def _split_leak(extra_train: list, extra_test: list, clinical_val: list, clinica
     return None
 
 
-def _clinical_sources(args: argparse.Namespace) -> tuple[list, list, list] | None:
+def _clinical_sources(args: argparse.Namespace) -> tuple[list, list, list, set[str]] | None:
     """(train, val, all) RealSlices of the clinical folders (train and val split by patient and
-    thinned); None after an error message."""
+    thinned) and the ids of those read as routine smooth-kernel CT; None after an error message."""
     from qcnode.simulation import sources
     dirs = args.clinical if args.clinical is not None else ([DEFAULT_CLINICAL] if DEFAULT_CLINICAL.is_dir() else [])
     if not dirs:
-        return [], [], []
+        return [], [], [], set()
     missing = [str(d) for d in dirs if not d.exists()]
     if missing:
         print(f"qcnode simulate: clinical folder not found: {', '.join(missing)}", file=sys.stderr)
         return None
     try:
-        held_out = set(json.loads(args.validation_patients.read_text())["validation_patients"])
+        split_doc = json.loads(args.validation_patients.read_text())
+        held_out = set(split_doc["validation_patients"])
+        not_routine = set(split_doc.get("not_routine_series", []))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"qcnode simulate: cannot read --validation-patients {args.validation_patients}: {exc}",
               file=sys.stderr)
@@ -183,4 +187,4 @@ def _clinical_sources(args: argparse.Namespace) -> tuple[list, list, list] | Non
     n_patients = [len({r.patient for r in side}) for side in (train, val)]
     print(f"simulate: clinical: {len(train)} slices of {n_patients[0]} patients train, "
           f"{len(val)} slices of {n_patients[1]} patients val", file=sys.stderr)
-    return train, val, every_slice
+    return train, val, every_slice, sources.routine_smooth_ids(every_slice, not_routine)

@@ -29,7 +29,8 @@ from qcnode.simulation.degrade import (DEFAULT_GEOMETRY, ELECTRONIC_NOISE_COUNTS
                                        I0_BY_ANATOMY,
                                        MU_WATER_PER_MM, line_integrals, noisy_line_integrals, real_noise_scale,
                                        reconstruct_hu, soft_tissue_mask)
-from qcnode.simulation.readers import HEAD_NOISE_WEIGHT, READER_COLUMNS, READERS, mean_label, reader_scores
+from qcnode.simulation.readers import (HEAD_NOISE_WEIGHT, READER_COLUMNS, READERS, mean_label, reader_scores,
+                                      routine_own_noise)
 from qcnode.simulation.sources import SourceImage, SourceSpec, load_source
 
 SPLIT_CODES = {"train": 1, "test": 2, "unlabeled": 3, "val": 4}
@@ -64,16 +65,18 @@ def _source_seeds(split: str, kind: str, source_id: str, seed: int | None) -> np
 
 def _label_row(row: dict[str, Any], rng: np.random.Generator) -> None:
     """Add the readers' scores and the label to a meta row (noise_hu, streak_index, anatomy)."""
-    scores = reader_scores(float(row["noise_hu"]), float(row["streak_index"]), row["anatomy"], rng)
+    scores = reader_scores(float(row["noise_hu"]), float(row["streak_index"]), row["anatomy"], rng,
+                           routine_own_noise_hu=routine_own_noise(row))
     row["label"] = mean_label(scores)
     row.update({c: sc for c, sc in zip(READER_COLUMNS, scores)})
 
 
-def relabel(out_dir: Path) -> dict[str, int]:
+def relabel(out_dir: Path, routine_smooth: set[str] | None = None) -> dict[str, int]:
     """Re-derive every label of a simulated folder from its meta.csv with the current READERS.
 
     Gives the labels ``run`` would write today (same per-object reader jitter), without simulating
-    again: the images and physical measures do not depend on the reader model."""
+    again: the images and physical measures do not depend on the reader model. ``routine_smooth``
+    (source ids, ``sources.routine_smooth_ids``) rewrites the meta column of that name first."""
     counts = {}
     for split in SPLIT_CODES:
         meta_path = Path(out_dir) / split / "meta.csv"
@@ -83,6 +86,8 @@ def relabel(out_dir: Path) -> dict[str, int]:
             rows = list(csv.DictReader(fh))
         rngs: dict[str, np.random.Generator] = {}
         for row in rows:  # file order is variant order within each object
+            if routine_smooth is not None:
+                row["routine_smooth"] = int(row["source_id"] in routine_smooth)
             if row["source_id"] not in rngs:
                 seeds = _source_seeds(split, row["source_kind"], row["source_id"],
                                       int(row["seed"]) if row["seed"] else None)
@@ -177,6 +182,7 @@ def _meta_row(spec: SourceSpec, im: SourceImage, d: float, v: int, noise_hu: flo
         "anatomy": spec.anatomy, "region": im.region, "dose_fraction": round(float(d), 4), "views": int(v),
         "relative_dose": round(float(d) * v / FULL_VIEWS, 4), "noise_hu": round(noise_hu, 3),
         "streak_index": round(streak, 3), "own_noise_hu": round(own_noise, 3),
+        "routine_smooth": int(spec.routine_smooth),
         "pixel_spacing_mm": round(im.pixel_spacing_mm, 4),
         "seed": "" if spec.seed is None else int(spec.seed),
     }
@@ -202,13 +208,15 @@ def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, t
          unlabeled_phantoms: int, unlabeled_variants: int = 3, seed: int = 0,
          real_train: Iterable[tuple[str, str, str, str]] = (), real_test: Iterable[tuple[str, str, str, str]] = (),
          real_val: Iterable[tuple[str, str, str, str]] = (),
-         own_noise: dict[str, float] | None = None) -> dict[str, list[SourceSpec]]:
+         own_noise: dict[str, float] | None = None,
+         routine_smooth: set[str] | None = None) -> dict[str, list[SourceSpec]]:
     """The sources of each split with their variants and file numbers (deterministic for a seed).
 
     Phantom seeds are drawn from one SeedSequence stream per split, so train, test and unlabeled
     phantoms never share a seed. Phantoms alternate head/body; among the head phantoms every
     fourth is a tissue-free head phantom object (SKULL_PHANTOM_CYCLE: "skull_air", then
     "skull_water", alternating), so every split with enough phantoms holds some of each.
+    ``routine_smooth``: ids of the real slices the readers read as routine (``sources.routine_smooth_ids``).
     """
     doses = sorted({float(d) for d in doses}, reverse=True)
     views = sorted({int(v) for v in views}, reverse=True)
@@ -221,7 +229,8 @@ def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, t
     for split, real in (("train", real_train), ("val", real_val), ("test", real_test)):
         for sid, series, anatomy, path in real:
             splits[split].append(SourceSpec(sid, "real", anatomy, series, split, path=path, variants=list(grid),
-                                            own_noise_hu=(own_noise or {}).get(sid)))
+                                            own_noise_hu=(own_noise or {}).get(sid),
+                                            routine_smooth=sid in (routine_smooth or set())))
     counts = {"train": train_phantoms, "test": test_phantoms, "unlabeled": unlabeled_phantoms}
     used_seeds: set[int] = set()
     for split, count in counts.items():
@@ -252,8 +261,8 @@ def plan(*, doses: Sequence[float], views: Sequence[int], train_phantoms: int, t
 
 
 META_COLUMNS = ["file", "split", "source_id", "series", "source_kind", "anatomy", "region", "dose_fraction",
-                "views", "relative_dose", "noise_hu", "streak_index", "own_noise_hu", "label", *READER_COLUMNS,
-                "pixel_spacing_mm", "seed"]
+                "views", "relative_dose", "noise_hu", "streak_index", "own_noise_hu", "routine_smooth", "label",
+                *READER_COLUMNS, "pixel_spacing_mm", "seed"]
 
 
 def run(out_dir: Path, splits: dict[str, list[SourceSpec]], size: int = 256, workers: int = 1,

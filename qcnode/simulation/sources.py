@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from qcnode.dicom.kernels import kernel_class
 from qcnode.simulation.phantoms import make_phantom
 
 
@@ -31,6 +32,7 @@ class SourceSpec:
     first_index: int = 0  # file number of the first variant in its split
     phantom: str = ""  # phantom kind for make_phantom ("head", "skull_air", ...); empty: the anatomy
     own_noise_hu: float | None = None  # a real slice's own noise (series_noise_levels); None: measure it
+    routine_smooth: bool = False  # a routine diagnostic acquisition, smooth/standard kernel (readers' cap)
 
 
 @dataclass
@@ -185,6 +187,13 @@ def find_real_slices(dirs: Sequence[Path]) -> list[RealSlice]:
                                  str(ds.get("PatientID", "")) or series, str(ds.get("ConvolutionKernel", "")),
                                  str(ds.get("SeriesInstanceUID", ""))))
     return out
+
+
+def routine_smooth_ids(slices: Sequence[RealSlice], not_routine_series: set[str]) -> set[str]:
+    """Source ids of the slices read as routine diagnostic CT (``qcnode.simulation.readers``): a smooth or
+    standard kernel, in a folder not listed as not routine (the CT of a PET/CT)."""
+    return {r.source_id for r in slices if kernel_class(r.kernel) == "smooth"
+            and r.series not in not_routine_series and r.series.split("/")[0] not in not_routine_series}
 
 
 def thin_series(slices: Sequence[RealSlice], max_per_series: int) -> list[RealSlice]:

@@ -158,7 +158,7 @@ def dose_monotonicity(meta: list[dict[str, str]], pred: np.ndarray) -> dict[str,
 def reader_oracle(meta: list[dict[str, str]], readers: Sequence[Any] | None = None) -> np.ndarray | None:
     """The reader-model oracle's prediction per image (None without the needed meta columns); ``readers``
     are those that made the labels (default: today's READERS)."""
-    from qcnode.simulation.readers import READERS, expected_reader_mean
+    from qcnode.simulation.readers import READERS, expected_reader_mean, routine_own_noise
 
     readers = readers or READERS
     oracle = []
@@ -166,7 +166,7 @@ def reader_oracle(meta: list[dict[str, str]], readers: Sequence[Any] | None = No
         noise, streak = meta_value(m, "noise_hu"), meta_value(m, "streak_index")
         if not (math.isfinite(noise) and math.isfinite(streak) and m.get("anatomy")):
             return None
-        oracle.append(expected_reader_mean(noise, streak, m["anatomy"], readers))
+        oracle.append(expected_reader_mean(noise, streak, m["anatomy"], readers, routine_own_noise(m)))
     return np.asarray(oracle) if oracle else None
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
@@ -24,30 +23,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-# Kernels read as smooth or standard (soft-tissue reading) vs sharp (lung, bone, edge); by vendor
-# naming: Siemens B/Br/I/D/Q<number> (sharp from 45, as D45f), Canon FC<number> (sharp from 30),
-# GE names, Philips letters. Anything else is "unknown" and not held to the PASS rule.
-SMOOTH_NAMES = {"STANDARD", "SOFT", "B", "A", "C", "UB"}
-SHARP_NAMES = {"LUNG", "BONE", "BONEPLUS", "EDGE", "DETAIL", "L", "D", "E", "YA", "YB", "YC"}
-NUMBERED_KERNELS = ((re.compile(r"(?:^|[ .])(?:B|BR|I|D|Q)(\d{2})[A-Z]?$"), 45), (re.compile(r"^FC(\d{2})$"), 30))
+from qcnode.dicom.kernels import kernel_class
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def kernel_class(kernel: str) -> str:
-    """"smooth" (standard/soft-tissue kernels), "sharp" (lung/bone/edge) or "unknown"."""
-    name = " ".join(str(kernel).upper().split())
-    if name in SMOOTH_NAMES:
-        return "smooth"
-    if name in SHARP_NAMES:
-        return "sharp"
-    for pattern, sharp_from in NUMBERED_KERNELS:
-        m = pattern.search(name)
-        if m:
-            return "sharp" if int(m.group(1)) >= sharp_from else "smooth"
-    return "unknown"
 
 
 @dataclass
