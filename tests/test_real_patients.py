@@ -46,13 +46,19 @@ def test_shipped_model_trained_without_the_validation_patients(scorer):
 
 @pytest.mark.slow
 def test_routine_smooth_kernel_series_pass(validation_series):
-    """Every routine smooth-kernel series of the validation patients PASSes; of the 16 single-slice
-    ones the shipped model holds a few at WARN (models/MODEL_CARD.md): this guards that level."""
+    """Every routine diagnostic smooth-kernel series of the validation patients PASSes. Not routine
+    (not held to PASS): the PET/CT folders and, by their headers, single slices of PET/CT, bolus
+    tracking and CT-guided interventions (qcnode.dicom.acquisition)."""
     must = [c for c in validation_series if c.must_pass]
-    assert len(must) == 19 and {c.kernel_class for c in must} == {"smooth"}
+    assert len(must) == 12 and {c.kernel_class for c in must} == {"smooth"}
     series = [(c.series, c.mean_score, c.verdict) for c in must if c.n_slices > 1]
     assert len(series) == 3 and all(v == "PASS" and m >= 3.0 for _, m, v in series), series
-    assert sum(c.verdict == "PASS" for c in must) >= 17
+    assert all(c.verdict == "PASS" for c in must), [(c.series, c.mean_score, c.verdict) for c in must]
+    # the smooth-kernel slices left out by their headers: a bolus-tracking monitor scan, a pre-scan of
+    # a CT-guided intervention, PET/CT and CT-guided biopsies; none is a routine diagnostic scan
+    left_out = [c for c in validation_series if c.kernel_class == "smooth" and not c.routine
+                and c.series.startswith("tcga_lung_single_slices/")]
+    assert len(left_out) == 7
 
 
 @pytest.mark.slow

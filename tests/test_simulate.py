@@ -403,6 +403,27 @@ def test_routine_smooth_acquisition_is_read_as_routine():
     assert readers.routine_own_noise({"own_noise_hu": "25.0"}) is None
 
 
+def test_not_diagnostic_scans_are_told_by_their_headers():
+    from pydicom.dataset import Dataset
+
+    from qcnode.dicom.acquisition import not_diagnostic_reason
+
+    def ds(series="", protocol="", study=""):
+        d = Dataset()
+        d.SeriesDescription, d.ProtocolName, d.StudyDescription = series, protocol, study
+        return d
+
+    assert not_diagnostic_reason(ds("Chest Routine #1", "1 Chest Routine 1mm")) == ""
+    assert not_diagnostic_reason(ds("CHEST ROUTINE 5.0 B20f", "01 ABD_PEL", "CT Abd and Pelvis")) == ""
+    assert not_diagnostic_reason(ds("Smart Prep Series", "5.2 CAP ALL")) == "SMART PREP"
+    assert not_diagnostic_reason(ds("PRE SCAN", "5.15 ***OR LUNG IMAGE GUIDAN")) == "GUIDAN, PRE SCAN"
+    assert not_diagnostic_reason(ds("CT WB 5.0 B31f", "1WBPETCT")) == "PET"
+    assert not_diagnostic_reason(ds("HELICAL MODE", "", "lung bx")) == "BX"
+    assert not_diagnostic_reason(ds("STD CTAC")) == "CTAC"
+    assert not_diagnostic_reason(ds("BOXED", "", "ABX")) == ""  # BX only as a word of its own
+    assert not_diagnostic_reason(Dataset()) == ""
+
+
 def test_simulate_marks_routine_smooth_slices_and_relabel_rewrites_them(tmp_path, shared_ct):
     """Smooth-kernel slices of routine folders are marked in meta.csv; sharp kernels and folders
     listed as not routine are not; ``relabel`` re-marks an existing folder from a set of ids."""
@@ -423,10 +444,35 @@ def test_simulate_marks_routine_smooth_slices_and_relabel_rewrites_them(tmp_path
     slices = sources.find_real_slices([clinical])
     assert sources.routine_smooth_ids(slices, set()) == {r.source_id for r in slices
                                                           if r.series in ("series1", "series2")}
-    simulate.relabel(out, {r["source_id"] for r in rows if r["series"] == "series4"})
+    # relabel without ids keeps the run's labels; with ids it re-marks, and a marked sharp slice
+    # (own noise far above the cap) is then read as routine: its full-dose label rises
+    labels = json.loads((out / "train" / "train.json").read_text())
+    assert simulate.relabel(out) == {"train": len(labels)}
+    assert json.loads((out / "train" / "train.json").read_text()) == labels
+    # (at 32 px the measured noise is small: give series4's full-dose row the 25 HU of a 256 px L kernel)
     with open(out / "train" / "meta.csv") as fh:
-        assert {r["series"]: r["routine_smooth"] for r in csv.DictReader(fh)} == {
-            "series1": "0", "series2": "0", "series3": "0", "series4": "1", "ge_head": "0"}
+        before = list(csv.DictReader(fh))
+    for r in before:
+        if r["series"] == "series4" and r["dose_fraction"] == "1.0":
+            r["noise_hu"] = r["own_noise_hu"] = "25.0"
+    with open(out / "train" / "meta.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(before[0]))
+        w.writeheader()
+        w.writerows(before)
+    simulate.relabel(out)
+    with open(out / "train" / "meta.csv") as fh:
+        before = list(csv.DictReader(fh))
+    series4 = {r["source_id"] for r in rows if r["series"] == "series4"}
+    assert simulate.relabel(out, series4)["routine_smooth_slices"] == 1
+    with open(out / "train" / "meta.csv") as fh:
+        after = list(csv.DictReader(fh))
+    assert {r["series"]: r["routine_smooth"] for r in after} == {
+        "series1": "0", "series2": "0", "series3": "0", "series4": "1", "ge_head": "0"}
+    full = [(float(b["label"]), float(a["label"])) for b, a in zip(before, after)
+            if a["series"] == "series4" and a["dose_fraction"] == "1.0"]
+    assert len(full) == 1 and full[0][1] > full[0][0] + 0.5, full
+    assert json.loads((out / "simulation.json").read_text())["routine_own_noise_cap_hu"] == \
+        readers.ROUTINE_OWN_NOISE_CAP_HU
 
 
 def test_expected_reader_mean_is_the_exact_expectation():

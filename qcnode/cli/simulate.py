@@ -177,7 +177,9 @@ def _clinical_sources(args: argparse.Namespace) -> tuple[list, list, list, set[s
     try:
         split_doc = json.loads(args.validation_patients.read_text())
         held_out = set(split_doc["validation_patients"])
-        not_routine = set(split_doc.get("not_routine_series", []))
+        not_routine = split_doc.get("not_routine_series", [])
+        if not isinstance(not_routine, list):
+            raise TypeError("not_routine_series must be a list of folder names")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"qcnode simulate: cannot read --validation-patients {args.validation_patients}: {exc}",
               file=sys.stderr)
@@ -187,4 +189,7 @@ def _clinical_sources(args: argparse.Namespace) -> tuple[list, list, list, set[s
     n_patients = [len({r.patient for r in side}) for side in (train, val)]
     print(f"simulate: clinical: {len(train)} slices of {n_patients[0]} patients train, "
           f"{len(val)} slices of {n_patients[1]} patients val", file=sys.stderr)
-    return train, val, every_slice, sources.routine_smooth_ids(every_slice, not_routine)
+    routine_smooth = sources.routine_smooth_ids(every_slice, set(not_routine))
+    print(f"simulate: clinical: {len(routine_smooth)} of {len(every_slice)} slices are routine diagnostic CT "
+          "with a smooth kernel (the readers read them as routine)", file=sys.stderr)
+    return train, val, every_slice, routine_smooth

@@ -29,8 +29,8 @@ from qcnode.simulation.degrade import (DEFAULT_GEOMETRY, ELECTRONIC_NOISE_COUNTS
                                        I0_BY_ANATOMY,
                                        MU_WATER_PER_MM, line_integrals, noisy_line_integrals, real_noise_scale,
                                        reconstruct_hu, soft_tissue_mask)
-from qcnode.simulation.readers import (HEAD_NOISE_WEIGHT, READER_COLUMNS, READERS, mean_label, reader_scores,
-                                      routine_own_noise)
+from qcnode.simulation.readers import (HEAD_NOISE_WEIGHT, READER_COLUMNS, READERS, ROUTINE_OWN_NOISE_CAP_HU,
+                                      mean_label, reader_scores, routine_own_noise)
 from qcnode.simulation.sources import SourceImage, SourceSpec, load_source
 
 SPLIT_CODES = {"train": 1, "test": 2, "unlabeled": 3, "val": 4}
@@ -76,8 +76,10 @@ def relabel(out_dir: Path, routine_smooth: set[str] | None = None) -> dict[str, 
 
     Gives the labels ``run`` would write today (same per-object reader jitter), without simulating
     again: the images and physical measures do not depend on the reader model. ``routine_smooth``
-    (source ids, ``sources.routine_smooth_ids``) rewrites the meta column of that name first."""
+    (source ids, ``sources.routine_smooth_ids``) rewrites the meta column of that name first; the
+    count of source slices it marks is then returned as ``routine_smooth_slices``."""
     counts = {}
+    marked: set[str] = set()
     for split in SPLIT_CODES:
         meta_path = Path(out_dir) / split / "meta.csv"
         if split == "unlabeled" or not meta_path.is_file():
@@ -88,6 +90,8 @@ def relabel(out_dir: Path, routine_smooth: set[str] | None = None) -> dict[str, 
         for row in rows:  # file order is variant order within each object
             if routine_smooth is not None:
                 row["routine_smooth"] = int(row["source_id"] in routine_smooth)
+                if row["routine_smooth"]:
+                    marked.add(row["source_id"])
             if row["source_id"] not in rngs:
                 seeds = _source_seeds(split, row["source_kind"], row["source_id"],
                                       int(row["seed"]) if row["seed"] else None)
@@ -95,10 +99,15 @@ def relabel(out_dir: Path, routine_smooth: set[str] | None = None) -> dict[str, 
             _label_row(row, rngs[row["source_id"]])
         _write_split(Path(out_dir), split, rows)
         counts[split] = len(rows)
+    if routine_smooth is not None:
+        counts["routine_smooth_slices"] = len(marked)
     record = Path(out_dir) / "simulation.json"
     if record.is_file():  # the record names the readers that made the labels
         params = json.loads(record.read_text())
         params["readers"] = [asdict(r) for r in READERS]
+        params["routine_own_noise_cap_hu"] = ROUTINE_OWN_NOISE_CAP_HU
+        if routine_smooth is not None:
+            params["relabelled_routine_smooth"] = counts["routine_smooth_slices"]
         record.write_text(json.dumps(params, indent=1) + "\n")
     return counts
 
@@ -323,7 +332,8 @@ def run(out_dir: Path, splits: dict[str, list[SourceSpec]], size: int = 256, wor
     record_params = {
         "geometry": geometry, "full_views": FULL_VIEWS, "fbp_filter": FBP_FILTER, "mu_water_per_mm": MU_WATER_PER_MM,
         "i0_by_anatomy": I0_BY_ANATOMY, "electronic_noise_counts": ELECTRONIC_NOISE_COUNTS,
-        "head_noise_weight": HEAD_NOISE_WEIGHT, "readers": [asdict(r) for r in READERS], "size": size,
+        "head_noise_weight": HEAD_NOISE_WEIGHT, "readers": [asdict(r) for r in READERS],
+        "routine_own_noise_cap_hu": ROUTINE_OWN_NOISE_CAP_HU, "size": size,
         "images": counts, "seconds": round(time.monotonic() - start, 1), **(params or {}),
     }
     (out_dir / "simulation.json").write_text(json.dumps(record_params, indent=1) + "\n")

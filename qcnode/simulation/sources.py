@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from qcnode.dicom.kernels import kernel_class
+from qcnode.dicom.acquisition import kernel_class, not_diagnostic_reason
 from qcnode.simulation.phantoms import make_phantom
 
 
@@ -156,6 +156,7 @@ class RealSlice:
     patient: str  # PatientID (the split is by patient; never logged)
     kernel: str
     series_uid: str = ""  # SeriesInstanceUID: one acquisition (a folder may hold several)
+    not_diagnostic: str = ""  # header words that make it other than a routine diagnostic scan ("PET", ...)
 
     @property
     def acquisition(self) -> str:
@@ -164,6 +165,15 @@ class RealSlice:
 
     def as_source(self) -> tuple[str, str, str, str]:
         return self.source_id, self.series, self.anatomy, self.path
+
+    def in_any_folder(self, folders: set[str]) -> bool:
+        """Whether the slice lies in one of ``folders`` (names or relative paths: "lung_pet_ct_dx/series2")."""
+        parent = "/" + Path(self.path).parent.as_posix().strip("/") + "/"
+        return any(f"/{f.strip('/')}/" in parent for f in folders if f.strip("/"))
+
+    def routine(self, not_routine_folders: set[str]) -> bool:
+        """A routine diagnostic scan: no not-diagnostic header words, not in a folder listed as not routine."""
+        return not self.not_diagnostic and not self.in_any_folder(not_routine_folders)
 
 
 def find_real_slices(dirs: Sequence[Path]) -> list[RealSlice]:
@@ -185,15 +195,14 @@ def find_real_slices(dirs: Sequence[Path]) -> list[RealSlice]:
             series = f.parent.relative_to(d).as_posix() if d.is_dir() and f.parent != d else f.parent.name
             out.append(RealSlice(f"real:{series}/{f.stem}", series, anatomy, str(f),
                                  str(ds.get("PatientID", "")) or series, str(ds.get("ConvolutionKernel", "")),
-                                 str(ds.get("SeriesInstanceUID", ""))))
+                                 str(ds.get("SeriesInstanceUID", "")), not_diagnostic_reason(ds)))
     return out
 
 
-def routine_smooth_ids(slices: Sequence[RealSlice], not_routine_series: set[str]) -> set[str]:
+def routine_smooth_ids(slices: Sequence[RealSlice], not_routine_folders: set[str]) -> set[str]:
     """Source ids of the slices read as routine diagnostic CT (``qcnode.simulation.readers``): a smooth or
-    standard kernel, in a folder not listed as not routine (the CT of a PET/CT)."""
-    return {r.source_id for r in slices if kernel_class(r.kernel) == "smooth"
-            and r.series not in not_routine_series and r.series.split("/")[0] not in not_routine_series}
+    standard kernel, and routine (``RealSlice.routine``)."""
+    return {r.source_id for r in slices if kernel_class(r.kernel) == "smooth" and r.routine(not_routine_folders)}
 
 
 def thin_series(slices: Sequence[RealSlice], max_per_series: int) -> list[RealSlice]:

@@ -3,7 +3,9 @@
 On the held-out patients of ``models/clinical_split.json`` (split by patient, never by slice):
 
 (a) every routine diagnostic series reconstructed with a smooth or standard kernel PASSes under
-    the verdict config (a diagnostic scan is 3-4 on the LDCTIQAC2023 scale);
+    the verdict config (a diagnostic scan is 3-4 on the LDCTIQAC2023 scale); routine: not in a folder
+    the split file lists as not routine, and no header word of a PET/CT, bolus-tracking, localisation
+    or interventional scan (``qcnode.dicom.acquisition``);
 (b) each kernel pair (the same acquisition reconstructed smooth and sharp) scores higher smooth:
     the sharp kernel is read in the soft-tissue window and looks noisier;
 (c) simulated lower doses of the real slices score lower, slice by slice (a folder made by
@@ -23,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from qcnode.dicom.kernels import kernel_class
+from qcnode.dicom.acquisition import kernel_class
 
 
 def _log(msg: str) -> None:
@@ -37,7 +39,7 @@ class SeriesCheck:
     patient_group: str  # "validation" or "training"
     kernel: str
     kernel_class: str
-    routine: bool  # a routine diagnostic acquisition (not the CT of a PET/CT)
+    routine: bool  # a routine diagnostic acquisition (``RealSlice.routine``: not PET/CT, bolus tracking, ...)
     n_slices: int
     mean_score: float
     fraction_below: float
@@ -88,9 +90,8 @@ def score_series(scorer, clinical_dirs: Sequence[Path], split: SplitFile, verdic
     for (series, group), slices in sorted(groups.items()):
         scores = [q.score for q in scorer.score_hu([load_slices(r.path)[0].hu for r in slices])]
         s = summarise(scores, verdict_config.slice_threshold, verdict_config)
-        top = series.split("/")[0]
         out.append(SeriesCheck(series, group, slices[0].kernel, kernel_class(slices[0].kernel),
-                               series not in split.not_routine and top not in split.not_routine, len(scores),
+                               all(r.routine(split.not_routine) for r in slices), len(scores),
                                round(s.mean_score, 4), round(s.fraction_below, 4), str(s.verdict),
                                [round(x, 4) for x in scores]))
         progress(f"validate: {series} ({slices[0].kernel}): mean {s.mean_score:.2f} {s.verdict}")

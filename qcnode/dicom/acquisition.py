@@ -1,0 +1,39 @@
+"""What kind of acquisition a CT slice is, from its header: how its kernel is read (smooth/standard
+for soft tissue, sharp for lung or bone) and whether it is a routine diagnostic scan."""
+from __future__ import annotations
+
+import re
+
+# By vendor naming: Siemens B/Br/I/D/Q<number> (sharp from 45, as D45f), Canon FC<number> (sharp
+# from 30), GE names, Philips letters. Anything else is "unknown".
+SMOOTH_NAMES = {"STANDARD", "SOFT", "B", "A", "C", "UB"}
+SHARP_NAMES = {"LUNG", "BONE", "BONEPLUS", "EDGE", "DETAIL", "L", "D", "E", "YA", "YB", "YC"}
+NUMBERED_KERNELS = ((re.compile(r"(?:^|[ .])(?:B|BR|I|D|Q)(\d{2})[A-Z]?$"), 45), (re.compile(r"^FC(\d{2})$"), 30))
+
+
+def kernel_class(kernel: str) -> str:
+    """"smooth" (standard/soft-tissue kernels), "sharp" (lung/bone/edge) or "unknown"."""
+    name = " ".join(str(kernel).upper().split())
+    if name in SMOOTH_NAMES:
+        return "smooth"
+    if name in SHARP_NAMES:
+        return "sharp"
+    for pattern, sharp_from in NUMBERED_KERNELS:
+        m = pattern.search(name)
+        if m:
+            return "sharp" if int(m.group(1)) >= sharp_from else "smooth"
+    return "unknown"
+
+
+# Header words of CT that is not a routine diagnostic scan, however it is reconstructed: the CT of a
+# PET/CT (attenuation correction, localisation), bolus tracking and test-bolus monitoring scans,
+# localisation and pre-scans of interventions, CT-guided biopsies.
+NOT_DIAGNOSTIC = re.compile(r"PET|CTAC|SMART ?PREP|BOLUS|MONITOR|LOCALI[SZ]|PRE ?SCAN|BIOPS|GUIDAN|FLUORO"
+                            r"|(?<![A-Z])(?:BX|FNA)(?![A-Z])")
+DESCRIPTION_TAGS = ("SeriesDescription", "ProtocolName", "StudyDescription")
+
+
+def not_diagnostic_reason(ds) -> str:
+    """The header words that make a slice other than a routine diagnostic scan ("" when none)."""
+    text = " | ".join(str(ds.get(tag, "") or "") for tag in DESCRIPTION_TAGS).upper()
+    return ", ".join(sorted({m.group(0) for m in NOT_DIAGNOSTIC.finditer(text)}))
