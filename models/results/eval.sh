@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Evaluate one checkpoint: validation patients (a)-(d), training patients' series (a, b), Philips test split.
 set -euo pipefail
-M=$1; N=$2; D=/work/data/rc3; R=/work/runs/rc3
+M=$1; N=$2; D=${D:-/work/data/rc3}; R=${R:-/work/runs/rc3}  # rc5 round: D=/work/data/rc5 R=/work/runs/rc5
 Q=/work/main/.venv/bin/qcnode
 $Q validate --model $M --sim $D/val --out $R/validate-$N.json > /dev/null
 $Q validate --model $M --patients training --out $R/validate-train-$N.json > /dev/null
