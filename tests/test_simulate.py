@@ -424,6 +424,30 @@ def test_not_diagnostic_scans_are_told_by_their_headers():
     assert not_diagnostic_reason(Dataset()) == ""
 
 
+def test_head_or_body_from_the_header():
+    """BodyPartExamined first; a scan range that reaches the head ("Skull to thigh", "pelvis to head")
+    is a body scan; a folder named head only when the header says nothing else."""
+    from pydicom.dataset import Dataset
+
+    from qcnode.dicom.acquisition import anatomy
+
+    def ds(part=None, protocol="", series=""):
+        d = Dataset()
+        if part is not None:
+            d.BodyPartExamined = part
+        d.ProtocolName, d.SeriesDescription = protocol, series
+        return d
+
+    assert anatomy(ds("HEAD")) == anatomy(ds("", "BRAIN ROUTINE")) == "head"
+    assert anatomy(ds("THYROID", "PETCT_Skull_To_Thigh")) == "body"
+    assert anatomy(ds("CHEST", "01 Head Routine")) == "body"
+    assert anatomy(ds("", "5.27 PET CT 3D WB PELVIS TO HEAD")) == "body"
+    assert anatomy(ds("", "1.23 Glowa Neuronawigacja"), "/data/cptac_gbm_head/1.dcm") == "head"
+    assert anatomy(ds("", "CHEST"), "/data/chest/1.dcm") == "body"
+    found = sources.find_real_slices([simulate_data_root() / "tcga_thca_wholebody", simulate_data_root() / "cptac_gbm_head"])
+    assert {(r.series, r.anatomy) for r in found} == {("tcga_thca_wholebody", "body"), ("cptac_gbm_head", "head")}
+
+
 def test_simulate_marks_routine_smooth_slices_and_relabel_rewrites_them(tmp_path, shared_ct):
     """Smooth-kernel slices of routine folders are marked in meta.csv; sharp kernels and folders
     listed as not routine are not; ``relabel`` re-marks an existing folder from a set of ids."""

@@ -1,5 +1,5 @@
 """What kind of acquisition a CT slice is, from its header: how its kernel is read (smooth/standard
-for soft tissue, sharp for lung or bone) and whether it is a routine diagnostic scan."""
+for soft tissue, sharp for lung or bone), whether it is a routine diagnostic scan, head or body."""
 from __future__ import annotations
 
 import re
@@ -37,3 +37,19 @@ def not_diagnostic_reason(ds) -> str:
     """The header words that make a slice other than a routine diagnostic scan ("" when none)."""
     text = " | ".join(str(ds.get(tag, "") or "") for tag in DESCRIPTION_TAGS).upper()
     return ", ".join(sorted({m.group(0) for m in NOT_DIAGNOSTIC.finditer(text)}))
+
+
+HEAD_WORDS = re.compile(r"HEAD|BRAIN|SKULL")
+RANGE_WORDS = re.compile(r"(?<![A-Z])(?:TO|WB|WHOLE|THIGH|PELVIS|BODY)(?![A-Z])")  # "PELVIS TO HEAD"
+
+
+def anatomy(ds, path: str = "") -> str:
+    """"head" or "body": BodyPartExamined when the header has it; else protocol and series description
+    naming the head and no scan range ("Skull to thigh" is a body scan); else a folder named head."""
+    part = str(ds.get("BodyPartExamined", "") or "").upper()
+    if part:
+        return "head" if HEAD_WORDS.search(part) else "body"
+    text = " ".join(str(ds.get(k, "") or "") for k in ("ProtocolName", "SeriesDescription")).upper()
+    if HEAD_WORDS.search(text) and not RANGE_WORDS.search(text.replace("_", " ")):
+        return "head"
+    return "head" if "head" in str(path).lower() and not RANGE_WORDS.search(text.replace("_", " ")) else "body"

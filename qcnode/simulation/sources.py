@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from qcnode.dicom.acquisition import kernel_class, not_diagnostic_reason
+from qcnode.dicom.acquisition import anatomy, kernel_class, not_diagnostic_reason
 from qcnode.simulation.phantoms import make_phantom
 
 
@@ -188,12 +188,9 @@ def find_real_slices(dirs: Sequence[Path]) -> list[RealSlice]:
             ds = _scorable_dataset(f)
             if ds is None:
                 continue
-            text = " ".join(str(ds.get(k, "")) for k in ("BodyPartExamined", "ProtocolName", "SeriesDescription"))
-            anatomy = "head" if any(w in text.upper() for w in ("HEAD", "BRAIN", "SKULL")) or "head" in str(f).lower() \
-                else "body"
             # the folder below the given one ("lung_pet_ct_dx/series1"), or the folder's own name
             series = f.parent.relative_to(d).as_posix() if d.is_dir() and f.parent != d else f.parent.name
-            out.append(RealSlice(f"real:{series}/{f.stem}", series, anatomy, str(f),
+            out.append(RealSlice(f"real:{series}/{f.stem}", series, anatomy(ds, str(f)), str(f),
                                  str(ds.get("PatientID", "")) or series, str(ds.get("ConvolutionKernel", "")),
                                  str(ds.get("SeriesInstanceUID", "")), not_diagnostic_reason(ds)))
     return out
