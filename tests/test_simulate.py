@@ -421,6 +421,12 @@ def test_not_diagnostic_scans_are_told_by_their_headers():
     assert not_diagnostic_reason(ds("HELICAL MODE", "", "lung bx")) == "BX"
     assert not_diagnostic_reason(ds("STD CTAC")) == "CTAC"
     assert not_diagnostic_reason(ds("BOXED", "", "ABX")) == ""  # BX only as a word of its own
+    assert not_diagnostic_reason(ds("HEAD", "PETROUS BONE", "COMPETENCE")) == ""  # PET only as PET or PETCT
+    # series-level words count in the series description only: a protocol's diagnostic run may name
+    # its test bolus, and a follow-up of a localized finding is no localiser
+    assert not_diagnostic_reason(ds("BOTTOM TO TOP", "5.35 PE TEST BOLUS BOTTOM TO TOP")) == ""
+    assert not_diagnostic_reason(ds("LOCALIZATION", "5.35 PE TEST BOLUS BOTTOM TO TOP")) == "LOCALIZ"
+    assert not_diagnostic_reason(ds("HELICAL MODE", "5.11 CHEST ROUTINE", "CT LIMITED OR LOCALIZED F/U")) == ""
     assert not_diagnostic_reason(Dataset()) == ""
 
 
@@ -444,6 +450,8 @@ def test_head_or_body_from_the_header():
     assert anatomy(ds("", "5.27 PET CT 3D WB PELVIS TO HEAD")) == "body"
     assert anatomy(ds("", "1.23 Glowa Neuronawigacja"), "/data/cptac_gbm_head/1.dcm") == "head"
     assert anatomy(ds("", "CHEST"), "/data/chest/1.dcm") == "body"
+    assert anatomy(ds("", "CHEST"), "/data/overhead/1.dcm") == "body"  # a folder named head, not containing it
+    assert anatomy(ds("SINUS")) == anatomy(ds("", "WHOLE BRAIN PERFUSION")) == "head"
     found = sources.find_real_slices([simulate_data_root() / "tcga_thca_wholebody", simulate_data_root() / "cptac_gbm_head"])
     assert {(r.series, r.anatomy) for r in found} == {("tcga_thca_wholebody", "body"), ("cptac_gbm_head", "head")}
 

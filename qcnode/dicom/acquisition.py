@@ -3,6 +3,7 @@ for soft tissue, sharp for lung or bone), whether it is a routine diagnostic sca
 from __future__ import annotations
 
 import re
+from pathlib import PurePath
 
 # By vendor naming: Siemens B/Br/I/D/Q<number> (sharp from 45, as D45f), Canon FC<number> (sharp
 # from 30), GE names, Philips letters. Anything else is "unknown".
@@ -25,22 +26,27 @@ def kernel_class(kernel: str) -> str:
     return "unknown"
 
 
-# Header words of CT that is not a routine diagnostic scan, however it is reconstructed: the CT of a
-# PET/CT (attenuation correction, localisation), bolus tracking and test-bolus monitoring scans,
-# localisation and pre-scans of interventions, CT-guided biopsies.
-NOT_DIAGNOSTIC = re.compile(r"PET|CTAC|SMART ?PREP|BOLUS|MONITOR|LOCALI[SZ]|PRE ?SCAN|BIOPS|GUIDAN|FLUORO"
-                            r"|(?<![A-Z])(?:BX|FNA)(?![A-Z])")
+# Header words of CT that is not a routine diagnostic scan, however it is reconstructed. Exam-level
+# (any of series, protocol and study description): the CT of a PET/CT, CT-guided biopsies and image
+# guidance. Series-level (the series description only, since a diagnostic run of a protocol may name
+# its test bolus): bolus-tracking and test-bolus monitors, localisation scans and pre-scans.
+EXAM_NOT_DIAGNOSTIC = re.compile(r"PET(?=CT|[^A-Z]|$)|CTAC|BIOPS|GUIDAN|FLUORO|(?<![A-Z])(?:BX|FNA)(?![A-Z])")
+SERIES_NOT_DIAGNOSTIC = re.compile(r"SMART ?PREP|BOLUS|MONITOR|LOCALI[SZ](?!ED)|PRE ?SCAN")
 DESCRIPTION_TAGS = ("SeriesDescription", "ProtocolName", "StudyDescription")
 
 
 def not_diagnostic_reason(ds) -> str:
     """The header words that make a slice other than a routine diagnostic scan ("" when none)."""
-    text = " | ".join(str(ds.get(tag, "") or "") for tag in DESCRIPTION_TAGS).upper()
-    return ", ".join(sorted({m.group(0) for m in NOT_DIAGNOSTIC.finditer(text)}))
+    exam = " | ".join(str(ds.get(tag, "") or "") for tag in DESCRIPTION_TAGS).upper()
+    series = str(ds.get("SeriesDescription", "") or "").upper()
+    found = {m.group(0) for m in EXAM_NOT_DIAGNOSTIC.finditer(exam)}
+    found |= {m.group(0) for m in SERIES_NOT_DIAGNOSTIC.finditer(series)}
+    return ", ".join(sorted(found))
 
 
-HEAD_WORDS = re.compile(r"HEAD|BRAIN|SKULL")
-RANGE_WORDS = re.compile(r"(?<![A-Z])(?:TO|WB|WHOLE|THIGH|PELVIS|BODY)(?![A-Z])")  # "PELVIS TO HEAD"
+HEAD_WORDS = re.compile(r"(?<![A-Z])(?:HEAD|BRAIN|SKULL|CRANI|CEREB|SINUS|ORBIT|FACIAL|FACE|PETROUS|IAC(?![A-Z]))")
+RANGE_WORDS = re.compile(r"(?<![A-Z])(?:TO|WB|WHOLE ?BODY|THIGH|PELVIS|BODY)(?![A-Z])")  # "PELVIS TO HEAD"
+HEAD_FOLDER = re.compile(r"(?:^|[_\-. ])head(?:$|[_\-. ])", re.IGNORECASE)
 
 
 def anatomy(ds, path: str = "") -> str:
@@ -49,7 +55,9 @@ def anatomy(ds, path: str = "") -> str:
     part = str(ds.get("BodyPartExamined", "") or "").upper()
     if part:
         return "head" if HEAD_WORDS.search(part) else "body"
-    text = " ".join(str(ds.get(k, "") or "") for k in ("ProtocolName", "SeriesDescription")).upper()
-    if HEAD_WORDS.search(text) and not RANGE_WORDS.search(text.replace("_", " ")):
+    text = " ".join(str(ds.get(k, "") or "") for k in ("ProtocolName", "SeriesDescription")).upper().replace("_", " ")
+    if RANGE_WORDS.search(text):
+        return "body"
+    if HEAD_WORDS.search(text) or any(HEAD_FOLDER.search(folder) for folder in PurePath(path).parent.parts):
         return "head"
-    return "head" if "head" in str(path).lower() and not RANGE_WORDS.search(text.replace("_", " ")) else "body"
+    return "body"

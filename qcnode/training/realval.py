@@ -61,6 +61,8 @@ class SplitFile:
     @classmethod
     def read(cls, path: str | Path) -> "SplitFile":
         doc = json.loads(Path(path).read_text())
+        if not isinstance(doc.get("not_routine_series", []), list):
+            raise ValueError(f"{path}: not_routine_series must be a list of folder names")
         return cls(set(doc["validation_patients"]), set(doc.get("not_routine_series", [])),
                    [tuple(p) for p in doc.get("kernel_pairs", [])])
 
