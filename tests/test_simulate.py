@@ -456,12 +456,16 @@ def test_head_or_body_from_the_header():
     assert {(r.series, r.anatomy) for r in found} == {("tcga_thca_wholebody", "body"), ("cptac_gbm_head", "head")}
 
 
-def test_simulate_marks_routine_smooth_slices_and_relabel_rewrites_them(tmp_path, shared_ct):
+def test_simulate_marks_routine_smooth_slices_and_relabel_rewrites_them(tmp_path, shared_ct, capsys):
     """Smooth-kernel slices of routine folders are marked in meta.csv; sharp kernels and folders
     listed as not routine are not; ``relabel`` re-marks an existing folder from a set of ids."""
     from qcnode.cli import main
     clinical = simulate_data_root() / "lung_pet_ct_dx"
     split = tmp_path / "split.json"
+    split.write_text(json.dumps({"validation_patients": [], "not_routine_series": "series2"}))  # not a list
+    assert main(["simulate", "--out", str(tmp_path / "bad"), "--clinical", str(clinical),
+                 "--validation-patients", str(split)]) == 2
+    assert "not_routine_series must be a list" in capsys.readouterr().err
     split.write_text(json.dumps({"validation_patients": [], "not_routine_series": ["series2"]}))
     out = tmp_path / "sim"
     assert main(["simulate", "--out", str(out), "--size", "32", "--doses", "1,0.25", "--views", "720",

@@ -5,7 +5,6 @@ torch is imported only when the command runs (the CLI imports this module at sta
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -174,22 +173,20 @@ def _clinical_sources(args: argparse.Namespace) -> tuple[list, list, list, set[s
     if missing:
         print(f"qcnode simulate: clinical folder not found: {', '.join(missing)}", file=sys.stderr)
         return None
+    from qcnode.training.realval import SplitFile
     try:
-        split_doc = json.loads(args.validation_patients.read_text())
-        held_out = set(split_doc["validation_patients"])
-        not_routine = split_doc.get("not_routine_series", [])
-        if not isinstance(not_routine, list):
-            raise TypeError("not_routine_series must be a list of folder names")
+        split = SplitFile.read(args.validation_patients)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"qcnode simulate: cannot read --validation-patients {args.validation_patients}: {exc}",
               file=sys.stderr)
         return None
     every_slice = sources.find_real_slices(dirs)
-    train, val = sources.split_by_patient(sources.thin_series(every_slice, args.max_per_series), held_out)
+    train, val = sources.split_by_patient(sources.thin_series(every_slice, args.max_per_series),
+                                          split.validation_patients)
     n_patients = [len({r.patient for r in side}) for side in (train, val)]
     print(f"simulate: clinical: {len(train)} slices of {n_patients[0]} patients train, "
           f"{len(val)} slices of {n_patients[1]} patients val", file=sys.stderr)
-    routine_smooth = sources.routine_smooth_ids(every_slice, set(not_routine))
+    routine_smooth = sources.routine_smooth_ids(every_slice, split.not_routine)
     print(f"simulate: clinical: {len(routine_smooth)} of {len(every_slice)} slices are routine diagnostic CT "
           "with a smooth kernel (the readers read them as routine)", file=sys.stderr)
     return train, val, every_slice, routine_smooth

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import PurePath
 
+from qcnode.dicom.dose import has_head_keyword
+
 # By vendor naming: Siemens B/Br/I/D/Q<number> (sharp from 45, as D45f), Canon FC<number> (sharp
 # from 30), GE names, Philips letters. Anything else is "unknown".
 SMOOTH_NAMES = {"STANDARD", "SOFT", "B", "A", "C", "UB"}
@@ -44,7 +46,6 @@ def not_diagnostic_reason(ds) -> str:
     return ", ".join(sorted(found))
 
 
-HEAD_WORDS = re.compile(r"(?<![A-Z])(?:HEAD|BRAIN|SKULL|CRANI|CEREB|SINUS|ORBIT|FACIAL|FACE|PETROUS|IAC(?![A-Z]))")
 RANGE_WORDS = re.compile(r"(?<![A-Z])(?:TO|WB|WHOLE ?BODY|THIGH|PELVIS|BODY)(?![A-Z])")  # "PELVIS TO HEAD"
 HEAD_FOLDER = re.compile(r"(?:^|[_\-. ])head(?:$|[_\-. ])", re.IGNORECASE)
 
@@ -54,10 +55,10 @@ def anatomy(ds, path: str = "") -> str:
     naming the head and no scan range ("Skull to thigh" is a body scan); else a folder named head."""
     part = str(ds.get("BodyPartExamined", "") or "").upper()
     if part:
-        return "head" if HEAD_WORDS.search(part) else "body"
+        return "head" if has_head_keyword(part) else "body"
     text = " ".join(str(ds.get(k, "") or "") for k in ("ProtocolName", "SeriesDescription")).upper().replace("_", " ")
     if RANGE_WORDS.search(text):
         return "body"
-    if HEAD_WORDS.search(text) or any(HEAD_FOLDER.search(folder) for folder in PurePath(path).parent.parts):
+    if has_head_keyword(text) or any(HEAD_FOLDER.search(folder) for folder in PurePath(path).parent.parts):
         return "head"
     return "body"

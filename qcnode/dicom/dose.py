@@ -181,7 +181,8 @@ def _phantom_from_code(item: Any) -> str | None:
     return None
 
 
-def _has_head_keyword(text: str | None) -> bool:
+def has_head_keyword(text: str | None) -> bool:
+    """Whether a header text names the head (a word starting with HEAD_PREFIXES, or one of HEAD_WORDS)."""
     if not text:
         return False
     for word in re.split(r"[^A-Z0-9]+", str(text).upper()):
@@ -205,7 +206,7 @@ def ssde_phantom(protocol_name: str | None, body_part: str | None, ds: Dataset |
                     return found
         except Exception:  # noqa: BLE001
             pass
-    if _has_head_keyword(protocol_name) or _has_head_keyword(body_part):
+    if has_head_keyword(protocol_name) or has_head_keyword(body_part):
         return "head"
     return "body"
 
