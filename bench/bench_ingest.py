@@ -137,6 +137,7 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=320)
     ap.add_argument("--parallel", type=int, default=4)
     ap.add_argument("--no-worker", action="store_true", help="measure the receipt path alone")
+    ap.add_argument("--model", type=Path, default=None, help="checkpoint the worker scores with (default: shipped)")
     ap.add_argument("--scp-processes", type=int, default=None,
                     help="node.scp_processes for the run (default: config default)")
     ap.add_argument("--max-pdu", type=int, default=None, help="node.max_pdu_size for the run")
@@ -162,7 +163,7 @@ def main() -> int:
         web_port = free_port()
         if args.dashboard_refresh:
             extra["http"] = {"enabled": True, "host": "127.0.0.1", "port": web_port}
-        cfg = write_config(tmp, port, checkpoint=checkpoint_for_tests(tmp), extra=extra)
+        cfg = write_config(tmp, port, checkpoint=args.model.resolve() if args.model else checkpoint_for_tests(tmp), extra=extra)
         proc = serve_process(cfg, *(["--no-worker"] if args.no_worker else []))
         peak = [0]
         spread: dict[int, int] = {}

@@ -118,3 +118,38 @@ def test_wide_input_mode_channels_and_legacy_checkpoints():
     assert MDIQAConfig.from_dict(legacy).input_mode == "soft"
     with pytest.raises(ValueError):
         MDIQAConfig(input_mode="nope")
+
+
+@pytest.mark.parametrize("head", ["multiscale", "regression"])
+def test_test_time_views_average_the_mirrored_outputs(head):
+    torch.manual_seed(0)
+    m = MDIQA(tiny(head=head)).eval()
+    x = torch.rand(3, 1, 64, 64)
+    s1, _, _ = m.predict(x)
+    s_mirror, _, _ = m.predict(x.flip(-1))
+    assert not torch.allclose(s1, s_mirror)  # the untrained net is not mirror-symmetric: the check can fail
+    m.config.test_time_views = 2
+    s2, lo2, hi2 = m.predict(x)
+    with torch.no_grad():
+        both = torch.stack([m(x), m(x.flip(-1))])
+    expected = m.readout_outputs(both)
+    assert torch.allclose(s2, expected[0]) and torch.allclose(lo2, expected[1]) and torch.allclose(hi2, expected[2])
+    if head == "regression":
+        assert torch.allclose(s2, ((s1 + s_mirror) / 2).clamp(0, 4), atol=1e-5)
+    else:  # distributions are averaged, then read out: the score lies between the two views' scores
+        assert torch.all((s2 >= torch.minimum(s1, s_mirror) - 1e-5) & (s2 <= torch.maximum(s1, s_mirror) + 1e-5))
+    # a mirrored slice gets the same score with two views
+    s2m, _, _ = m.predict(x.flip(-1))
+    assert torch.allclose(s2, s2m, atol=1e-5)
+
+
+def test_mirrored_views_and_bad_view_counts():
+    from qcnode.model.network import mirrored_views
+    x = torch.arange(6.0).reshape(1, 1, 2, 3)
+    views = mirrored_views(x, 8)
+    assert len(views) == 8 and torch.equal(views[0], x) and torch.equal(views[1], x.flip(-1))
+    assert views[4].shape == (1, 1, 3, 2)  # transposes (square slices in practice)
+    assert len({tuple(v.flatten().tolist()) for v in views[:4]}) == 4
+    for bad in (0, 3, 16):
+        with pytest.raises(ValueError, match="test_time_views"):
+            tiny(test_time_views=bad)

@@ -44,6 +44,17 @@ def test_shipped_model_trained_without_the_validation_patients(scorer):
     assert Path(options["data"]).name == "train" and Path(options["val_data"]).name == "val"
 
 
+def test_shipped_model_scores_each_slice_and_its_mirror(scorer, shared_ct):
+    """The card's inference: two views per slice (as is, left-right mirror), so a slice and its
+    mirror image get the same score and interval."""
+    from qcnode.dicom.pixels import load_slices
+
+    assert scorer.config.test_time_views == 2
+    hu = load_slices(shared_ct / "ge_head" / "05.dcm")[0].hu
+    a, b = scorer.score_hu([hu, hu[:, ::-1].copy()])
+    assert a.score == pytest.approx(b.score, abs=1e-4) and a.score_low == pytest.approx(b.score_low, abs=1e-4)
+
+
 @pytest.mark.slow
 def test_routine_smooth_kernel_series_pass(validation_series):
     """Every routine diagnostic smooth-kernel series of the validation patients PASSes. Not routine

@@ -103,3 +103,32 @@ def test_scorer_api_scores_hu_slices(shared_ct, model_path):
     assert len(res) == 3
     assert all(0 <= q.score_low <= q.score <= q.score_high <= 4 for q in res)
     assert scorer.info["version"] == scorer.version
+
+
+def test_derive_changes_inference_settings_only(tmp_path):
+    import torch
+    from qcnode.model.scorer import derive_checkpoint, file_hash, read_checkpoint
+
+    src = write_untrained_checkpoint(tmp_path / "src.pt")
+    r = qcnode("derive", "--model", str(src), "--out", str(tmp_path / "tta.pt"), "--set", "test_time_views=2")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    a, b = read_checkpoint(src), read_checkpoint(tmp_path / "tta.pt")
+    assert b["config"]["test_time_views"] == 2 and a["config"]["test_time_views"] == 1
+    assert {k: v for k, v in b["config"].items() if k != "test_time_views"} == \
+        {k: v for k, v in a["config"].items() if k != "test_time_views"}
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert b["meta"]["derived_from"] == {"version": f"src-{file_hash(src)[:8]}", "sha256": file_hash(src),
+                                         "set": {"test_time_views": 2}}
+    assert out["version"] == Scorer.load(tmp_path / "tta.pt").version != Scorer.load(src).version
+    # weights are not an inference setting; bad values, a missing source and overwriting the source fail
+    with pytest.raises(ValueError, match="input_size"):
+        derive_checkpoint(src, tmp_path / "x.pt", {"input_size": 96})
+    r = qcnode("derive", "--model", str(src), "--out", str(tmp_path / "x.pt"), "--set", "test_time_views=3")
+    assert r.returncode == 2 and "test_time_views must be one of" in r.stderr
+    r = qcnode("derive", "--model", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x.pt"),
+               "--set", "test_time_views=2")
+    assert r.returncode == 1 and "nope.pt" in r.stderr
+    r = qcnode("derive", "--model", str(src), "--out", str(src), "--set", "test_time_views=2")
+    assert r.returncode == 2 and "must differ" in r.stderr
+    assert not (tmp_path / "x.pt").exists() and read_checkpoint(src)["config"]["test_time_views"] == 1

@@ -1,4 +1,4 @@
-"""``qcnode train``, ``qcnode evaluate`` and ``qcnode score``.
+"""``qcnode train``, ``qcnode evaluate``, ``qcnode score`` and ``qcnode derive``.
 
 torch and the model code are imported only when a command runs (the CLI imports this module at
 start-up).
@@ -39,7 +39,7 @@ def _overrides(items: list[str]) -> dict[str, Any]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``train``, ``evaluate`` and ``score`` sub-commands."""
+    """Add the ``train``, ``evaluate``, ``score`` and ``derive`` sub-commands."""
     p = subparsers.add_parser(
         "train", help="train an MD-IQA scorer on LDCTIQAC2023-layout data",
         description="Train the MD-IQA network (from scratch, CPU or GPU) on a folder with image/*.tif and a "
@@ -128,6 +128,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=run_score)
+
+    p = subparsers.add_parser(
+        "derive", help="copy a checkpoint with an inference setting changed (no training)",
+        description="Write a copy of --model with inference-only settings changed: test_time_views (1, 2, 4 "
+                    "or 8 mirrored views of each slice, distributions averaged; 2 = as is + left-right mirror, "
+                    "twice the scoring time) or interval_temperature. The weights are untouched; the copy is a "
+                    "new model version whose metadata names its source.")
+    p.add_argument("--model", type=Path, default=None, help="source checkpoint (default models/mdiqa-default.pt)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint to write")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", required=True,
+                   help="e.g. --set test_time_views=2 (repeatable)")
+    p.set_defaults(func=run_derive)
 
 
 def _missing(command: str, *checks: tuple[str, Path | None, Callable[[Path], bool]]) -> str | None:
@@ -267,4 +279,26 @@ def run_score(args: argparse.Namespace) -> int:
     except OSError as exc:
         _err(f"qcnode score: cannot write {args.out}: {exc.strerror or exc}")
         return 1
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------- derive
+def run_derive(args: argparse.Namespace) -> int:
+    from qcnode.model.scorer import DEFAULT_CHECKPOINT, CheckpointError, Scorer, derive_checkpoint
+
+    source = args.model or DEFAULT_CHECKPOINT
+    if args.out.resolve() == Path(source).resolve():
+        _err(f"qcnode derive: --out must differ from the source checkpoint ({source})")
+        return EXIT_ARGS
+    try:
+        changes = _overrides(args.overrides)
+        derive_checkpoint(source, args.out, changes)
+    except CheckpointError as exc:
+        _err(f"qcnode derive: {exc}")
+        return EXIT_MODEL
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        _err(f"qcnode derive: {exc}")
+        return EXIT_ARGS
+    version = Scorer.load(args.out).version
+    print(json.dumps({"out": str(args.out), "version": version, "set": changes}))
     return EXIT_OK

@@ -27,6 +27,7 @@ from qcnode.model.heads import DistributionReadout
 BRANCHES = ("dual", "vit", "convnext")
 HEADS = ("multiscale", "single", "regression")
 INPUT_MODES = ("soft", "wide")
+TEST_TIME_VIEWS = (1, 2, 4, 8)  # 1 = as is; 2 = + left-right mirror; 4 = + up-down mirrors; 8 = + transposes
 
 
 @dataclass
@@ -56,6 +57,9 @@ class MDIQAConfig:
     tissue_window_hu: tuple[float, float] = (-160.0, 240.0)
     highpass_hu: float = 10.0
     interval_temperature: float = 1.0  # softmax temperature for the interval only (fitted on validation)
+    # inference only: score each slice in this many mirrored views (TEST_TIME_VIEWS) and average the
+    # predicted distributions before the readout (training augments with the same flips)
+    test_time_views: int = 1
 
     def __post_init__(self) -> None:
         self.align_stages = tuple(int(s) for s in self.align_stages)
@@ -79,6 +83,8 @@ class MDIQAConfig:
             raise ValueError("sigmas must be positive")
         if self.n_bins < 2:
             raise ValueError("n_bins must be >= 2")
+        if self.test_time_views not in TEST_TIME_VIEWS:
+            raise ValueError(f"test_time_views must be one of {TEST_TIME_VIEWS}, got {self.test_time_views!r}")
 
     @property
     def head_sigmas(self) -> tuple[float, ...]:
@@ -289,21 +295,30 @@ class MDIQA(nn.Module):
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(score, score_low, score_high), each (B,); the interval is the 5th-95th percentile
         of the predicted mixture, read at ``interval_temperature`` (regression heads give a
-        zero-width interval)."""
-        out = self.forward(x)
-        return self.readout_outputs(out)
+        zero-width interval). With ``test_time_views`` > 1 the views' outputs are averaged."""
+        views = mirrored_views(x, self.config.test_time_views)
+        out = self.forward(torch.cat(views)) if len(views) > 1 else self.forward(x)
+        return self.readout_outputs(out.reshape(len(views), x.shape[0], *out.shape[1:]))
 
     def readout_outputs(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Turn raw outputs into (score, low, high) on CPU."""
+        """Turn raw outputs (B, ...) into (score, low, high) on CPU; outputs of several views of
+        the same slices (V, B, ...) are averaged as distributions (regression: as scores)."""
         lo, hi = self.config.score_range
+        views = out.float() if out.dim() == (4 if self.is_distribution else 3) else out.float().unsqueeze(0)
         if not self.is_distribution:
-            s = out[:, 0].float().cpu().clamp(lo, hi)
+            s = views[..., 0].mean(0).cpu().clamp(lo, hi)
             return s, s.clone(), s.clone()
-        probs = torch.softmax(out.float(), dim=-1)
+        probs = torch.softmax(views, dim=-1).mean(0)
         score = self.readout.score(probs).cpu().clamp(lo, hi)
         t = float(self.config.interval_temperature)
-        pct = self.readout.percentiles(probs if t == 1.0 else torch.softmax(out.float() / t, dim=-1))
+        pct = self.readout.percentiles(probs if t == 1.0 else torch.softmax(views / t, dim=-1).mean(0))
         return score, torch.minimum(pct[:, 0], score), torch.maximum(pct[:, 1], score)
+
+
+def mirrored_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The first ``n`` of: x, left-right mirror, up-down mirror, both, and their transposes."""
+    flips = [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
+    return (flips + [v.transpose(-2, -1) for v in flips])[:n]
 
 
 def build_model(config: MDIQAConfig | dict | None = None) -> MDIQA:

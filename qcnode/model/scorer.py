@@ -92,6 +92,30 @@ def model_from_checkpoint(blob: dict[str, Any], path: str | Path = "<memory>") -
     return model.eval(), config
 
 
+INFERENCE_KEYS = ("test_time_views", "interval_temperature")  # config fields that do not touch the weights
+
+
+def derive_checkpoint(source: str | Path, out: str | Path, changes: dict[str, Any]) -> Path:
+    """Copy a checkpoint with inference-only config fields changed (``INFERENCE_KEYS``); the copy's
+    metadata names its source (version and sha256) and the changes. ValueError for other keys."""
+    bad = sorted(set(changes) - set(INFERENCE_KEYS))
+    if bad:
+        raise ValueError(f"only inference settings can change without training ({', '.join(INFERENCE_KEYS)}); "
+                         f"got {', '.join(bad)}")
+    source = Path(source)
+    blob = read_checkpoint(source)
+    model, config = model_from_checkpoint(blob, source)
+    cfg = config.to_dict()
+    cfg.update(changes)
+    config = MDIQAConfig.from_dict(cfg)  # validates the new values
+    digest = file_hash(source)
+    meta = dict(blob.get("meta") or {})
+    name = source.name[:-3] if source.name.endswith(".pt") else source.stem
+    meta["derived_from"] = {"version": f"{name}-{digest[:8]}", "sha256": digest, "set": dict(changes)}
+    save_checkpoint(model, config, out, meta)
+    return Path(out)
+
+
 def file_hash(path: str | Path) -> str:
     """sha256 of a file (hex)."""
     h = hashlib.sha256()
