@@ -148,6 +148,8 @@ def main() -> int:
                     help="enable serve's HTTP server and load the overview and series list pages every S "
                          "seconds during the ingest (0: HTTP off)")
     args = ap.parse_args()
+    if args.model is not None and not args.model.is_file():
+        ap.error(f"--model: no such checkpoint: {args.model}")
     with tempfile.TemporaryDirectory(prefix="qcnode-bench-") as td:
         tmp = Path(td)
         print(f"preparing {args.slices} slices of 512x512 with fresh UIDs ...", flush=True)

@@ -131,4 +131,14 @@ def test_derive_changes_inference_settings_only(tmp_path):
     assert r.returncode == 1 and "nope.pt" in r.stderr
     r = qcnode("derive", "--model", str(src), "--out", str(src), "--set", "test_time_views=2")
     assert r.returncode == 2 and "must differ" in r.stderr
+    (tmp_path / "folder.pt").mkdir()
+    r = qcnode("derive", "--model", str(src), "--out", str(tmp_path / "folder.pt"), "--set", "test_time_views=2")
+    assert r.returncode == 2 and "is a folder" in r.stderr and not list(tmp_path.glob("*.tmp"))
     assert not (tmp_path / "x.pt").exists() and read_checkpoint(src)["config"]["test_time_views"] == 1
+    # a derived copy of a derived copy keeps the chain
+    derive_checkpoint(tmp_path / "tta.pt", tmp_path / "one.pt", {"test_time_views": 1})
+    chain = read_checkpoint(tmp_path / "one.pt")["meta"]["derived_from"]
+    assert chain["set"] == {"test_time_views": 1} and chain["source_derived_from"]["sha256"] == file_hash(src)
+    # training validates and calibrates one view: the setting is refused there
+    r = qcnode("train", "--data", str(tmp_path), "--out", str(tmp_path / "t.pt"), "--set", "test_time_views=2")
+    assert r.returncode == 2 and "qcnode derive" in r.stderr

@@ -134,7 +134,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write a copy of --model with inference-only settings changed: test_time_views (1, 2, 4 "
                     "or 8 mirrored views of each slice, distributions averaged; 2 = as is + left-right mirror, "
                     "twice the scoring time) or interval_temperature. The weights are untouched; the copy is a "
-                    "new model version whose metadata names its source.")
+                    "new model version whose metadata names its source (the training record stays the "
+                    "source's). The version hashes the file, and torch stores the file name inside it: "
+                    "derive to the final name, or copy the file and use the copy's version.")
     p.add_argument("--model", type=Path, default=None, help="source checkpoint (default models/mdiqa-default.pt)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint to write")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", required=True,
@@ -177,6 +179,10 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = preset_config(args.preset, **_overrides(args.overrides))
     except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
         _err(f"qcnode train: bad network configuration: {exc}")
+        return EXIT_ARGS
+    if cfg.test_time_views != 1:
+        _err("qcnode train: test_time_views is an inference setting (validation and the interval fit use one "
+             "view); train with 1 and set it afterwards: qcnode derive --set test_time_views=N")
         return EXIT_ARGS
     command = "qcnode " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["train"] else ""
     base = TrainOptions(
@@ -290,6 +296,10 @@ def run_derive(args: argparse.Namespace) -> int:
     if args.out.resolve() == Path(source).resolve():
         _err(f"qcnode derive: --out must differ from the source checkpoint ({source})")
         return EXIT_ARGS
+    problem = _unwritable(args.out)
+    if problem:
+        _err(f"qcnode derive: --out {problem}")
+        return EXIT_ARGS
     try:
         changes = _overrides(args.overrides)
         derive_checkpoint(source, args.out, changes)
@@ -298,6 +308,9 @@ def run_derive(args: argparse.Namespace) -> int:
         return EXIT_MODEL
     except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
         _err(f"qcnode derive: {exc}")
+        return EXIT_ARGS
+    except OSError as exc:
+        _err(f"qcnode derive: cannot write {args.out}: {exc.strerror or exc}")
         return EXIT_ARGS
     version = Scorer.load(args.out).version
     print(json.dumps({"out": str(args.out), "version": version, "set": changes}))

@@ -58,7 +58,8 @@ class MDIQAConfig:
     highpass_hu: float = 10.0
     interval_temperature: float = 1.0  # softmax temperature for the interval only (fitted on validation)
     # inference only: score each slice in this many mirrored views (TEST_TIME_VIEWS) and average the
-    # predicted distributions before the readout (training augments with the same flips)
+    # predicted distributions before the readout (training augments with the same flips). Training's
+    # validation and interval fit see one view; set it after training (``qcnode derive``)
     test_time_views: int = 1
 
     def __post_init__(self) -> None:
@@ -83,8 +84,11 @@ class MDIQAConfig:
             raise ValueError("sigmas must be positive")
         if self.n_bins < 2:
             raise ValueError("n_bins must be >= 2")
-        if self.test_time_views not in TEST_TIME_VIEWS:
+        if type(self.test_time_views) is not int or self.test_time_views not in TEST_TIME_VIEWS:
             raise ValueError(f"test_time_views must be one of {TEST_TIME_VIEWS}, got {self.test_time_views!r}")
+        if not isinstance(self.interval_temperature, (int, float)) or isinstance(self.interval_temperature, bool) \
+                or not 0 < float(self.interval_temperature) < float("inf"):
+            raise ValueError(f"interval_temperature must be a positive number, got {self.interval_temperature!r}")
 
     @property
     def head_sigmas(self) -> tuple[float, ...]:

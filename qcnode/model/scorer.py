@@ -111,7 +111,9 @@ def derive_checkpoint(source: str | Path, out: str | Path, changes: dict[str, An
     digest = file_hash(source)
     meta = dict(blob.get("meta") or {})
     name = source.name[:-3] if source.name.endswith(".pt") else source.stem
-    meta["derived_from"] = {"version": f"{name}-{digest[:8]}", "sha256": digest, "set": dict(changes)}
+    # the training record stays the source's (its validation numbers are of the source's settings)
+    meta["derived_from"] = {"version": f"{name}-{digest[:8]}", "sha256": digest, "set": dict(changes),
+                            **({"source_derived_from": meta["derived_from"]} if "derived_from" in meta else {})}
     save_checkpoint(model, config, out, meta)
     return Path(out)
 
