@@ -290,7 +290,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- derive
 def run_derive(args: argparse.Namespace) -> int:
-    from qcnode.model.scorer import DEFAULT_CHECKPOINT, CheckpointError, Scorer, derive_checkpoint
+    from qcnode.model.scorer import DEFAULT_CHECKPOINT, CheckpointError, checkpoint_version, derive_checkpoint, file_hash
 
     source = args.model or DEFAULT_CHECKPOINT
     if args.out.resolve() == Path(source).resolve():
@@ -312,6 +312,6 @@ def run_derive(args: argparse.Namespace) -> int:
     except OSError as exc:
         _err(f"qcnode derive: cannot write {args.out}: {exc.strerror or exc}")
         return EXIT_ARGS
-    version = Scorer.load(args.out).version
+    version = checkpoint_version(args.out, file_hash(args.out))
     print(json.dumps({"out": str(args.out), "version": version, "set": changes}))
     return EXIT_OK

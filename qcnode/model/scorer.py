@@ -110,12 +110,17 @@ def derive_checkpoint(source: str | Path, out: str | Path, changes: dict[str, An
     config = MDIQAConfig.from_dict(cfg)  # validates the new values
     digest = file_hash(source)
     meta = dict(blob.get("meta") or {})
-    name = source.name[:-3] if source.name.endswith(".pt") else source.stem
     # the training record stays the source's (its validation numbers are of the source's settings)
-    meta["derived_from"] = {"version": f"{name}-{digest[:8]}", "sha256": digest, "set": dict(changes),
+    meta["derived_from"] = {"version": checkpoint_version(source, digest), "sha256": digest, "set": dict(changes),
                             **({"source_derived_from": meta["derived_from"]} if "derived_from" in meta else {})}
     save_checkpoint(model, config, out, meta)
     return Path(out)
+
+
+def checkpoint_version(path: str | Path, digest: str) -> str:
+    """The version string of a checkpoint file: its name without .pt and the first 8 hex of its sha256."""
+    name = Path(path).name
+    return f"{name[:-3] if name.endswith('.pt') else Path(name).stem}-{digest[:8]}"
 
 
 def file_hash(path: str | Path) -> str:
@@ -146,9 +151,9 @@ class Scorer:
             torch.set_num_threads(int(threads))
         blob = read_checkpoint(path)
         model, config = model_from_checkpoint(blob, path)
-        name = path.name[:-3] if path.name.endswith(".pt") else path.stem
         digest = file_hash(path)
-        version = f"{name}-{digest[:8]}"
+        version = checkpoint_version(path, digest)
+        name = version.rsplit("-", 1)[0]
         meta = blob.get("meta") or {}
         training = {k: v for k, v in meta.items() if k != "history"}  # per-epoch history stays in the file
         info = {"name": name, "version": version, "file": str(path), "sha256": digest,
